@@ -1,0 +1,33 @@
+from kfp import dsl
+from kfp.dsl import Input, Metrics, Model, Output
+
+from ..image import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def ctrl_optimize(
+    params: dict, checkpoint: Input[Model], value: Input[Model], adapter: Output[Model], train_metrics: Output[Metrics]
+) -> str:
+    """CTRL (or the DDPO baseline) from the checkpoint and the pretrained value net; outputs the LoRA adapter
+    (peft format, under adapter/), the value net, per-iteration metrics and periodic checkpoints."""
+    import json
+    import time
+
+    from ctrl_core import steps
+    from ctrl_core.params import unflatten
+
+    t0 = time.perf_counter()
+    p = unflatten(params)
+    total = p.optimize.iterations
+
+    def progress(row: dict) -> None:
+        print(f"[ctrl_optimize] iteration {row['iteration'] + 1}/{total} reward {row['reward_mean']:+.4f} "
+              f"kl {row['kl']:.4f} ({row['sample_s'] + row['value_s'] + row['policy_s']:.1f}s)", flush=True)
+
+    value_dir = value.path if p.optimize.algorithm == "ctrl" else None
+    out = steps.optimize(p, checkpoint.path, value_dir, adapter.path, progress=progress)
+    for key in ("final_reward", "first_reward", "final_kl"):
+        if out.get(key) is not None:
+            train_metrics.log_metric(f"train/{key}", out[key])
+    adapter.metadata["algorithm"] = out["algorithm"]
+    return json.dumps({**out, "wall_s": round(time.perf_counter() - t0, 2)})

@@ -1,0 +1,32 @@
+from kfp import dsl
+from kfp.dsl import HTML, Input, Markdown, Metrics, Model, Output
+
+from ..image import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def evaluate(
+    params: dict, checkpoint: Input[Model], adapter: Input[Model], eval_metrics: Output[Metrics],
+    report: Output[HTML], summary: Output[Markdown],
+) -> str:
+    """Base vs tuned at every step count with the SDE and ODE samplers: reward with 95% CI, gain, KL, robustness."""
+    import json
+    import shutil
+    import time
+    from pathlib import Path
+
+    from ctrl_core import steps
+    from ctrl_core.params import unflatten
+
+    t0 = time.perf_counter()
+    work = Path(report.path).parent / "evaluation"  # full outputs (JSON, plot, grids) beside the report
+    out = steps.evaluate(unflatten(params), checkpoint.path, str(Path(adapter.path) / "adapter"), work)
+    for smp, cells in out["evaluation"].items():
+        for n, c in cells.items():
+            for key in ("base", "tuned", "gain", "kl"):
+                eval_metrics.log_metric(f"eval/{smp}/steps{n}/{key}", c[key])
+    eval_metrics.log_metric("eval/robustness_ratio", out["robustness_ratio"])
+    shutil.copyfile(work / "report.html", report.path)
+    shutil.copyfile(work / "report.md", summary.path)
+    out["artifacts_dir"] = str(work)
+    return json.dumps({**out, "wall_s": round(time.perf_counter() - t0, 2)})

@@ -1,0 +1,381 @@
+"""CTRL policy optimisation (paper §3, eq. 16-22) and the DDPO baseline, in one loop.
+
+One iteration, top to bottom:
+ 1. Draw a time grid: a stratified *random* grid on [0, T] for CTRL (the time integral of eq. 21-22 is then
+    estimated at random times, not at one discretisation), the fixed uniform grid for DDPO.
+ 2. Roll out B paths with the current policy; at K random steps also record mu_pre (adapter off).
+ 3. Terminal reward h = RM(X_T, c); KL running reward r_k = -beta/2 g^2 ||mu_theta - mu_pre||^2 Delta_k
+    (Theorem 3.1, eq. 16) at those K steps, rescaled by N/K to an unbiased estimate of the integral.
+ 4. Advantage rate at the K steps (CTRL):
+      finite_difference (the paper, after eq. 21):  q = [V(t, x + lam B a) - V(t, x)] / (lam Delta)
+        where B a = x' - A x is the action's displacement over the step (x' = A x + B a, policy.py);
+      temporal_difference (the authors' code):       q = [r Delta + V(t', x') - V(t, x)] / Delta.
+    DDPO: the per-condition whitened terminal reward, the same at every step.
+ 5. Value net update on Monte-Carlo returns G_k = h + sum_{j >= k} r_j (eq. 17).
+ 6. PPO-clipped surrogate integrated over time (eq. 22):
+      L = -sum_k min(rho_k q_k, clip(rho_k, 1 - eps, 1 + eps) q_k) Delta_k  +  beta KL_direct,
+    rho_k = pi_theta(a_k) / pi_theta_old(a_k) from the exact Gaussian transition log-probs, gradient clipping,
+    AdamW. KL_direct is the running reward's explicit dependence on theta (Thm 3.1 makes it differentiable).
+
+Advantage normalisation: ``scale`` (default) centres q per step and divides the *whole* loss, KL term
+included, by one positive scalar (the std of q), so the gradient keeps the direction of the exact objective's
+gradient; ``per_time`` whitens per step as the authors' code does (changes the reward/KL balance); ``center``
+and ``none`` keep the raw scale.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from .policy import GaussianScorePolicy, Trajectory, gaussian_log_prob, sample, x_hat
+from .value import ValueDataset, ValueFunction, fit_value
+
+ALGORITHMS = ("ctrl", "ddpo")
+ADVANTAGES = ("finite_difference", "temporal_difference")
+NORMALISATIONS = ("scale", "per_time", "center", "none")
+TIME_SAMPLING = ("random", "grid")
+
+
+@dataclass
+class OptimConfig:
+    """Policy-optimisation settings (one block of params.yaml)."""
+
+    algorithm: str = "ctrl"  # ctrl | ddpo
+    iterations: int = 30  # policy iterations
+    batch_size: int = 64  # trajectories per iteration
+    train_steps: int = 25  # step count of the rollout grid during training
+    time_sampling: str = "random"  # random: a stratified random grid every iteration | grid: fixed uniform grid
+    train_timesteps: int = 8  # K: time points per trajectory in the loss (random subset of the steps)
+    solver: str = "ddpm"  # stochastic rollout solver: ddpm | euler_maruyama | ddim (with eta > 0)
+    eta: float = -1.0  # DDIM-family exploration level in [0, 1]; -1: the solver's default (ddpm 1, ddim 0)
+    beta: float = 0.01  # KL weight (Theorem 3.1 running reward)
+    advantage: str = "finite_difference"  # finite_difference | temporal_difference
+    fd_scale: float = 1.0  # lam = sigma_bar / Delta of the finite-difference advantage
+    advantage_norm: str = "scale"  # scale | per_time | center | none
+    advantage_clip: float = 5.0  # clip normalised advantages to +-this (0: no clipping)
+    clip_range: float = 0.2  # PPO ratio clip epsilon
+    ppo_epochs: int = 1
+    minibatch_size: int = 32
+    lr: float = 3e-4  # policy (LoRA) learning rate
+    lr_decay: str = "cosine"  # cosine (to 10% of lr at the last iteration) | none
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    value_lr: float = 1e-3
+    value_epochs: int = 2  # value-net epochs per iteration on the fresh returns
+    value_batch_size: int = 256
+    value_xhat: str = "pretrained"  # Tweedie x_hat in the value skip term from: pretrained | policy (eq. 19)
+    checkpoint_every: int = 0  # save the adapter every N iterations (0: only at the end)
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [
+            ("algorithm", self.algorithm in ALGORITHMS, f"one of {ALGORITHMS}"),
+            ("advantage", self.advantage in ADVANTAGES, f"one of {ADVANTAGES}"),
+            ("advantage_norm", self.advantage_norm in NORMALISATIONS, f"one of {NORMALISATIONS}"),
+            ("time_sampling", self.time_sampling in TIME_SAMPLING, f"one of {TIME_SAMPLING}"),
+            ("value_xhat", self.value_xhat in ("policy", "pretrained"), "policy or pretrained"),
+            ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
+            ("lr_decay", self.lr_decay in ("cosine", "none"), "cosine or none"),
+            ("iterations", self.iterations >= 0, ">= 0"),
+            ("batch_size", self.batch_size >= 2, ">= 2"),
+            ("train_steps", self.train_steps >= 2, ">= 2"),
+            ("train_timesteps", self.train_timesteps >= 1, ">= 1"),
+            ("beta", self.beta >= 0, ">= 0"),
+            ("eta", self.eta == -1.0 or 0.0 <= self.eta <= 1.0, "in [0, 1] or -1"),
+            ("fd_scale", self.fd_scale > 0, "> 0"),
+            ("clip_range", self.clip_range > 0, "> 0"),
+            ("ppo_epochs", self.ppo_epochs >= 1, ">= 1"),
+            ("minibatch_size", self.minibatch_size >= 1, ">= 1"),
+            ("lr", self.lr > 0, "> 0"),
+            ("value_lr", self.value_lr > 0, "> 0"),
+            ("value_batch_size", self.value_batch_size >= 1, ">= 1"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"optimize.{name} must be {want}, got {getattr(self, name)!r}")
+
+
+@dataclass
+class Rollout:
+    """What one iteration sampled, restricted to the K training steps."""
+
+    traj: Trajectory
+    steps: list[int]  # the K step indices (all stochastic)
+    reward: Tensor  # (B,) terminal reward h
+    kl_terms: dict[int, Tensor]  # per step: 1/2 g^2 ||mu - mu_pre||^2 Delta (unscaled), (B,)
+    kl_scale: float  # N_stochastic / K: rescales subset sums to the whole integral
+
+
+@dataclass
+class IterationStats:
+    iteration: int
+    reward_mean: float
+    reward_std: float
+    kl: float
+    objective: float
+    value_loss: float
+    approx_kl: float
+    clipfrac: float
+    adv_scale: float
+    sample_s: float
+    value_s: float
+    policy_s: float
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """CTRL / DDPO trainer over a ``GaussianScorePolicy`` (any score model with trainable parameters)."""
+
+    def __init__(
+        self,
+        policy: GaussianScorePolicy,
+        reward_fn: Callable,
+        config: OptimConfig,
+        x_shape: tuple[int, ...],
+        condition_sampler: Callable[[int, torch.Generator], Tensor | None] = lambda n, g: None,
+        value: ValueFunction | None = None,
+    ):
+        if config.algorithm == "ctrl" and value is None:
+            raise ValueError("CTRL needs a value function (pretrain one with select_link / fit_value)")
+        self.policy, self.reward_fn, self.cfg, self.value = policy, reward_fn, config, value
+        self.x_shape, self.condition_sampler = tuple(x_shape), condition_sampler
+        self.params = policy.model.trainable_parameters()
+        if not self.params:
+            raise ValueError("the policy has no trainable parameters (no LoRA adapter / correction)")
+        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.value_opt = (
+            torch.optim.AdamW([p for p in value.residual.parameters() if p.requires_grad] or [torch.zeros(1, requires_grad=True)], lr=config.value_lr, weight_decay=1e-4)
+            if value is not None
+            else None
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.iteration = 0
+        self.history: list[IterationStats] = []
+
+    # -- 1-3: rollout --------------------------------------------------------------------------------------
+    def rollout(self) -> Rollout:
+        cfg, sch = self.cfg, self.policy.schedule
+        if cfg.algorithm == "ctrl" and cfg.time_sampling == "random":
+            grid = sch.random_time_grid(cfg.train_steps, self.generator)
+        else:
+            grid = sch.time_grid(cfg.train_steps)
+        stochastic = [k for k in range(cfg.train_steps) if self.policy.coefficients(float(grid[k]), float(grid[k + 1])).stochastic]
+        if not stochastic:
+            raise ValueError(f"solver {self.policy.solver!r} (eta={self.policy.eta}) has no random steps: use ddpm or eta > 0")
+        K = min(cfg.train_timesteps, len(stochastic))
+        pick = torch.randperm(len(stochastic), generator=self.generator)[:K]
+        steps = sorted(stochastic[int(i)] for i in pick)
+        c = self.condition_sampler(cfg.batch_size, self.generator)
+        x0 = torch.randn((cfg.batch_size, *self.x_shape), generator=self.generator)
+        traj = sample(self.policy, x0, c, grid, self.generator, reference_steps=steps)
+        reward = self.reward_fn(traj.sample, c).float()
+        if not torch.all(torch.isfinite(reward)):
+            raise FloatingPointError("the reward model returned a non-finite reward")
+        kl_terms = {}
+        for k in steps:
+            s, s_next = float(grid[k]), float(grid[k + 1])
+            diff = (traj.means[k] - traj.ref_means[k]).flatten(1).double()
+            kl_terms[k] = (0.5 * sch.g2(s) * (s - s_next) * diff.pow(2).sum(1)).float()
+        return Rollout(traj, steps, reward, kl_terms, len(stochastic) / K)
+
+    # -- 4: advantage rates --------------------------------------------------------------------------------
+    def _xhat_score(self, traj: Trajectory, k: int) -> Tensor:
+        """The score whose Tweedie prediction feeds the value at step k (see OptimConfig.value_xhat)."""
+        return traj.ref_means[k] if self.cfg.value_xhat == "pretrained" else traj.means[k]
+
+    @torch.no_grad()
+    def _value_at(self, s: float, x: Tensor, mu: Tensor | None, c) -> Tensor:
+        """V(s, x) with x_hat from the score mu (computed when None); V(0, x) = RM(x)."""
+        B = x.shape[0]
+        s_vec = torch.full((B,), s, dtype=torch.float64)
+        if s <= 0:
+            return self.reward_fn(x, c).float()
+        if mu is None:
+            pretrained = self.cfg.value_xhat == "pretrained"
+            mu = self.policy.reference_mean(s_vec, x, c) if pretrained else self.policy.mean(s_vec, x, c)
+        return self.value(s_vec, x, c, x_hat(self.policy.schedule, s_vec, x, mu))
+
+    @torch.no_grad()
+    def advantages(self, ro: Rollout) -> dict[int, Tensor]:
+        """Per training step k: the advantage rate times Delta_k (the integrand of eq. 22 before rho), (B,)."""
+        cfg, traj, grid = self.cfg, ro.traj, ro.traj.grid
+        if cfg.algorithm == "ddpo":
+            adv = per_condition_whiten(ro.reward, traj.conditions)
+            return {k: adv for k in ro.steps}
+        out = {}
+        for k in ro.steps:
+            s, s_next = float(grid[k]), float(grid[k + 1])
+            x, x_next, mu = traj.states[k], traj.states[k + 1], self._xhat_score(traj, k)
+            v_here = self._value_at(s, x, mu, traj.conditions)
+            if cfg.advantage == "finite_difference":
+                coef = self.policy.coefficients(s, s_next)
+                lam = cfg.fd_scale
+                displacement = x_next - coef.A.to(x.dtype) * x  # B a: the action's share of the step
+                v_pert = self._value_at(s, x + lam * displacement, None, traj.conditions)
+                out[k] = (v_pert - v_here) / lam  # = q * Delta
+            else:
+                mu_next = None
+                if k + 1 < traj.num_steps and (self.cfg.value_xhat == "policy" or k + 1 in traj.ref_means):
+                    mu_next = self._xhat_score(traj, k + 1)
+                v_next = self._value_at(s_next, x_next, mu_next, traj.conditions)
+                out[k] = v_next - v_here - cfg.beta * ro.kl_terms[k]  # = q * Delta (TD error)
+        return out
+
+    def normalise(self, adv: dict[int, Tensor]) -> tuple[dict[int, Tensor], float]:
+        """Returns (advantages, scale): the PPO loss is divided by ``scale`` (see the module docstring)."""
+        mode = self.cfg.advantage_norm
+        if self.cfg.algorithm == "ddpo" or mode == "none":
+            return adv, 1.0
+        centred = {k: a - a.mean() for k, a in adv.items()}
+        if mode == "center":
+            return centred, 1.0
+        if mode == "per_time":
+            out = {k: a / (a.std() + 1e-8) for k, a in centred.items()}
+            if self.cfg.advantage_clip > 0:
+                out = {k: a.clamp(-self.cfg.advantage_clip, self.cfg.advantage_clip) for k, a in out.items()}
+            return out, 1.0
+        scale = float(torch.cat(list(centred.values())).std()) + 1e-8
+        out = centred
+        if self.cfg.advantage_clip > 0:
+            lim = self.cfg.advantage_clip * scale
+            out = {k: a.clamp(-lim, lim) for k, a in centred.items()}
+        return out, scale
+
+    # -- 5: value update --------------------------------------------------------------------------------------
+    def value_dataset(self, ro: Rollout) -> ValueDataset:
+        """Monte-Carlo returns G_k = h - beta * sum_{j >= k} KL_j (eq. 17) at the K training steps."""
+        traj, sch = ro.traj, self.policy.schedule
+        ss, xs, cs, xh, rm, gs = [], [], [], [], [], []
+        for k in ro.steps:
+            future_kl = sum(ro.kl_terms[j] for j in ro.steps if j >= k) * ro.kl_scale
+            s_vec = torch.full((traj.states.shape[1],), float(traj.grid[k]), dtype=torch.float64)
+            xk = traj.states[k]
+            xhat_k = x_hat(sch, s_vec, xk, self._xhat_score(traj, k))
+            ss.append(s_vec)
+            xs.append(xk)
+            cs.append(traj.conditions)
+            xh.append(xhat_k)
+            rm.append(self.reward_fn(xhat_k, traj.conditions).float())
+            gs.append(ro.reward - self.cfg.beta * future_kl)
+        c = None if traj.conditions is None else torch.cat(cs)
+        return ValueDataset(torch.cat(ss), torch.cat(xs), c, torch.cat(xh), torch.cat(rm), torch.cat(gs))
+
+    # -- 6: PPO update ----------------------------------------------------------------------------------------
+    def surrogate_loss(self, ro: Rollout, adv: dict[int, Tensor], k: int, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """eq. 22 at step k for the paths ``idx``: (loss, new log-prob, ratio). ``loss`` is to be minimised."""
+        cfg, traj, sch = self.cfg, ro.traj, self.policy.schedule
+        s, s_next = float(traj.grid[k]), float(traj.grid[k + 1])
+        coef = self.policy.coefficients(s, s_next)
+        x, x_next = traj.states[k][idx], traj.states[k + 1][idx]
+        c = None if traj.conditions is None else traj.conditions[idx]
+        mu = self.policy.mean(torch.full((len(idx),), s, dtype=torch.float64), x, c)
+        logp = gaussian_log_prob(x_next, self.policy.transition_mean(coef, x, mu), coef.std)
+        ratio = torch.exp(logp - traj.log_probs[k][idx])
+        a = adv[k][idx]
+        surrogate = torch.minimum(ratio * a, torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range) * a)
+        # CTRL: a Riemann sum of the time integral over the K random steps, rescaled to all steps;
+        # DDPO: the mean over its timesteps, as ddpo-pytorch does
+        weight = ro.kl_scale if cfg.algorithm == "ctrl" else 1.0 / len(ro.steps)
+        loss = -surrogate.mean() * weight
+        if cfg.algorithm == "ctrl" and cfg.beta > 0:
+            diff = (mu - traj.ref_means[k][idx]).flatten(1)
+            kl_direct = 0.5 * float(sch.g2(s)) * (s - s_next) * diff.pow(2).sum(1)  # Thm 3.1 integrand
+            loss = loss + cfg.beta * kl_direct.mean() * ro.kl_scale
+        return loss, logp, ratio
+
+    def policy_update(self, ro: Rollout, adv: dict[int, Tensor], scale: float) -> tuple[float, float]:
+        cfg, traj = self.cfg, ro.traj
+        B = traj.states.shape[1]
+        approx_kls, clipfracs = [], []
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(B, generator=self.generator)
+            for j in range(0, B, cfg.minibatch_size):
+                idx = perm[j : j + cfg.minibatch_size]
+                self.opt.zero_grad(set_to_none=True)
+                for k in ro.steps:  # one backward per step keeps one step's graph in memory at a time
+                    loss, logp, ratio = self.surrogate_loss(ro, adv, k, idx)
+                    (loss / scale).backward()
+                    with torch.no_grad():
+                        approx_kls.append(float(0.5 * (logp - traj.log_probs[k][idx]).pow(2).mean()))
+                        clipfracs.append(float(((ratio - 1).abs() > cfg.clip_range).float().mean()))
+                if not all(p.grad is None or torch.all(torch.isfinite(p.grad)) for p in self.params):
+                    raise FloatingPointError("non-finite policy gradient: the step was skipped, weights are unchanged")
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.opt.step()
+        return sum(approx_kls) / len(approx_kls), sum(clipfracs) / len(clipfracs)
+
+    def learning_rate(self, iteration: int) -> float:
+        """Cosine decay to 10%: stochastic-approximation steps must shrink for the iterates to settle."""
+        if self.cfg.lr_decay == "none" or self.cfg.iterations <= 1:
+            return self.cfg.lr
+        frac = iteration / (self.cfg.iterations - 1)
+        return self.cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    # -- one iteration --------------------------------------------------------------------------------------
+    def step(self) -> IterationStats:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        ro = self.rollout()
+        t1 = time.perf_counter()
+        value_loss = float("nan")
+        if cfg.algorithm == "ctrl":
+            adv, scale = self.normalise(self.advantages(ro))
+            data = self.value_dataset(ro)
+            value_loss = fit_value(self.value, data, cfg.value_epochs, batch_size=cfg.value_batch_size,
+                                   generator=self.generator, optimizer=self.value_opt)
+        else:
+            adv, scale = self.normalise(self.advantages(ro))
+        t2 = time.perf_counter()
+        for group in self.opt.param_groups:
+            group["lr"] = self.learning_rate(self.iteration)
+        approx_kl, clipfrac = self.policy_update(ro, adv, scale)
+        t3 = time.perf_counter()
+        kl = (sum(ro.kl_terms.values()) * ro.kl_scale).mean().item()
+        stats = IterationStats(
+            iteration=self.iteration,
+            reward_mean=float(ro.reward.mean()),
+            reward_std=float(ro.reward.std()),
+            kl=kl,
+            objective=float(ro.reward.mean()) - cfg.beta * kl,
+            value_loss=value_loss,
+            approx_kl=approx_kl,
+            clipfrac=clipfrac,
+            adv_scale=scale,
+            sample_s=t1 - t0,
+            value_s=t2 - t1,
+            policy_s=t3 - t2,
+        )
+        self.history.append(stats)
+        self.iteration += 1
+        return stats
+
+    def train(self, callback: Callable[[IterationStats], None] | None = None) -> list[IterationStats]:
+        while self.iteration < self.cfg.iterations:
+            stats = self.step()
+            if callback is not None:
+                callback(stats)
+        return self.history
+
+
+def per_condition_whiten(reward: Tensor, conditions: Tensor | None) -> Tensor:
+    """DDPO's per-prompt stat tracking within a batch: (r - mean_c) / std_c, falling back to batch stats
+    for conditions seen fewer than 4 times."""
+    out = (reward - reward.mean()) / (reward.std() + 1e-8)
+    if conditions is None or conditions.ndim != 1:
+        return out
+    for c in conditions.unique():
+        m = conditions == c
+        if int(m.sum()) >= 4:
+            r = reward[m]
+            out[m] = (r - r.mean()) / (r.std() + 1e-8)
+    return out
+
+
+def config_dict(cfg: OptimConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,190 @@
+"""Score models behind one interface: mu(s, x, c) and a switch to the frozen pretrained score.
+
+The policy (policy.py) only needs three things from a model:
+- ``score(s, x, c)``: the current (adapted) score mu_theta at forward time s (eq. 12's mean),
+- ``pretrained()``: a context manager inside which ``score`` returns mu_pre (adapter off, same weights),
+- ``trainable_parameters()``: what the optimiser updates (LoRA weights, or a small correction net).
+
+Two implementations:
+- ``DiffusersScoreModel``: a diffusers UNet (UNet2DModel with class labels, or UNet2DConditionModel with
+  encoder hidden states) wrapped by peft LoRA; the adapter is disabled for mu_pre, so there is one copy of
+  the base weights.
+- ``GaussianScoreModel``: the exact score of Gaussian data plus a small learned correction, for the closed-
+  form tests (Theorem 3.1, tilted Gaussian). The correction is off for mu_pre.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .schedule import VPSchedule, broadcast_to, score_from_model_output
+
+
+class ScoreModel(nn.Module):
+    schedule: VPSchedule
+
+    def score(self, s: Tensor, x: Tensor, c: Tensor | None) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def pretrained(self) -> contextlib.AbstractContextManager:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def sinusoidal_time_features(s: Tensor, dim: int = 16) -> Tensor:
+    """(B,) times in [0, 1] -> (B, dim) Fourier features, shared by the small MLPs of this package."""
+    half = dim // 2
+    freqs = torch.exp(torch.linspace(0.0, math.log(16.0), half, device=s.device, dtype=torch.float32))
+    ang = s.float()[:, None] * freqs[None, :] * math.pi
+    return torch.cat([torch.sin(ang), torch.cos(ang)], dim=1)
+
+
+# --- closed-form Gaussian data -----------------------------------------------------------------------
+class AffineCorrection(nn.Module):
+    """u(s, x) = a(s) + b(s) * x per dimension, with a, b from an MLP of time. Starts at exactly zero.
+
+    For Gaussian data and a quadratic reward the optimal control's correction to the pretrained score
+    (the gradient of log Doob's h-function) is affine in x, so this class can represent the optimum.
+    """
+
+    def __init__(self, dim: int, hidden: int = 64, time_features: int = 16):
+        super().__init__()
+        self.dim, self.time_features = dim, time_features
+        self.net = nn.Sequential(
+            nn.Linear(time_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2 * dim)
+        )
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, s: Tensor, x: Tensor) -> Tensor:
+        ab = self.net(sinusoidal_time_features(s, self.time_features)).to(x.dtype)
+        a, b = ab[:, : self.dim], ab[:, self.dim :]
+        return a + b * x
+
+
+class GaussianScoreModel(ScoreModel):
+    """Data ~ N(m0, diag(s0^2)): the marginal at s is N(alpha m0, alpha^2 s0^2 + sigma^2), so the exact score is
+    -(x - alpha m0) / (alpha^2 s0^2 + sigma^2). mu_theta = exact score + correction(s, x)."""
+
+    def __init__(self, schedule: VPSchedule, mean: Tensor, std: Tensor, correction: nn.Module | None = None):
+        super().__init__()
+        self.schedule = schedule
+        self.register_buffer("data_mean", torch.as_tensor(mean, dtype=torch.float32).flatten())
+        self.register_buffer("data_std", torch.as_tensor(std, dtype=torch.float32).flatten())
+        if self.data_mean.shape != self.data_std.shape:
+            raise ValueError(f"mean and std shapes differ: {tuple(self.data_mean.shape)} vs {tuple(self.data_std.shape)}")
+        if torch.any(self.data_std <= 0):
+            raise ValueError("data std must be > 0 in every dimension")
+        self.correction = correction
+        self._use_correction = True
+
+    @property
+    def dim(self) -> int:
+        return self.data_mean.numel()
+
+    def exact_score(self, s: Tensor, x: Tensor) -> Tensor:
+        a = broadcast_to(self.schedule.alpha(s), x)
+        sg = broadcast_to(self.schedule.sigma(s), x)
+        var = a * a * self.data_std**2 + sg * sg
+        return -(x - a * self.data_mean) / var
+
+    def score(self, s: Tensor, x: Tensor, c: Tensor | None = None) -> Tensor:
+        mu = self.exact_score(s, x)
+        if self.correction is not None and self._use_correction:
+            mu = mu + self.correction(s, x)
+        return mu
+
+    @contextlib.contextmanager
+    def pretrained(self) -> Iterator[None]:
+        prev, self._use_correction = self._use_correction, False
+        try:
+            yield
+        finally:
+            self._use_correction = prev
+
+
+# --- diffusers UNets with a LoRA adapter --------------------------------------------------------------
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+
+
+class DiffusersScoreModel(ScoreModel):
+    """A diffusers UNet as a score model; LoRA through peft, disabled for mu_pre (one copy of the weights).
+
+    ``c`` is passed as ``class_labels`` to a UNet2DModel and as ``encoder_hidden_states`` to a
+    UNet2DConditionModel.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        schedule: VPSchedule,
+        prediction_type: str = "epsilon",
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+    ):
+        super().__init__()
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unknown prediction_type {prediction_type!r}")
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.conditional_2d = type(unet).__name__ == "UNet2DConditionModel"
+        for p in unet.parameters():
+            p.requires_grad_(False)
+        self.has_adapter = lora_rank > 0
+        if self.has_adapter:
+            from peft import LoraConfig, get_peft_model
+
+            present = {n.rsplit(".", 1)[-1] for n, _ in unet.named_modules()} | {
+                ".".join(n.rsplit(".", 2)[-2:]) for n, _ in unet.named_modules()
+            }
+            targets = [t for t in lora_targets if t in present]
+            if not targets:
+                raise ValueError(f"none of the LoRA target modules {lora_targets} exist in the UNet")
+            cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=targets, init_lora_weights=True)
+            self.net = get_peft_model(unet, cfg)
+        else:
+            self.net = unet
+
+    @property
+    def base_unet(self) -> nn.Module:
+        return self.net.get_base_model() if self.has_adapter else self.net
+
+    def model_output(self, s: Tensor, x: Tensor, c: Tensor | None) -> Tensor:
+        t_in = self.schedule.model_time(s).to(device=x.device, dtype=torch.float32)
+        if self.conditional_2d:
+            out = self.net(x, t_in, encoder_hidden_states=c, return_dict=False)[0]
+        else:
+            out = self.net(x, t_in, class_labels=c, return_dict=False)[0]
+        return out
+
+    def score(self, s: Tensor, x: Tensor, c: Tensor | None) -> Tensor:
+        out = self.model_output(s, x, c)
+        return score_from_model_output(out, x, self.schedule.alpha(s), self.schedule.sigma(s), self.prediction_type)
+
+    def pretrained(self):
+        if self.has_adapter:
+            return self.net.disable_adapter()
+        return contextlib.nullcontext()
+
+    # adapter I/O in the format peft/diffusers load (adapter_config.json + adapter_model.safetensors)
+    def save_adapter(self, directory: str) -> None:
+        if not self.has_adapter:
+            raise ValueError("this model has no LoRA adapter to save")
+        self.net.save_pretrained(directory, safe_serialization=True)
+
+    def load_adapter(self, directory: str) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from .io import require_safetensors
+
+        path = require_safetensors(f"{directory}/adapter_model.safetensors")
+        set_peft_model_state_dict(self.net, load_file(path))

@@ -1,0 +1,128 @@
+"""Ready-made pieces for the embedded default (and the analytic problem): policy, value net, data for value
+pretraining. The pipeline steps and the benchmarks build on these, so every entry point trains the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .algorithms import OptimConfig, Trainer
+from .models import AffineCorrection, DiffusersScoreModel, GaussianScoreModel
+from .policy import GaussianScorePolicy, sample, x_hat
+from .schedule import DiscreteVPSchedule, LinearVPSchedule
+from .value import ConvResidual, LinkSelection, MLPResidual, ValueDataset, ValueFunction, select_link
+
+
+@dataclass
+class Problem:
+    """Everything a trainer/evaluator needs about one task."""
+
+    policy: GaussianScorePolicy
+    x_shape: tuple[int, ...]
+    condition_sampler: Callable[[int, torch.Generator], Tensor | None]
+    eval_conditions: Callable[[int], Tensor | None]
+    make_residual: Callable[[], torch.nn.Module]
+
+
+def digits_problem(lora_rank: int = 8, solver: str = "ddpm", weights_dir=None) -> Problem:
+    """The embedded default: the shipped class-conditional digits DDPM with a fresh LoRA adapter."""
+    from .embedded import IMAGE_SIZE, NUM_CLASSES, WEIGHTS_DIR, load_builtin_unet
+
+    unet, scheduler = load_builtin_unet(WEIGHTS_DIR if weights_dir is None else weights_dir)
+    schedule = DiscreteVPSchedule.from_scheduler(scheduler)
+    model = DiffusersScoreModel(unet, schedule, scheduler.config.prediction_type, lora_rank=lora_rank)
+    return Problem(
+        policy=GaussianScorePolicy(model, solver),
+        x_shape=(1, IMAGE_SIZE, IMAGE_SIZE),
+        condition_sampler=lambda n, g: torch.randint(0, NUM_CLASSES, (n,), generator=g),
+        eval_conditions=lambda n: torch.arange(n) % NUM_CLASSES,  # balanced, fixed
+        make_residual=lambda: ConvResidual(channels=1, width=32, num_classes=NUM_CLASSES),
+    )
+
+
+def checkpoint_problem(checkpoint_dir, lora_rank: int = 8, solver: str = "ddpm") -> Problem:
+    """A fetched checkpoint folder: the built-in digits format (digits_config.json) or a diffusers pipeline
+    folder with ``unet/`` and ``scheduler/`` (a class-conditional or unconditional pixel UNet2DModel)."""
+    from pathlib import Path
+
+    d = Path(checkpoint_dir)
+    if (d / "digits_config.json").is_file():
+        return digits_problem(lora_rank, solver, weights_dir=d)
+    if (d / "unet" / "config.json").is_file():
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        from .io import require_safetensors
+
+        for f in (d / "unet").glob("*"):
+            if f.suffix in (".bin", ".pt", ".ckpt", ".pth"):
+                raise ValueError(f"{f}: refusing non-safetensors weights")
+        require_safetensors(d / "unet" / "diffusion_pytorch_model.safetensors")
+        unet = UNet2DModel.from_pretrained(d / "unet", use_safetensors=True).eval()
+        scheduler = DDPMScheduler.from_pretrained(d / "scheduler")
+        schedule = DiscreteVPSchedule.from_scheduler(scheduler)
+        model = DiffusersScoreModel(unet, schedule, scheduler.config.prediction_type, lora_rank=lora_rank)
+        n_cls = unet.config.num_class_embeds or 0
+        size, ch = unet.config.sample_size, unet.config.in_channels
+        return Problem(
+            policy=GaussianScorePolicy(model, solver),
+            x_shape=(ch, size, size),
+            condition_sampler=(lambda n, g: torch.randint(0, n_cls, (n,), generator=g)) if n_cls else (lambda n, g: None),
+            eval_conditions=(lambda n: torch.arange(n) % n_cls) if n_cls else (lambda n: None),
+            make_residual=lambda: ConvResidual(channels=ch, width=32, num_classes=n_cls),
+        )
+    raise ValueError(f"{d}: not a checkpoint this pipeline can load (expected digits_config.json or unet/config.json)")
+
+
+def gaussian_problem(data_mean: Tensor, data_std: Tensor, solver: str = "euler_maruyama", hidden: int = 64) -> Problem:
+    """Gaussian data with its exact score plus a learned affine correction (the tilted-Gaussian problem)."""
+    schedule = LinearVPSchedule()
+    dim = int(torch.as_tensor(data_mean).numel())
+    model = GaussianScoreModel(schedule, data_mean, data_std, AffineCorrection(dim, hidden))
+    return Problem(
+        policy=GaussianScorePolicy(model, solver),
+        x_shape=(dim,),
+        condition_sampler=lambda n, g: None,
+        eval_conditions=lambda n: None,
+        make_residual=lambda: MLPResidual(dim),
+    )
+
+
+@torch.no_grad()
+def collect_value_data(
+    problem: Problem, reward_fn: Callable, num_paths: int, steps: int, points_per_path: int, seed: int = 0, batch_size: int = 128
+) -> ValueDataset:
+    """Monte-Carlo returns of the current policy at random times: (s, x_s, c, x_hat, RM(x_hat), RM(X_T)).
+
+    The returns carry no KL term: the data come from the policy that the value net will first serve, whose
+    KL to itself is zero (CTRL's own iterations then add the KL running reward)."""
+    pol, g = problem.policy, torch.Generator().manual_seed(seed)
+    parts = []
+    for j in range(0, num_paths, batch_size):
+        n = min(batch_size, num_paths - j)
+        grid = pol.schedule.random_time_grid(steps, g)
+        c = problem.condition_sampler(n, g)
+        traj = sample(pol, torch.randn((n, *problem.x_shape), generator=g), c, grid, g)
+        h = reward_fn(traj.sample, c).float()
+        ks = torch.randperm(steps, generator=g)[:points_per_path].tolist()
+        for k in ks:
+            s_vec = torch.full((n,), float(grid[k]), dtype=torch.float64)
+            xh = x_hat(pol.schedule, s_vec, traj.states[k], traj.means[k])
+            parts.append(ValueDataset(s_vec, traj.states[k], c, xh, reward_fn(xh, c).float(), h))
+    return ValueDataset.concat(parts)
+
+
+def pretrain_value(
+    problem: Problem, reward_fn: Callable, candidates: list[str], num_paths: int, steps: int, points_per_path: int,
+    epochs: int, lr: float = 1e-3, seed: int = 0,
+) -> LinkSelection:
+    """Value pretraining with link-function selection by held-out MSE (paper Fig. 2b)."""
+    data = collect_value_data(problem, reward_fn, num_paths, steps, points_per_path, seed)
+    return select_link(lambda link: ValueFunction(reward_fn, problem.make_residual(), link), data, candidates, epochs, lr, seed=seed)
+
+
+def make_trainer(problem: Problem, reward_fn: Callable, cfg: OptimConfig, value: ValueFunction | None) -> Trainer:
+    policy = problem.policy.with_solver(cfg.solver, None if cfg.eta < 0 else cfg.eta)
+    return Trainer(policy, reward_fn, cfg, problem.x_shape, problem.condition_sampler, value)

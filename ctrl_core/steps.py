@@ -1,0 +1,238 @@
+"""The pipeline's steps as plain functions over folders: fetch -> pretrain_value -> optimize -> evaluate.
+
+KFP components (components/), dvc.yaml stages and the ``ctrl`` CLI all call these, so the three ways of
+running the pipeline execute the same code. Every step writes its outputs into a temporary folder and renames
+it into place at the end: a failed or killed step leaves no half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from .io import atomic_save_weights, atomic_write_json, load_weights
+from .params import Params
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success replace ``out_dir`` with it, on failure remove it."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _seed(params: Params) -> None:
+    torch.manual_seed(params.run.seed)
+
+
+def load_problem(params: Params, checkpoint_dir: str | Path):
+    from .recipes import checkpoint_problem
+
+    return checkpoint_problem(checkpoint_dir, lora_rank=params.model.lora_rank, solver=params.optimize.solver)
+
+
+def make_reward_fn(params: Params):
+    from .rewards import make_reward
+
+    return make_reward(params.reward.name, **params.reward.options)
+
+
+# --- 1. fetch ---------------------------------------------------------------------------------------------
+def fetch(params: Params, out_dir: str | Path) -> dict:
+    from .checkpoints import fetch_checkpoint
+
+    manifest = fetch_checkpoint(params.checkpoint.source, out_dir, params.checkpoint.sha256 or None)
+    return manifest.to_dict()
+
+
+# --- 2. value pretraining -----------------------------------------------------------------------------------
+def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
+    from .recipes import pretrain_value as run_pretrain
+
+    _seed(params)
+    t0 = time.perf_counter()
+    problem, reward = load_problem(params, checkpoint_dir), make_reward_fn(params)
+    vp = params.value
+    sel = run_pretrain(problem, reward, vp.candidates, vp.num_paths, vp.steps, vp.points_per_path, vp.epochs, vp.lr,
+                       seed=params.run.seed)
+    result = {"chosen": sel.chosen, "mse": sel.val_mse, "seconds": round(time.perf_counter() - t0, 2)}
+    with staged_output(out_dir) as tmp:
+        atomic_save_weights(sel.values[sel.chosen].residual.state_dict(), tmp / "value.safetensors")
+        atomic_write_json(result, tmp / "link.json")
+    return result
+
+
+def load_value(params: Params, problem, reward, value_dir: str | Path):
+    from .value import ValueFunction
+
+    link = json.loads((Path(value_dir) / "link.json").read_text())["chosen"]
+    value = ValueFunction(reward, problem.make_residual(), link)
+    value.residual.load_state_dict(load_weights(Path(value_dir) / "value.safetensors"))
+    return value
+
+
+# --- 3. policy optimisation -----------------------------------------------------------------------------------
+def optimize(
+    params: Params, checkpoint_dir: str | Path, value_dir: str | Path | None, out_dir: str | Path,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
+    from .recipes import make_trainer
+
+    _seed(params)
+    cfg = params.optim_config()
+    problem, reward = load_problem(params, checkpoint_dir), make_reward_fn(params)
+    value = load_value(params, problem, reward, value_dir) if cfg.algorithm == "ctrl" else None
+    trainer = make_trainer(problem, reward, cfg, value)
+    history: list[dict] = []
+    every = params.optimize.checkpoint_every
+    with staged_output(out_dir) as tmp:
+
+        def on_iteration(st) -> None:
+            row = {k: v for k, v in st.__dict__.items() if k != "extra"}
+            history.append(row)
+            with open(tmp / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            if every and (st.iteration + 1) % every == 0 and st.iteration + 1 < cfg.iterations:
+                trainer.policy.model.save_adapter(tmp / "checkpoints" / f"iter-{st.iteration + 1:05d}")
+            if progress is not None:
+                progress(row)
+
+        t0 = time.perf_counter()
+        trainer.train(on_iteration)
+        trainer.policy.model.save_adapter(tmp / "adapter")
+        if value is not None:
+            atomic_save_weights(value.residual.state_dict(), tmp / "value.safetensors")
+            atomic_write_json({"chosen": value.link_name}, tmp / "link.json")
+        summary = {
+            "algorithm": cfg.algorithm,
+            "iterations": cfg.iterations,
+            "final_reward": history[-1]["reward_mean"] if history else None,
+            "first_reward": history[0]["reward_mean"] if history else None,
+            "final_kl": history[-1]["kl"] if history else None,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "seconds_per_iteration": {k: sum(h[f"{k}_s"] for h in history) / max(len(history), 1) for k in ("sample", "value", "policy")},
+        }
+        atomic_write_json({"summary": summary, "history": history}, tmp / "metrics.json")
+    return summary
+
+
+# --- 4. evaluation -----------------------------------------------------------------------------------------
+def evaluate(params: Params, checkpoint_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> dict:
+    from .evaluate import evaluate as run_eval
+    from .evaluate import robustness_ratio
+
+    _seed(params)
+    problem, reward = load_problem(params, checkpoint_dir), make_reward_fn(params)
+    problem.policy.model.load_adapter(adapter_dir)
+    ep = params.evaluate
+    t0 = time.perf_counter()
+    results, kept = run_eval(problem.policy, reward, problem.x_shape, ep.steps, ep.samplers, ep.num_samples,
+                             problem.eval_conditions, seed=ep.seed, keep_samples=20)
+    evaluation = {smp: {n: c.as_dict() for n, c in cells.items()} for smp, cells in results.items()}
+    robustness = robustness_ratio(results, params.optimize.train_steps, "sde")
+    out = {"evaluation": evaluation, "robustness": robustness, "robustness_ratio": robustness["overall"],
+           "train_steps": params.optimize.train_steps, "seconds": round(time.perf_counter() - t0, 2)}
+    with staged_output(out_dir) as tmp:
+        atomic_write_json(out, tmp / "evaluation.json")
+        plot_png = _reward_vs_steps_png(evaluation, params.optimize.train_steps)
+        (tmp / "reward_vs_steps.png").write_bytes(plot_png)
+        grids = {f"{which}/{key}": _grid_png(x) for which, d in kept.items() for key, x in d.items()}
+        (tmp / "report.html").write_text(_html_report(out, plot_png, grids))
+        (tmp / "report.md").write_text(_markdown_report(out))
+    return out
+
+
+def _reward_vs_steps_png(evaluation: dict, train_steps: int) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for smp, cells in evaluation.items():
+        steps = sorted(cells, key=int)
+        xs = [int(n) for n in steps]
+        ax.errorbar(xs, [cells[n]["base"] for n in steps], yerr=[cells[n]["base_ci"] for n in steps], fmt="--o", label=f"base {smp}", alpha=0.7)
+        ax.errorbar(xs, [cells[n]["tuned"] for n in steps], yerr=[cells[n]["tuned_ci"] for n in steps], fmt="-s", label=f"tuned {smp}")
+    ax.axvline(train_steps, color="grey", ls=":", lw=0.8)
+    ax.set(xscale="log", xlabel="sampling steps", ylabel="mean reward (95% CI)", title="reward vs steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _grid_png(images: torch.Tensor, scale: int = 4) -> bytes:
+    from PIL import Image
+
+    from .rewards import to_uint8
+
+    arr = to_uint8(images)  # (B, H, W, C)
+    n, h, w, c = arr.shape
+    cols = min(10, n)
+    rows = (n + cols - 1) // cols
+    canvas = Image.new("L" if c == 1 else "RGB", (cols * (w + 1), rows * (h + 1)), 0)
+    for i, a in enumerate(arr):
+        canvas.paste(Image.fromarray(a[..., 0] if c == 1 else a), ((i % cols) * (w + 1), (i // cols) * (h + 1)))
+    canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _table_rows(out: dict) -> list[str]:
+    rows = ["| sampler | steps | base | tuned | gain (95% CI) | KL |", "|---|---|---|---|---|---|"]
+    for smp, cells in out["evaluation"].items():
+        for n in sorted(cells, key=int):
+            c = cells[n]
+            rows.append(f"| {smp} | {n} | {c['base']:.4f} | {c['tuned']:.4f} | {c['gain']:+.4f} ± {c['gain_ci']:.4f} | {c['kl']:.4f} |")
+    return rows
+
+
+def _markdown_report(out: dict) -> str:
+    return "\n".join(["# Evaluation", "", *_table_rows(out), "",
+                      f"Robustness ratio (min gain / gain at {out['train_steps']} steps): {out['robustness_ratio']:.3f}", ""])
+
+
+def _html_report(out: dict, plot_png: bytes, grids: dict[str, bytes]) -> str:
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    rows = "".join(
+        f"<tr><td>{smp}</td><td>{n}</td><td>{c['base']:.4f}</td><td>{c['tuned']:.4f}</td>"
+        f"<td>{c['gain']:+.4f} ± {c['gain_ci']:.4f}</td><td>{c['kl']:.4f}</td></tr>"
+        for smp, cells in out["evaluation"].items() for n, c in sorted(cells.items(), key=lambda kv: int(kv[0]))
+    )
+    imgs = "".join(f"<figure><img src='data:image/png;base64,{b64(png)}'><figcaption>{name}</figcaption></figure>"
+                   for name, png in sorted(grids.items()))
+    return (
+        "<html><head><meta charset='utf-8'><title>ctrl-pipeline evaluation</title></head><body>"
+        "<h1>Evaluation</h1><table border='1' cellpadding='4'><tr><th>sampler</th><th>steps</th><th>base</th>"
+        f"<th>tuned</th><th>gain (95% CI)</th><th>KL</th></tr>{rows}</table>"
+        f"<p>Robustness ratio: {out['robustness_ratio']:.3f}</p>"
+        f"<img src='data:image/png;base64,{b64(plot_png)}'><h2>Samples (base vs tuned, same noise)</h2>{imgs}</body></html>"
+    )

@@ -1,0 +1,236 @@
+"""The value network of eq. 19 and its pretraining on Monte-Carlo returns.
+
+    V(t, x, c) = c_skip(t) * RM(x_hat_theta(t, x, c), c) + c_out(t) * F_phi(t, x, c)        (eq. 19)
+
+x_hat_theta is Tweedie's denoised prediction; the link functions (c_skip, c_out) satisfy c_skip(T) = 1 and
+c_out(T) = 0, so V(T, x) = RM(x) exactly (eq. 18). Link functions here take the forward time s = (T - t)/T in
+[0, 1] (s = 0 is the data end), so the boundary condition reads c_skip(0) = 1, c_out(0) = 0.
+
+The paper picks cos/sin by validation MSE (Fig. 2b); ``pretrain_value`` does that selection for any set of
+candidates from ``LINKS``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .models import sinusoidal_time_features
+
+LinkFn = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def link_cos_sin(s: Tensor) -> tuple[Tensor, Tensor]:
+    """The paper's choice: c_skip = cos(pi s / 2), c_out = sin(pi s / 2)."""
+    return torch.cos(0.5 * math.pi * s), torch.sin(0.5 * math.pi * s)
+
+
+def link_linear(s: Tensor) -> tuple[Tensor, Tensor]:
+    return 1.0 - s, s
+
+
+def link_rm_only(s: Tensor) -> tuple[Tensor, Tensor]:
+    """'RM(x_hat) only': the reward mean predictor alone, no learned residual."""
+    return torch.ones_like(s), torch.zeros_like(s)
+
+
+def link_f_only(s: Tensor) -> tuple[Tensor, Tensor]:
+    """'F_phi only': a plain learned critic; the boundary V(T, x) = RM(x) is imposed at s = 0 exactly."""
+    at_end = (s <= 0).to(s.dtype)
+    return at_end, 1.0 - at_end
+
+
+LINKS: dict[str, LinkFn] = {
+    "cos_sin": link_cos_sin,
+    "linear": link_linear,
+    "rm_only": link_rm_only,
+    "f_only": link_f_only,
+}
+
+
+def get_link(name: str) -> LinkFn:
+    if name not in LINKS:
+        raise ValueError(f"unknown link function {name!r}: choose one of {sorted(LINKS)}")
+    return LINKS[name]
+
+
+# --- residual networks F_phi(t, x, c) -------------------------------------------------------------------
+class MLPResidual(nn.Module):
+    """F_phi for vector data: an MLP of (time features, x)."""
+
+    def __init__(self, dim: int, hidden: int = 128, time_features: int = 16):
+        super().__init__()
+        self.time_features = time_features
+        self.net = nn.Sequential(
+            nn.Linear(dim + time_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, s: Tensor, x: Tensor, c: Tensor | None = None) -> Tensor:
+        h = torch.cat([x.flatten(1).float(), sinusoidal_time_features(s, self.time_features)], dim=1)
+        return self.net(h).squeeze(1)
+
+
+class ConvResidual(nn.Module):
+    """F_phi for images: a small CNN over (x, x_hat) with time and class embeddings."""
+
+    def __init__(self, channels: int = 1, width: int = 32, num_classes: int = 0, time_features: int = 16):
+        super().__init__()
+        self.time_features = time_features
+        self.conv = nn.Sequential(
+            nn.Conv2d(2 * channels, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1, stride=2), nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.cls = nn.Embedding(num_classes, 2 * width) if num_classes else None
+        self.head = nn.Sequential(nn.Linear(2 * width + time_features, 64), nn.SiLU(), nn.Linear(64, 1))
+
+    def forward(self, s: Tensor, x: Tensor, c: Tensor | None = None, x_hat: Tensor | None = None) -> Tensor:
+        h = self.conv(torch.cat([x, x if x_hat is None else x_hat], dim=1).float())
+        if self.cls is not None and c is not None:
+            h = h + self.cls(c)
+        return self.head(torch.cat([h, sinusoidal_time_features(s, self.time_features)], dim=1)).squeeze(1)
+
+
+class ValueFunction(nn.Module):
+    """eq. 19 with a named link function. ``reward_fn(x, c) -> (B,)`` need not be differentiable."""
+
+    def __init__(self, reward_fn: Callable, residual: nn.Module, link: str = "cos_sin"):
+        super().__init__()
+        self.reward_fn = reward_fn
+        self.residual = residual
+        self.link_name = link
+        self.link = get_link(link)
+
+    def forward(self, s: Tensor, x: Tensor, c: Tensor | None, x_hat: Tensor, rm_x_hat: Tensor | None = None) -> Tensor:
+        """V at forward times s (B,), states x, conditions c and Tweedie predictions x_hat.
+
+        ``rm_x_hat`` lets a caller pass RM(x_hat) it already computed (the reward model is frozen).
+        """
+        c_skip, c_out = self.link(s.to(torch.float32))
+        out = torch.zeros(x.shape[0], dtype=torch.float32)
+        if torch.any(c_skip != 0):
+            rm = rm_x_hat if rm_x_hat is not None else self.reward_fn(x_hat, c).float()
+            out = out + c_skip * rm
+        if torch.any(c_out != 0):
+            f = self._residual(s, x, c, x_hat)
+            out = out + c_out * f
+        return out
+
+    def _residual(self, s, x, c, x_hat):
+        if isinstance(self.residual, ConvResidual):
+            return self.residual(s, x, c, x_hat=x_hat)
+        return self.residual(s, x, c)
+
+
+# --- Monte-Carlo value pretraining ------------------------------------------------------------------------
+@dataclass
+class ValueDataset:
+    """(s, x, c, x_hat, RM(x_hat), G) tuples from sampled trajectories; G is the return-to-go."""
+
+    s: Tensor
+    x: Tensor
+    c: Tensor | None
+    x_hat: Tensor
+    rm_x_hat: Tensor
+    returns: Tensor
+
+    def __len__(self) -> int:
+        return self.s.numel()
+
+    def split(self, val_fraction: float, generator: torch.Generator) -> tuple[ValueDataset, ValueDataset]:
+        perm = torch.randperm(len(self), generator=generator)
+        n_val = max(1, int(len(self) * val_fraction))
+        return self.subset(perm[n_val:]), self.subset(perm[:n_val])
+
+    def subset(self, idx: Tensor) -> ValueDataset:
+        return ValueDataset(
+            self.s[idx], self.x[idx], None if self.c is None else self.c[idx], self.x_hat[idx], self.rm_x_hat[idx], self.returns[idx]
+        )
+
+    @staticmethod
+    def concat(parts: list[ValueDataset]) -> ValueDataset:
+        cs = [p.c for p in parts]
+        return ValueDataset(
+            torch.cat([p.s for p in parts]),
+            torch.cat([p.x for p in parts]),
+            None if any(c is None for c in cs) else torch.cat(cs),
+            torch.cat([p.x_hat for p in parts]),
+            torch.cat([p.rm_x_hat for p in parts]),
+            torch.cat([p.returns for p in parts]),
+        )
+
+
+def value_loss(value: ValueFunction, data: ValueDataset) -> Tensor:
+    pred = value(data.s, data.x, data.c, data.x_hat, rm_x_hat=data.rm_x_hat)
+    return (pred - data.returns.float()).pow(2).mean()
+
+
+def fit_value(
+    value: ValueFunction,
+    train: ValueDataset,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> float:
+    """Minimise the MSE to Monte-Carlo returns; returns the last epoch's mean training loss."""
+    params = [p for p in value.residual.parameters() if p.requires_grad]
+    if not params or torch.all(value.link(train.s.float())[1] == 0):
+        return float(value_loss(value, train).detach())  # nothing to fit (e.g. 'rm_only')
+    opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    last = float("nan")
+    for _ in range(epochs):
+        perm = torch.randperm(len(train), generator=generator)
+        total, n = 0.0, 0
+        for j in range(0, len(train), batch_size):
+            b = train.subset(perm[j : j + batch_size])
+            loss = value_loss(value, b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            total += float(loss.detach()) * len(b)
+            n += len(b)
+        last = total / max(n, 1)
+    return last
+
+
+@dataclass
+class LinkSelection:
+    chosen: str
+    val_mse: dict[str, float]
+    values: dict[str, ValueFunction]
+
+
+def select_link(
+    make_value: Callable[[str], ValueFunction],
+    data: ValueDataset,
+    candidates: list[str],
+    epochs: int,
+    lr: float = 1e-3,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> LinkSelection:
+    """Train one value net per candidate link on the same split; choose the lowest held-out MSE (Fig. 2b)."""
+    for name in candidates:
+        get_link(name)
+    if not candidates:
+        raise ValueError("value.candidates must name at least one link function")
+    gen = torch.Generator().manual_seed(seed)
+    train, val = data.split(val_fraction, gen)
+    mses, values = {}, {}
+    for name in candidates:
+        torch.manual_seed(seed)
+        v = make_value(name)
+        fit_value(v, train, epochs, lr=lr, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            mses[name] = float(value_loss(v, val))
+        values[name] = v
+    chosen = min(mses, key=mses.get)
+    return LinkSelection(chosen, mses, values)

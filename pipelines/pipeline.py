@@ -1,0 +1,63 @@
+"""The DAG: fetch_checkpoint -> pretrain_value -> ctrl_optimize -> evaluate -> register.
+
+The pipeline function's parameters are generated from the params.yaml schema (``block__key`` with the
+schema's defaults, or a params file's values), so the KFP UI shows every run parameter with its default and
+nothing is declared twice. Each component receives the whole validated parameter set and re-validates it.
+"""
+
+
+import inspect
+from typing import NamedTuple
+
+from kfp import compiler, dsl
+
+from components import ctrl_optimize, evaluate, fetch_checkpoint, pretrain_value, register
+from ctrl_core.params import Params, flatten, kfp_parameter_types
+
+PIPELINE_NAME = "ctrl-pipeline"
+STEP_NAMES = ("fetch-checkpoint", "pretrain-value", "ctrl-optimize", "evaluate", "register")
+
+
+class Outputs(NamedTuple):
+    fetch: str
+    value: str
+    optimize: str
+    evaluation: str
+    registered: str
+
+
+def build_pipeline(defaults: Params | None = None, git_sha: str = ""):
+    """A KFP pipeline whose parameters are ``flatten(defaults)``."""
+    defaults = defaults or Params()
+    flat, types = flatten(defaults), kfp_parameter_types(defaults)
+    names = list(flat)
+
+    def ctrl_pipeline(*args) -> Outputs:
+        p = dict(zip(names, args, strict=True))
+        fetch = fetch_checkpoint(params=p).set_display_name("fetch_checkpoint")
+        value = pretrain_value(params=p, checkpoint=fetch.outputs["checkpoint"]).set_display_name("pretrain_value")
+        optim = ctrl_optimize(params=p, checkpoint=fetch.outputs["checkpoint"], value=value.outputs["value"])
+        optim.set_display_name("ctrl_optimize")
+        ev = evaluate(params=p, checkpoint=fetch.outputs["checkpoint"], adapter=optim.outputs["adapter"])
+        ev.set_display_name("evaluate")
+        reg = register(params=p, checkpoint=fetch.outputs["checkpoint"], adapter=optim.outputs["adapter"],
+                       evaluation_json=ev.outputs["Output"], link_json=value.outputs["Output"], git_sha=git_sha)
+        reg.set_display_name("register")
+        reg.set_caching_options(False)  # reads mutable state (the registry's current champion)
+        for task in (fetch, value, optim, ev):
+            task.set_caching_options(True)
+        return Outputs(fetch.outputs["Output"], value.outputs["Output"], optim.outputs["Output"], ev.outputs["Output"],
+                       reg.outputs["Output"])
+
+    params_sig = [
+        inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=flat[n], annotation=types[n]) for n in names
+    ]
+    ctrl_pipeline.__signature__ = inspect.Signature(params_sig, return_annotation=Outputs)
+    ctrl_pipeline.__annotations__ = {**{n: types[n] for n in names}, "return": Outputs}
+    ctrl_pipeline.__doc__ = "Fine-tune a diffusion model with continuous-time RL; parameters are params.yaml's keys."
+    return dsl.pipeline(name=PIPELINE_NAME, description=ctrl_pipeline.__doc__)(ctrl_pipeline)
+
+
+def compile_pipeline(out_file: str, defaults: Params | None = None, git_sha: str = "") -> str:
+    compiler.Compiler().compile(build_pipeline(defaults, git_sha), package_path=str(out_file))
+    return str(out_file)

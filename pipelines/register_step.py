@@ -1,0 +1,65 @@
+"""The register step: lineage + MLflow registration through ``pipelines.registry`` (MLflow lives here, not in
+ctrl_core)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from ctrl_core.params import Params
+
+
+def git_sha(default: str = "") -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        return out.stdout.strip() if out.returncode == 0 else default
+    except (OSError, subprocess.SubprocessError):
+        return default
+
+
+def dvc_revision() -> str:
+    """The DVC lock file's hash when the run happens inside a DVC project (lineage of the data stages)."""
+    lock = Path("dvc.lock")
+    return hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.is_file() else ""
+
+
+def run_key(params: Params, checkpoint_sha256: str) -> str:
+    """Identical parameters on the identical checkpoint give the identical key: a retried or repeated run
+    reuses its registration instead of adding a version."""
+    return hashlib.sha256(f"{params.digest()}:{checkpoint_sha256}".encode()).hexdigest()[:32]
+
+
+def register_from_outputs(params: Params, checkpoint_dir: str, adapter_dir: str, evaluation: dict, link: dict,
+                          sha: str = "") -> dict:
+    from ctrl_core.params import flatten
+
+    from .registry import GateConfig, register_run
+
+    manifest = json.loads((Path(checkpoint_dir) / "manifest.json").read_text())
+    metrics_file = Path(adapter_dir) / "metrics.json"
+    train = json.loads(metrics_file.read_text())["summary"] if metrics_file.is_file() else {}
+    metrics = {f"train/{k}": float(v) for k, v in train.items() if isinstance(v, (int, float)) and v is not None}
+    metrics["eval/robustness_ratio"] = float(evaluation.get("robustness_ratio", float("nan")))
+    for name, mse in link.get("mse", {}).items():
+        metrics[f"value/mse/{name}"] = float(mse)
+    rp = params.register
+    result = register_run(
+        model_name=rp.model_name,
+        run_key=run_key(params, manifest["sha256"]),
+        params={k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flatten(params).items()},
+        metrics=metrics,
+        evaluation=evaluation["evaluation"],
+        artifacts={k: str(Path(adapter_dir) / k) for k in ("metrics.json", "value.safetensors", "link.json")
+                   if (Path(adapter_dir) / k).exists()},
+        lineage={"git_sha": sha or git_sha(), "params_hash": params.digest(), "checkpoint_sha256": manifest["sha256"],
+                 "checkpoint_source": manifest["source"], "dvc_revision": dvc_revision(), "value_link": link.get("chosen", "")},
+        gate=GateConfig(min_gain=rp.min_gain, require_no_worse_than_champion=rp.require_no_worse_than_champion, tolerance=rp.tolerance),
+        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
+        experiment=params.run.name,
+        model_dir=str(Path(adapter_dir) / "adapter"),
+    )
+    return {"name": result.name, "version": result.version, "aliases": sorted(result.aliases), "run_id": result.run_id,
+            "promoted": result.promoted, "gate_passed": result.gate_passed, "gate_reason": result.gate_reason, "created": result.created}

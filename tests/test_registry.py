@@ -1,0 +1,324 @@
+"""MLflow registration + promotion gate (pipelines/registry.py) against a REAL mlflow server (no mocks).
+
+One ``mlflow server`` subprocess is shared by the session; tests isolate themselves by model name and
+run_key. Only the gate tests and the local-sqlite test run without the server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipelines import registry
+from pipelines.registry import GateConfig, champion, evaluation_gate, promote, register_run
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mlflow_server import mlflow_server as _run_mlflow_server  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def _cell(base: float, tuned: float, kl: float = 0.05) -> dict:
+    return {"base": base, "tuned": tuned, "gain": tuned - base, "kl": kl}
+
+
+GOOD = {"ddim": {"10": _cell(0.50, 0.70), "50": _cell(0.60, 0.80)}, "euler": {"20": _cell(0.55, 0.75)}}
+# Still improves on its base everywhere, but is worse than GOOD at ddim@50.
+WORSE = {"ddim": {"10": _cell(0.50, 0.70), "50": _cell(0.60, 0.65)}, "euler": {"20": _cell(0.55, 0.75)}}
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """URI of a real ``mlflow server`` (sqlite backend, proxied artifacts) shared by the session."""
+    with _run_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
+        yield uri
+
+
+@pytest.fixture
+def model_name(request) -> str:
+    return f"{request.node.name.replace('[', '-').replace(']', '')}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def adapter_dir(tmp_path) -> str:
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text('{"r": 4}')
+    (d / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    return str(d)
+
+
+def _register(uri: str | None, name: str, key: str, evaluation: dict, **kw):
+    kw.setdefault("artifacts", {})
+    kw.setdefault("gate", GateConfig())
+    return register_run(
+        model_name=name, run_key=key, params={"train": {"lr": 1e-4, "steps": 10}, "sampler": "ddim"},
+        metrics={"loss": 0.25}, evaluation=evaluation, lineage={"dataset": "toy-v1", "git": "abc123"},
+        tracking_uri=uri, **kw,
+    )  # fmt: skip
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _live_versions(uri: str, name: str) -> list[int]:
+    return sorted(int(v.version) for v in _client(uri).search_model_versions(f"name = '{name}'"))
+
+
+def _active_runs(uri: str, key: str) -> list:
+    from mlflow.entities import ViewType
+
+    c = _client(uri)
+    exp = c.get_experiment_by_name("ctrl-pipeline")
+    return c.search_runs(
+        [exp.experiment_id], f"tags.`ctrl.run_key` = '{key}'", run_view_type=ViewType.ACTIVE_ONLY
+    )
+
+
+# ------------------------------------------------------------------------------------ gate (no MLflow)
+
+
+def test_gate_passes_without_champion():
+    ok, reason = evaluation_gate(GOOD, None, GateConfig(min_gain=0.1))
+    assert ok, reason
+    assert "no champion" in reason
+
+
+def test_gate_fails_on_one_cell_and_names_it():
+    ev = json.loads(json.dumps(GOOD))
+    ev["euler"]["20"] = _cell(0.55, 0.56)
+    ok, reason = evaluation_gate(ev, None, GateConfig(min_gain=0.1))
+    assert not ok
+    assert "euler@20" in reason and "ddim@" not in reason
+    assert "1/3" in reason
+
+
+def test_gate_rejects_missing_or_nan_gain_and_empty_evaluation():
+    assert not evaluation_gate(
+        {"ddim": {"10": {"base": 0.5, "tuned": 0.6, "gain": float("nan")}}}, None, GateConfig()
+    )[0]
+    # gain absent -> derived from tuned - base
+    assert evaluation_gate({"ddim": {"10": {"base": 0.5, "tuned": 0.6}}}, None, GateConfig(min_gain=0.05))[0]
+    assert not evaluation_gate({}, None, GateConfig())[0]
+
+
+def test_gate_champion_comparison_and_tolerance():
+    ok, reason = evaluation_gate(WORSE, GOOD, GateConfig())
+    assert not ok and "ddim@50" in reason and "champion" in reason
+    assert "ddim@10" not in reason
+    # 0.65 >= 0.80 - 0.2: within tolerance
+    assert evaluation_gate(WORSE, GOOD, GateConfig(tolerance=0.2))[0]
+    assert not evaluation_gate(WORSE, GOOD, GateConfig(tolerance=0.1))[0]
+    assert evaluation_gate(WORSE, GOOD, GateConfig(require_no_worse_than_champion=False))[0]
+    assert evaluation_gate(GOOD, WORSE, GateConfig())[0]
+    assert evaluation_gate(GOOD, GOOD, GateConfig())[0]  # equal is not worse
+
+
+def test_gate_compares_only_shared_cells():
+    champ = {"ddim": {"50": _cell(0.6, 0.79)}, "dpm": {"8": _cell(0.1, 0.99)}}  # dpm absent from candidate
+    ok, reason = evaluation_gate(GOOD, champ, GateConfig())
+    assert ok and "1 shared" in reason
+    ok, reason = evaluation_gate(GOOD, {"dpm": {"8": _cell(0.1, 0.2)}}, GateConfig())
+    assert not ok and "not comparable" in reason
+
+
+# ------------------------------------------------------------------------------ local sqlite, no server
+
+
+def test_default_sqlite_uri_failed_run_and_large_evaluation_tag(tmp_path, monkeypatch, model_name):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    # A logging failure marks the run FAILED and creates no version.
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(registry, "_log_run", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        _register(None, model_name, "local-k1", GOOD)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = "sqlite:///mlflow.db"
+    assert (tmp_path / "mlflow.db").exists()  # the documented default, relative to the cwd
+    assert [r.info.status for r in _active_runs(uri, "local-k1")] == ["FAILED"]
+    assert _live_versions(uri, model_name) == []
+
+    # Evaluation JSON too long for a version tag -> stored as a pointer to the run's evaluation.json.
+    monkeypatch.setattr(registry, "_VERSION_TAG_VALUE_LIMIT", 10)
+    r1 = _register(None, model_name, "local-k1", GOOD)
+    assert (r1.version, r1.created, r1.aliases) == (1, True, ["challenger", "champion"])
+    tag = _client(uri).get_model_version(model_name, "1").tags["ctrl.evaluation"]
+    assert tag == f"runs:/{r1.run_id}/evaluation.json"
+    # The champion's evaluation is read back through that pointer: the worse model is refused.
+    r2 = _register(None, model_name, "local-k2", WORSE)
+    assert (r2.version, r2.promoted, r2.gate_passed) == (2, False, False)
+    assert "ddim@50" in r2.gate_reason
+    assert champion(model_name) == 1
+
+
+# ------------------------------------------------------------------------------------ real MLflow server
+
+
+def test_register_idempotent_gate_and_promote(mlflow_server, model_name, adapter_dir, tmp_path):
+    uri = mlflow_server
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("lr: 1e-4\n")
+    r1 = _register(
+        uri, model_name, f"{model_name}-a", GOOD, artifacts={"config": str(cfg)}, model_dir=adapter_dir
+    )
+    assert (r1.version, r1.created, r1.promoted, r1.gate_passed) == (1, True, True, True)
+    assert r1.aliases == ["challenger", "champion"]
+
+    c = _client(uri)
+    mv = c.get_model_version(model_name, "1")
+    assert mv.source.endswith(f"{r1.run_id}/artifacts/model")
+    assert mv.tags["ctrl.run_key"] == f"{model_name}-a" and mv.tags["gate.passed"] == "true"
+    assert json.loads(mv.tags["ctrl.evaluation"]) == GOOD
+    run = c.get_run(r1.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.0001" and run.data.tags["lineage.dataset"] == "toy-v1"
+    assert run.data.metrics["eval/ddim/steps50/tuned"] == pytest.approx(0.80)
+    assert run.data.metrics["loss"] == pytest.approx(0.25)
+    paths = {f.path for f in c.list_artifacts(r1.run_id)}
+    assert {"config", "evaluation.json", "model"} <= paths
+    assert {f.path for f in c.list_artifacts(r1.run_id, "model")} == {
+        "model/adapter_config.json", "model/adapter_model.safetensors",
+    }  # fmt: skip
+
+    # Same run_key again: same version, nothing new.
+    again = _register(uri, model_name, f"{model_name}-a", GOOD)
+    assert (again.version, again.run_id, again.created) == (1, r1.run_id, False)
+    assert _live_versions(uri, model_name) == [1]
+    assert len(_active_runs(uri, f"{model_name}-a")) == 1
+
+    # A worse model: challenger only, champion stays.
+    r2 = _register(uri, model_name, f"{model_name}-b", WORSE)
+    assert (r2.version, r2.created, r2.promoted, r2.gate_passed) == (2, True, False, False)
+    assert r2.aliases == ["challenger"]
+    assert "ddim@50" in r2.gate_reason
+    assert champion(model_name, tracking_uri=uri) == 1
+
+    ok, msg = promote(model_name, 2, tracking_uri=uri)
+    assert not ok and "ddim@50" in msg
+    assert champion(model_name, tracking_uri=uri) == 1
+    with pytest.raises(ValueError):
+        promote(model_name, 2, force=True, tracking_uri=uri)
+    with pytest.raises(ValueError):
+        promote(model_name, 2, force=True, reason="  ", tracking_uri=uri)
+    ok, msg = promote(model_name, 2, force=True, reason="x", tracking_uri=uri)
+    assert ok and "forced" in msg
+    assert champion(model_name, tracking_uri=uri) == 2
+    tags = c.get_model_version(model_name, "2").tags
+    assert tags["promotion.forced"] == "true" and tags["promotion.reason"] == "x"
+    assert promote(model_name, 2, tracking_uri=uri) == (True, "v2 is already the champion")
+    # Gated promotion back to the better model passes and is not marked forced.
+    ok, msg = promote(model_name, 1, tracking_uri=uri)
+    assert ok, msg
+    assert champion(model_name, tracking_uri=uri) == 1
+    assert "promotion.forced" not in c.get_model_version(model_name, "1").tags
+
+
+def test_crash_between_version_and_alias_converges(mlflow_server, model_name, monkeypatch):
+    uri = mlflow_server
+    real = registry._apply_aliases
+
+    def crash(*a, **k):
+        raise ConnectionError("simulated crash after create_model_version")
+
+    monkeypatch.setattr(registry, "_apply_aliases", crash)
+    with pytest.raises(ConnectionError):
+        _register(uri, model_name, f"{model_name}-k", GOOD)
+    assert _live_versions(uri, model_name) == [1]
+    assert _client(uri).get_model_version(model_name, "1").aliases == []
+
+    monkeypatch.setattr(registry, "_apply_aliases", real)
+    r = _register(uri, model_name, f"{model_name}-k", GOOD)
+    assert (r.version, r.created, r.aliases, r.promoted) == (1, False, ["challenger", "champion"], True)
+    assert _live_versions(uri, model_name) == [1]
+    assert len(_active_runs(uri, f"{model_name}-k")) == 1
+
+
+def test_losing_a_race_deletes_own_version_and_run(mlflow_server, model_name, monkeypatch):
+    """Deterministic race: after we saw no run/version, a rival registers the same run_key completely."""
+    uri = mlflow_server
+    key = f"{model_name}-race"
+    real = registry._create_run
+    rival = {}
+
+    def rival_first(*a, **k):
+        monkeypatch.setattr(registry, "_create_run", real)  # the rival itself runs unpatched
+        rival["result"] = _register(uri, model_name, key, GOOD)
+        return real(*a, **k)
+
+    monkeypatch.setattr(registry, "_create_run", rival_first)
+    r = _register(uri, model_name, key, GOOD)
+    assert rival["result"].created is True
+    assert (r.version, r.created, r.run_id) == (1, False, rival["result"].run_id)
+    assert r.aliases == ["challenger", "champion"]
+    assert _live_versions(uri, model_name) == [1]  # our version 2 was deleted ...
+    assert [x.info.run_id for x in _active_runs(uri, key)] == [r.run_id]  # ... and so was our run
+
+
+_WORKER = r"""
+import dataclasses, json, os, sys, time
+uri, name, key, ready, go = sys.argv[1:6]
+from pipelines.registry import GateConfig, register_run
+import mlflow  # pay the import cost before the start barrier
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.005)
+ev = {"ddim": {"10": {"base": 0.5, "tuned": 0.7, "gain": 0.2, "kl": 0.05}}}
+res = register_run(model_name=name, run_key=key, params={"p": 1}, metrics={"loss": 0.1}, evaluation=ev,
+                   artifacts={}, lineage={}, gate=GateConfig(), tracking_uri=uri)
+print("RESULT " + json.dumps(dataclasses.asdict(res)))
+"""
+
+
+def test_concurrent_same_run_key_leaves_one_version(mlflow_server, model_name, tmp_path):
+    uri = mlflow_server
+    key = f"{model_name}-conc"
+    go = tmp_path / "go"
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_DISABLE_TELEMETRY="true", OMP_NUM_THREADS="1")
+    procs, ready = [], []
+    for i in range(2):
+        ready.append(tmp_path / f"ready{i}")
+        args = [sys.executable, "-c", _WORKER, uri, model_name, key, str(ready[-1]), str(go)]
+        procs.append(
+            subprocess.Popen(
+                args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not all(p.exists() for p in ready):
+            assert time.monotonic() < deadline, "workers did not start"
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.05)
+        go.touch()
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = []
+    for (out, err), p in zip(outs, procs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:]))
+    assert results[0]["version"] == results[1]["version"]
+    assert results[0]["run_id"] == results[1]["run_id"]
+    assert sorted(r["created"] for r in results) == [False, True]
+    assert _live_versions(uri, model_name) == [results[0]["version"]]
+    assert [r.info.run_id for r in _active_runs(uri, key)] == [results[0]["run_id"]]
+    assert champion(model_name, tracking_uri=uri) == results[0]["version"]
