@@ -82,8 +82,8 @@ def plot(out: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reward", default="jpeg_compressibility")
-    ap.add_argument("--iterations", type=int, default=40)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--iterations", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--minibatch-size", type=int, default=32)
     ap.add_argument("--ppo-epochs", type=int, default=1)
     ap.add_argument("--train-steps", type=int, default=20)

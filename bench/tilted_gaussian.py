@@ -76,8 +76,8 @@ def run(dim: int, data_mean, data_std, target, k: float, beta: float, iterations
 
 
 TILTED_DEFAULTS = dict(
-    batch_size=512, train_steps=50, train_timesteps=20, minibatch_size=256, ppo_epochs=4, lr=1e-3, value_epochs=5,
-    value_lr=3e-3, solver="euler_maruyama", value_xhat="pretrained",
+    batch_size=512, train_steps=50, train_timesteps=20, minibatch_size=512, ppo_epochs=2, lr=1e-3, value_epochs=5,
+    value_lr=3e-3, solver="euler_maruyama", advantage="temporal_difference", value_xhat="pretrained",
 )
 
 

@@ -94,9 +94,9 @@ def robustness_ratio(results: dict[str, dict[str, Cell]], train_steps: int, trai
     ref_cells = results.get(train_sampler, {})
     ref = ref_cells.get(str(train_steps))
     ref_gain = ref.gain if ref is not None else max(c.gain for cells in results.values() for c in cells.values())
-    out: dict[str, float] = {}
-    if ref_gain <= 0:
-        return {"reference_gain": ref_gain, "overall": float("nan")}
+    out: dict[str, float | None] = {}
+    if ref_gain <= 0:  # no gain to be robust about: the ratio is undefined (None, not NaN: JSON/KFP safe)
+        return {"reference_gain": ref_gain, "overall": None}
     for sampler, cells in results.items():
         out[sampler] = min(c.gain for c in cells.values()) / ref_gain
     out["overall"] = min(out.values())

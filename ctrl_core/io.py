@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+_UMASK = os.umask(0)  # read once: os.umask can only be read by setting it
+os.umask(_UMASK)
+
 
 class UnsafeWeightsError(ValueError):
     """Raised for weight files that are not safetensors (pickles can run code when loaded)."""
@@ -45,6 +48,7 @@ def atomic_save_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLik
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs are read by other users/containers
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -58,6 +62,7 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

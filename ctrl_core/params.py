@@ -225,6 +225,11 @@ def unflatten(flat: dict[str, Any]) -> Params:
     return validate(raw)
 
 
+def from_json(text: str) -> Params:
+    """The nested JSON document the pipeline's resolve_params task hands to every step."""
+    return validate(json.loads(text))
+
+
 def _decode(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()

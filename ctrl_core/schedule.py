@@ -74,16 +74,21 @@ class VPSchedule:
         """The time value a network trained on integer timesteps 0..N-1 expects: s = (k + 1) / N <-> k."""
         return (s.to(torch.float64) * self.num_train_timesteps - 1.0).clamp(min=0.0)
 
-    def time_grid(self, num_steps: int, s_start: float = 1.0, s_end: float = 0.0) -> Tensor:
-        """Uniform grid s_0 = s_start > ... > s_K = s_end with K = num_steps (the usual 'leading' spacing)."""
+    def default_s_start(self, num_steps: int) -> float:
+        """Where a num_steps sampler starts; 1.0 for a continuous schedule (see DiscreteVPSchedule)."""
+        return 1.0
+
+    def time_grid(self, num_steps: int, s_start: float | None = None, s_end: float = 0.0) -> Tensor:
+        """The sampling grid s_0 = s_start > ... > s_K = s_end with K = num_steps steps."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        return torch.linspace(s_start, s_end, num_steps + 1, dtype=torch.float64)
+        return torch.linspace(self.default_s_start(num_steps) if s_start is None else s_start, s_end, num_steps + 1,
+                              dtype=torch.float64)
 
     def random_time_grid(
-        self, num_steps: int, generator: torch.Generator | None = None, s_start: float = 1.0, s_end: float = 0.0
+        self, num_steps: int, generator: torch.Generator | None = None, s_start: float | None = None, s_end: float = 0.0
     ) -> Tensor:
-        """A stratified random grid: every interior point is drawn uniformly inside its cell.
+        """A stratified random grid: every interior point of ``time_grid`` is moved uniformly inside its cell.
 
         Training on such grids samples the time integral of eq. 21-22 at random times in [0, T] instead of
         on one fixed discretisation, so the policy does not over-fit one step count (paper Fig. 1 vs 7a).
@@ -91,9 +96,10 @@ class VPSchedule:
         grid = self.time_grid(num_steps, s_start, s_end)
         if num_steps == 1:
             return grid
-        h = (s_start - s_end) / num_steps
-        u = torch.rand(num_steps - 1, generator=generator, dtype=torch.float64) - 0.5
-        grid[1:-1] = grid[1:-1] + u * h * 0.98  # stay strictly inside the cell: keeps the grid decreasing
+        gaps = (grid[:-1] - grid[1:]).abs()  # gaps[i] = grid[i] - grid[i+1]
+        half_cell = 0.49 * torch.minimum(gaps[:-1], gaps[1:])  # stay strictly between the neighbours
+        u = torch.rand(num_steps - 1, generator=generator, dtype=torch.float64) * 2 - 1
+        grid[1:-1] = grid[1:-1] + u * half_cell
         return grid
 
 
@@ -128,6 +134,26 @@ class DiscreteVPSchedule(VPSchedule):
         self._knots = torch.linspace(0.0, 1.0, ac.numel() + 1, dtype=torch.float64)
         self._log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(ac)])
         self._betas = -torch.diff(self._log_ab) * ac.numel()  # piecewise-constant beta(s) on (s_{k-1}, s_k]
+
+    def default_s_start(self, num_steps: int) -> float:
+        """diffusers' "leading" spacing: n steps use timesteps (N/n)*i, i = n-1..0, then step to x_0.
+
+        The grid therefore starts at s = 1 - 1/n + 1/N, not at s = 1: schedules such as squaredcos_cap_v2
+        cap beta at 0.999 at the last timestep, where alpha ~ 0 and g^2 ~ 7000, which would make the first
+        step's log-probability and KL weight explode. With this start our DDIM/DDPM samplers visit exactly
+        the timesteps diffusers' schedulers visit (the last step then runs from s = 1/N to 0).
+        """
+        n, big_n = num_steps, self.num_train_timesteps
+        return 1.0 if n >= big_n else 1.0 - 1.0 / n + 1.0 / big_n
+
+    def time_grid(self, num_steps: int, s_start: float | None = None, s_end: float = 0.0) -> Tensor:
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if s_start is not None or num_steps == 1:
+            return super().time_grid(num_steps, s_start, s_end)
+        first = self.default_s_start(num_steps)
+        body = torch.linspace(first, 1.0 / self.num_train_timesteps, num_steps, dtype=torch.float64)
+        return torch.cat([body, torch.tensor([s_end], dtype=torch.float64)])
 
     @classmethod
     def from_scheduler(cls, scheduler) -> DiscreteVPSchedule:

@@ -217,7 +217,12 @@ def _table_rows(out: dict) -> list[str]:
 
 def _markdown_report(out: dict) -> str:
     return "\n".join(["# Evaluation", "", *_table_rows(out), "",
-                      f"Robustness ratio (min gain / gain at {out['train_steps']} steps): {out['robustness_ratio']:.3f}", ""])
+                      f"Robustness ratio (min gain / gain at {out['train_steps']} steps): {_ratio(out)}", ""])
+
+
+def _ratio(out: dict) -> str:
+    r = out["robustness_ratio"]
+    return "n/a (no gain at the training step count)" if r is None else f"{r:.3f}"
 
 
 def _html_report(out: dict, plot_png: bytes, grids: dict[str, bytes]) -> str:
@@ -233,6 +238,6 @@ def _html_report(out: dict, plot_png: bytes, grids: dict[str, bytes]) -> str:
         "<html><head><meta charset='utf-8'><title>ctrl-pipeline evaluation</title></head><body>"
         "<h1>Evaluation</h1><table border='1' cellpadding='4'><tr><th>sampler</th><th>steps</th><th>base</th>"
         f"<th>tuned</th><th>gain (95% CI)</th><th>KL</th></tr>{rows}</table>"
-        f"<p>Robustness ratio: {out['robustness_ratio']:.3f}</p>"
+        f"<p>Robustness ratio: {_ratio(out)}</p>"
         f"<img src='data:image/png;base64,{b64(plot_png)}'><h2>Samples (base vs tuned, same noise)</h2>{imgs}</body></html>"
     )

@@ -107,7 +107,8 @@ def _print_summary(s: dict) -> None:
         for n in sorted(cells, key=int):
             c = cells[n]
             click.echo(f"{smp:>7} {n:>5} {c['base']:9.4f} {c['tuned']:9.4f} {c['gain']:+9.4f} ± {c['gain_ci']:.4f} {c['kl']:9.4f}")
-    click.echo(f"robustness ratio: {s['robustness_ratio']:.3f}")
+    ratio = s["robustness_ratio"]
+    click.echo("robustness ratio: " + ("n/a (no gain at the training step count)" if ratio is None else f"{ratio:.3f}"))
     r = s["registered"]
     click.echo(f"registered {r['name']} v{r['version']} aliases={r['aliases']} ({r['gate_reason']})")
     click.echo(f"report: {s['report']}\nwall time: {s['wall_s']['total']:.0f}s")

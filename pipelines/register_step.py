@@ -42,7 +42,8 @@ def register_from_outputs(params: Params, checkpoint_dir: str, adapter_dir: str,
     metrics_file = Path(adapter_dir) / "metrics.json"
     train = json.loads(metrics_file.read_text())["summary"] if metrics_file.is_file() else {}
     metrics = {f"train/{k}": float(v) for k, v in train.items() if isinstance(v, (int, float)) and v is not None}
-    metrics["eval/robustness_ratio"] = float(evaluation.get("robustness_ratio", float("nan")))
+    if evaluation.get("robustness_ratio") is not None:
+        metrics["eval/robustness_ratio"] = float(evaluation["robustness_ratio"])
     for name, mse in link.get("mse", {}).items():
         metrics[f"value/mse/{name}"] = float(mse)
     rp = params.register

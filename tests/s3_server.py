@@ -15,14 +15,13 @@ import contextlib
 import logging
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 
 DUMMY_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "test",
     "AWS_SECRET_ACCESS_KEY": "test",
     "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
 }
 #: unset while the server runs (they would point boto3 at a real profile, session or endpoint)
 HIDDEN_AWS_ENV = (
@@ -59,14 +58,24 @@ def patched_env(set_vars: dict[str, str], unset: tuple[str, ...] = ()) -> Iterat
 @contextlib.contextmanager
 def local_s3_server(host: str = "127.0.0.1") -> Iterator[str]:
     """Start the server on a free port; yield its endpoint URL; stop it (and restore the env) at exit."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    # an empty AWS config (not /dev/null: dvc-s3 accepts only a regular file) keeps real profiles out
+    with tempfile.TemporaryDirectory() as cfg_dir:
+        empty = os.path.join(cfg_dir, "aws-config")
+        open(empty, "w").close()
+        files = {"AWS_CONFIG_FILE": empty, "AWS_SHARED_CREDENTIALS_FILE": empty}
+        with patched_env({**DUMMY_AWS_ENV, **files}, HIDDEN_AWS_ENV), _moto(host) as endpoint:
+            yield endpoint
+
+
+@contextlib.contextmanager
+def _moto(host: str) -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-    with patched_env(DUMMY_AWS_ENV, HIDDEN_AWS_ENV):
-        server = ThreadedMotoServer(ip_address=host, port=free_port(host), verbose=False)
-        server.start()
-        try:
-            bound_host, port = server.get_host_and_port()
-            yield f"http://{bound_host}:{port}"
-        finally:
-            server.stop()
+    server = ThreadedMotoServer(ip_address=host, port=free_port(host), verbose=False)
+    server.start()
+    try:
+        bound_host, port = server.get_host_and_port()
+        yield f"http://{bound_host}:{port}"
+    finally:
+        server.stop()

@@ -10,17 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from s3_server import local_s3_server, patched_env
 from safetensors.torch import save as st_save
 
 from ctrl_core.checkpoints import MANIFEST_NAME, CheckpointError, Manifest, fetch_checkpoint, tree_sha256
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """A real S3-compatible server for the session; AWS_ENDPOINT_URL_S3 points at it while it runs."""
-    with local_s3_server() as endpoint, patched_env({"AWS_ENDPOINT_URL_S3": endpoint}):
-        yield endpoint
 
 
 @pytest.fixture

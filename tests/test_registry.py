@@ -20,7 +20,6 @@ from pipelines import registry
 from pipelines.registry import GateConfig, champion, evaluation_gate, promote, register_run
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mlflow_server import mlflow_server as _run_mlflow_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -33,13 +32,6 @@ def _cell(base: float, tuned: float, kl: float = 0.05) -> dict:
 GOOD = {"ddim": {"10": _cell(0.50, 0.70), "50": _cell(0.60, 0.80)}, "euler": {"20": _cell(0.55, 0.75)}}
 # Still improves on its base everywhere, but is worse than GOOD at ddim@50.
 WORSE = {"ddim": {"10": _cell(0.50, 0.70), "50": _cell(0.60, 0.65)}, "euler": {"20": _cell(0.55, 0.75)}}
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """URI of a real ``mlflow server`` (sqlite backend, proxied artifacts) shared by the session."""
-    with _run_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
-        yield uri
 
 
 @pytest.fixture

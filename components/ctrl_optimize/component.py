@@ -6,7 +6,7 @@ from ..image import BASE_IMAGE
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def ctrl_optimize(
-    params: dict, checkpoint: Input[Model], value: Input[Model], adapter: Output[Model], train_metrics: Output[Metrics]
+    params: str, checkpoint: Input[Model], value: Input[Model], adapter: Output[Model], train_metrics: Output[Metrics]
 ) -> str:
     """CTRL (or the DDPO baseline) from the checkpoint and the pretrained value net; outputs the LoRA adapter
     (peft format, under adapter/), the value net, per-iteration metrics and periodic checkpoints."""
@@ -14,10 +14,10 @@ def ctrl_optimize(
     import time
 
     from ctrl_core import steps
-    from ctrl_core.params import unflatten
+    from ctrl_core.params import from_json
 
     t0 = time.perf_counter()
-    p = unflatten(params)
+    p = from_json(params)
     total = p.optimize.iterations
 
     def progress(row: dict) -> None:

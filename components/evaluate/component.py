@@ -6,7 +6,7 @@ from ..image import BASE_IMAGE
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def evaluate(
-    params: dict, checkpoint: Input[Model], adapter: Input[Model], eval_metrics: Output[Metrics],
+    params: str, checkpoint: Input[Model], adapter: Input[Model], eval_metrics: Output[Metrics],
     report: Output[HTML], summary: Output[Markdown],
 ) -> str:
     """Base vs tuned at every step count with the SDE and ODE samplers: reward with 95% CI, gain, KL, robustness."""
@@ -16,16 +16,17 @@ def evaluate(
     from pathlib import Path
 
     from ctrl_core import steps
-    from ctrl_core.params import unflatten
+    from ctrl_core.params import from_json
 
     t0 = time.perf_counter()
     work = Path(report.path).parent / "evaluation"  # full outputs (JSON, plot, grids) beside the report
-    out = steps.evaluate(unflatten(params), checkpoint.path, str(Path(adapter.path) / "adapter"), work)
+    out = steps.evaluate(from_json(params), checkpoint.path, str(Path(adapter.path) / "adapter"), work)
     for smp, cells in out["evaluation"].items():
         for n, c in cells.items():
             for key in ("base", "tuned", "gain", "kl"):
                 eval_metrics.log_metric(f"eval/{smp}/steps{n}/{key}", c[key])
-    eval_metrics.log_metric("eval/robustness_ratio", out["robustness_ratio"])
+    if out["robustness_ratio"] is not None:
+        eval_metrics.log_metric("eval/robustness_ratio", out["robustness_ratio"])
     shutil.copyfile(work / "report.html", report.path)
     shutil.copyfile(work / "report.md", summary.path)
     out["artifacts_dir"] = str(work)

@@ -5,16 +5,16 @@ from ..image import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def pretrain_value(params: dict, checkpoint: Input[Model], value: Output[Model], link_metrics: Output[Metrics]) -> str:
+def pretrain_value(params: str, checkpoint: Input[Model], value: Output[Model], link_metrics: Output[Metrics]) -> str:
     """Train the value net for every candidate link function and keep the best by held-out MSE."""
     import json
     import time
 
     from ctrl_core import steps
-    from ctrl_core.params import unflatten
+    from ctrl_core.params import from_json
 
     t0 = time.perf_counter()
-    out = steps.pretrain_value(unflatten(params), checkpoint.path, value.path)
+    out = steps.pretrain_value(from_json(params), checkpoint.path, value.path)
     for link, mse in out["mse"].items():
         link_metrics.log_metric(f"value/mse/{link}", mse)
     value.metadata["link"] = out["chosen"]
