@@ -30,9 +30,9 @@ def run_algorithm(algorithm: str, args) -> dict:
     value, link_info = None, {}
     t0 = time.perf_counter()
     if algorithm == "ctrl":
-        sel = pretrain_value(problem, reward, [args.link], num_paths=args.value_paths, steps=args.train_steps,
+        sel = pretrain_value(problem, reward, args.links.split(","), num_paths=args.value_paths, steps=args.train_steps,
                              points_per_path=4, epochs=args.value_epochs, seed=args.seed)
-        value, link_info = sel.values[sel.chosen], {"link": sel.chosen, "value_val_mse": sel.val_mse[sel.chosen]}
+        value, link_info = sel.values[sel.chosen], {"link": sel.chosen, "value_val_mse": sel.val_mse}
     pre_s = time.perf_counter() - t0
     cfg = OptimConfig(algorithm=algorithm, iterations=args.iterations, batch_size=args.batch_size, train_steps=args.train_steps,
                       train_timesteps=args.train_timesteps, beta=args.beta, lr=args.lr, minibatch_size=args.minibatch_size,
@@ -62,6 +62,7 @@ def plot(out: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for alg, res in out["algorithms"].items():
@@ -72,6 +73,9 @@ def plot(out: dict, path: Path) -> None:
     ax1.set(xlabel="iteration", ylabel="mean reward (training rollouts)", title="reward per iteration")
     ax2.axvline(out["train_steps"], color="grey", lw=0.8, ls=":")
     ax2.set(xscale="log", xlabel="sampling steps", ylabel="gain over base", title=f"gain vs steps (trained at {out['train_steps']})")
+    ax2.set_xticks(out["eval_steps"])
+    ax2.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax1.legend()
     ax2.legend(fontsize=8)
     fig.tight_layout()
@@ -91,7 +95,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--beta", type=float, default=0.01)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lora-rank", type=int, default=8)
-    ap.add_argument("--link", default="cos_sin")
+    ap.add_argument("--links", default="cos_sin,linear,rm_only,f_only", help="candidates; the lowest held-out MSE is used")
     ap.add_argument("--value-paths", type=int, default=256)
     ap.add_argument("--value-epochs", type=int, default=10)
     ap.add_argument("--eval-steps", type=lambda t: [int(v) for v in t.split(",")], default=[10, 20, 50, 100])

@@ -171,6 +171,7 @@ def _reward_vs_steps_png(evaluation: dict, train_steps: int) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for smp, cells in evaluation.items():
@@ -180,6 +181,9 @@ def _reward_vs_steps_png(evaluation: dict, train_steps: int) -> bytes:
         ax.errorbar(xs, [cells[n]["tuned"] for n in steps], yerr=[cells[n]["tuned_ci"] for n in steps], fmt="-s", label=f"tuned {smp}")
     ax.axvline(train_steps, color="grey", ls=":", lw=0.8)
     ax.set(xscale="log", xlabel="sampling steps", ylabel="mean reward (95% CI)", title="reward vs steps")
+    ax.set_xticks(sorted({int(n) for cells in evaluation.values() for n in cells}))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -148,6 +148,21 @@ def _upload(client, package: str, name: str, version: str) -> tuple[str, str]:
     return pid, v.pipeline_version_id
 
 
+def _compile_and_upload(params, host: str):
+    """Compile with these parameters as defaults and upload as the pipeline version named by the git SHA."""
+    import tempfile
+
+    from .pipeline import PIPELINE_NAME, compile_pipeline
+    from .register_step import git_sha
+
+    sha = git_sha("unversioned")
+    client = _client(host)
+    with tempfile.TemporaryDirectory() as d:
+        package = compile_pipeline(str(Path(d) / "pipeline.yaml"), params, sha)
+        pid, vid = _upload(client, package, PIPELINE_NAME, sha[:12])
+    return client, pid, vid, sha
+
+
 @main.command()
 @params_option
 @set_option
@@ -156,17 +171,10 @@ def _upload(client, package: str, name: str, version: str) -> tuple[str, str]:
 @click.option("--run-name", default=None)
 def submit(params_path, overrides, host, experiment, run_name) -> None:
     """Upload the pipeline as a version named by the git SHA and start a run with these parameters."""
-    import tempfile
-
-    from .pipeline import PIPELINE_NAME, compile_pipeline
-    from .register_step import git_sha
+    from .pipeline import PIPELINE_NAME
 
     params = _load_params(params_path, overrides)
-    sha = git_sha("unversioned")
-    with tempfile.TemporaryDirectory() as d:
-        package = compile_pipeline(str(Path(d) / "pipeline.yaml"), params, sha)
-        client = _client(host)
-        pid, vid = _upload(client, package, PIPELINE_NAME, sha[:12])
+    client, pid, vid, sha = _compile_and_upload(params, host)
     exp = client.create_experiment(experiment)
     run = client.run_pipeline(experiment_id=exp.experiment_id, job_name=run_name or f"{PIPELINE_NAME}-{sha[:8]}",
                               pipeline_id=pid, version_id=vid, params=flatten(params))
@@ -182,17 +190,8 @@ def submit(params_path, overrides, host, experiment, run_name) -> None:
 @click.option("--name", "job_name", default="ctrl-retrain", show_default=True)
 def schedule(params_path, overrides, host, cron, experiment, job_name) -> None:
     """Create a recurring run (max concurrency 1, no catch-up) of the pipeline version at this git SHA."""
-    import tempfile
-
-    from .pipeline import PIPELINE_NAME, compile_pipeline
-    from .register_step import git_sha
-
     params = _load_params(params_path, overrides)
-    sha = git_sha("unversioned")
-    with tempfile.TemporaryDirectory() as d:
-        package = compile_pipeline(str(Path(d) / "pipeline.yaml"), params, sha)
-        client = _client(host)
-        pid, vid = _upload(client, package, PIPELINE_NAME, sha[:12])
+    client, pid, vid, _ = _compile_and_upload(params, host)
     exp = client.create_experiment(experiment)
     rec = client.create_recurring_run(experiment_id=exp.experiment_id, job_name=job_name, cron_expression=cron,
                                       max_concurrency=1, no_catchup=True, pipeline_id=pid, version_id=vid,
@@ -252,7 +251,7 @@ def step(name, params_path, overrides, checkpoint, value_dir, optimize_dir, eval
 
         evaluation = json.loads((Path(evaluate_dir) / "evaluation.json").read_text())
         link = json.loads((Path(value_dir) / "link.json").read_text())
-        out = register_from_outputs(params, checkpoint, optimize_dir, evaluation, link)
+        out = register_from_outputs(params, checkpoint, optimize_dir, evaluation, link, evaluation_dir=evaluate_dir)
     click.echo(json.dumps(out, indent=2, default=str)[:4000])
 
 

@@ -66,6 +66,7 @@ def build_pipeline(defaults: Params | None = None, git_sha: str = ""):
         ev = evaluate(params=p, checkpoint=fetch.outputs["checkpoint"], adapter=optim.outputs["adapter"])
         ev.set_display_name("evaluate")
         reg = register(params=p, checkpoint=fetch.outputs["checkpoint"], adapter=optim.outputs["adapter"],
+                       report=ev.outputs["report"],
                        evaluation_json=ev.outputs["Output"], link_json=value.outputs["Output"], git_sha=git_sha)
         reg.set_display_name("register")
         reg.set_caching_options(False)  # reads mutable state (the registry's current champion)

@@ -33,7 +33,7 @@ def run_key(params: Params, checkpoint_sha256: str) -> str:
 
 
 def register_from_outputs(params: Params, checkpoint_dir: str, adapter_dir: str, evaluation: dict, link: dict,
-                          sha: str = "") -> dict:
+                          sha: str = "", evaluation_dir: str | None = None) -> dict:
     from ctrl_core.params import flatten
 
     from .registry import GateConfig, register_run
@@ -46,6 +46,10 @@ def register_from_outputs(params: Params, checkpoint_dir: str, adapter_dir: str,
         metrics["eval/robustness_ratio"] = float(evaluation["robustness_ratio"])
     for name, mse in link.get("mse", {}).items():
         metrics[f"value/mse/{name}"] = float(mse)
+    artifacts = {k: str(Path(adapter_dir) / k) for k in ("metrics.json", "value.safetensors", "link.json")
+                 if (Path(adapter_dir) / k).exists()}
+    if evaluation_dir and Path(evaluation_dir).is_dir():  # the plot, the sample grids and the report
+        artifacts["evaluation"] = evaluation_dir
     rp = params.register
     result = register_run(
         model_name=rp.model_name,
@@ -53,8 +57,7 @@ def register_from_outputs(params: Params, checkpoint_dir: str, adapter_dir: str,
         params={k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flatten(params).items()},
         metrics=metrics,
         evaluation=evaluation["evaluation"],
-        artifacts={k: str(Path(adapter_dir) / k) for k in ("metrics.json", "value.safetensors", "link.json")
-                   if (Path(adapter_dir) / k).exists()},
+        artifacts=artifacts,
         lineage={"git_sha": sha or git_sha(), "params_hash": params.digest(), "checkpoint_sha256": manifest["sha256"],
                  "checkpoint_source": manifest["source"], "dvc_revision": dvc_revision(), "value_link": link.get("chosen", "")},
         gate=GateConfig(min_gain=rp.min_gain, require_no_worse_than_champion=rp.require_no_worse_than_champion, tolerance=rp.tolerance),

@@ -68,15 +68,19 @@ def test_compiled_pipeline_has_the_dag_and_every_parameter(tmp_path):
     out = compile_pipeline(tmp_path / "p.yaml", params, git_sha="abc123")
     spec = yaml.safe_load(Path(out).read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"fetch-checkpoint", "pretrain-value", "ctrl-optimize", "evaluate", "register"}
+    assert set(tasks) == {"resolve-params", "fetch-checkpoint", "pretrain-value", "ctrl-optimize", "evaluate", "register"}
 
     def upstream(name):
         return set(tasks[name].get("dependentTasks", []))
 
-    assert upstream("pretrain-value") == {"fetch-checkpoint"}
-    assert upstream("ctrl-optimize") == {"fetch-checkpoint", "pretrain-value"}
-    assert upstream("evaluate") == {"fetch-checkpoint", "ctrl-optimize"}
+    # every step reads the validated parameters of resolve-params, which takes all pipeline parameters
+    assert upstream("fetch-checkpoint") == {"resolve-params"}
+    assert upstream("pretrain-value") == {"resolve-params", "fetch-checkpoint"}
+    assert upstream("ctrl-optimize") == {"resolve-params", "fetch-checkpoint", "pretrain-value"}
+    assert upstream("evaluate") == {"resolve-params", "fetch-checkpoint", "ctrl-optimize"}
     assert upstream("register") >= {"evaluate", "ctrl-optimize", "pretrain-value"}
+    resolve_inputs = tasks["resolve-params"]["inputs"]["parameters"]
+    assert set(resolve_inputs) == set(flatten(params))
     assert tasks["register"]["cachingOptions"] == {}  # caching off: it reads the registry's champion
     assert tasks["ctrl-optimize"]["cachingOptions"] == {"enableCache": True}
     declared = spec["root"]["inputDefinitions"]["parameters"]
