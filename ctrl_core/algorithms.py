@@ -88,6 +88,9 @@ class OptimConfig:
             ("train_timesteps", self.train_timesteps >= 1, ">= 1"),
             ("beta", self.beta >= 0, ">= 0"),
             ("eta", self.eta == -1.0 or 0.0 <= self.eta <= 1.0, "in [0, 1] or -1"),
+            # Theorem 3.1's KL rate g^2/2 ||dmu||^2 holds for the SDE (eta = 1); a DDIM-eta<1 rollout follows
+            # another SDE whose path KL is not that integral, so CTRL refuses it
+            ("eta", self.algorithm != "ctrl" or self.eta in (-1.0, 1.0), "-1 or 1 for CTRL (SDE exploration)"),
             ("fd_scale", self.fd_scale > 0, "> 0"),
             ("clip_range", self.clip_range > 0, "> 0"),
             ("ppo_epochs", self.ppo_epochs >= 1, ">= 1"),
@@ -253,7 +256,11 @@ class Trainer:
         traj, sch = ro.traj, self.policy.schedule
         ss, xs, cs, xh, rm, gs = [], [], [], [], [], []
         for k in ro.steps:
-            future_kl = sum(ro.kl_terms[j] for j in ro.steps if j >= k) * ro.kl_scale
+            # unbiased return-to-go from the K random steps: step k itself is always in the subset, every later
+            # step is with probability (K-1)/(N-1)
+            K, N = len(ro.steps), round(ro.kl_scale * len(ro.steps))
+            w_later = (N - 1) / (K - 1) if K > 1 else 0.0
+            future_kl = ro.kl_terms[k] + w_later * sum((ro.kl_terms[j] for j in ro.steps if j > k), torch.zeros(()))
             s_vec = torch.full((traj.states.shape[1],), float(traj.grid[k]), dtype=torch.float64)
             xk = traj.states[k]
             xhat_k = x_hat(sch, s_vec, xk, self._xhat_score(traj, k))

@@ -74,6 +74,9 @@ class VPSchedule:
         """The time value a network trained on integer timesteps 0..N-1 expects: s = (k + 1) / N <-> k."""
         return (s.to(torch.float64) * self.num_train_timesteps - 1.0).clamp(min=0.0)
 
+    #: smallest s at which a network is evaluated (DiscreteVPSchedule: s = 1/N, timestep 0)
+    min_model_time_s: float = 0.0
+
     def default_s_start(self, num_steps: int) -> float:
         """Where a num_steps sampler starts; 1.0 for a continuous schedule (see DiscreteVPSchedule)."""
         return 1.0
@@ -98,6 +101,8 @@ class VPSchedule:
             return grid
         gaps = (grid[:-1] - grid[1:]).abs()  # gaps[i] = grid[i] - grid[i+1]
         half_cell = 0.49 * torch.minimum(gaps[:-1], gaps[1:])  # stay strictly between the neighbours
+        if self.min_model_time_s > 0:  # never below the first timestep the network was trained on
+            half_cell[-1] = torch.clamp(grid[-2] - self.min_model_time_s, min=0.0).clamp(max=half_cell[-1])
         u = torch.rand(num_steps - 1, generator=generator, dtype=torch.float64) * 2 - 1
         grid[1:-1] = grid[1:-1] + u * half_cell
         return grid
@@ -130,6 +135,7 @@ class DiscreteVPSchedule(VPSchedule):
             raise ValueError("alphas_cumprod must be a strictly decreasing sequence in (0, 1) of length >= 2")
         self.alphas_cumprod = ac
         self.num_train_timesteps = ac.numel()
+        self.min_model_time_s = 1.0 / ac.numel()
         # knots s_k = k / N, k = 0..N, with log alpha_bar(0) = 0 (clean data)
         self._knots = torch.linspace(0.0, 1.0, ac.numel() + 1, dtype=torch.float64)
         self._log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(ac)])
