@@ -28,12 +28,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .policy import GaussianScorePolicy, Trajectory, gaussian_log_prob, sample, x_hat
+from .policy import GaussianScorePolicy, Trajectory, gaussian_log_prob, kl_increment, sample, x_hat
 from .value import ValueDataset, ValueFunction, fit_value
 
 ALGORITHMS = ("ctrl", "ddpo")
@@ -183,8 +183,7 @@ class Trainer:
         kl_terms = {}
         for k in steps:
             s, s_next = float(grid[k]), float(grid[k + 1])
-            diff = (traj.means[k] - traj.ref_means[k]).flatten(1).double()
-            kl_terms[k] = (0.5 * sch.g2(s) * (s - s_next) * diff.pow(2).sum(1)).float()
+            kl_terms[k] = kl_increment(sch, s, s_next, traj.means[k].double(), traj.ref_means[k].double()).float()
         return Rollout(traj, steps, reward, kl_terms, len(stochastic) / K)
 
     # -- 4: advantage rates --------------------------------------------------------------------------------
@@ -291,8 +290,7 @@ class Trainer:
         weight = ro.kl_scale if cfg.algorithm == "ctrl" else 1.0 / len(ro.steps)
         loss = -surrogate.mean() * weight
         if cfg.algorithm == "ctrl" and cfg.beta > 0:
-            diff = (mu - traj.ref_means[k][idx]).flatten(1)
-            kl_direct = 0.5 * float(sch.g2(s)) * (s - s_next) * diff.pow(2).sum(1)  # Thm 3.1 integrand
+            kl_direct = kl_increment(sch, s, s_next, mu, traj.ref_means[k][idx])
             loss = loss + cfg.beta * kl_direct.mean() * ro.kl_scale
         return loss, logp, ratio
 
@@ -383,6 +381,3 @@ def per_condition_whiten(reward: Tensor, conditions: Tensor | None) -> Tensor:
             out[m] = (r - r.mean()) / (r.std() + 1e-8)
     return out
 
-
-def config_dict(cfg: OptimConfig) -> dict:
-    return asdict(cfg)

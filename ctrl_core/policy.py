@@ -168,6 +168,12 @@ class Trajectory:
         return self.grid.numel() - 1
 
 
+def kl_increment(schedule: VPSchedule, s: float, s_next: float, mu: Tensor, mu_ref: Tensor) -> Tensor:
+    """Theorem 3.1's integrand over one step: g^2(T - t)/2 ||mu_theta - mu_pre||^2 Delta, per path -> (B,)."""
+    diff = (mu - mu_ref).flatten(1)
+    return 0.5 * float(schedule.g2(s)) * (s - s_next) * diff.pow(2).sum(1)
+
+
 def running_kl(schedule: VPSchedule, traj: Trajectory, steps: list[int] | None = None) -> Tensor:
     """Theorem 3.1 / eq. 15-16: sum_k g^2(T - t_k)/2 ||mu_theta - mu_pre||^2 Delta_k, per path -> (B,).
 
@@ -180,8 +186,7 @@ def running_kl(schedule: VPSchedule, traj: Trajectory, steps: list[int] | None =
     total = torch.zeros(traj.states.shape[1], dtype=torch.float64)
     for k in steps:
         s, s_next = float(traj.grid[k]), float(traj.grid[k + 1])
-        diff = (traj.means[k] - traj.ref_means[k]).flatten(1).double()
-        total += 0.5 * schedule.g2(s) * (s - s_next) * diff.pow(2).sum(1)
+        total += kl_increment(schedule, s, s_next, traj.means[k].double(), traj.ref_means[k].double())
     return total * (traj.num_steps / len(steps))
 
 

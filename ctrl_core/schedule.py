@@ -136,8 +136,7 @@ class DiscreteVPSchedule(VPSchedule):
         self.alphas_cumprod = ac
         self.num_train_timesteps = ac.numel()
         self.min_model_time_s = 1.0 / ac.numel()
-        # knots s_k = k / N, k = 0..N, with log alpha_bar(0) = 0 (clean data)
-        self._knots = torch.linspace(0.0, 1.0, ac.numel() + 1, dtype=torch.float64)
+        # log alpha_bar at the knots s_k = k / N, k = 0..N, with log alpha_bar(0) = 0 (clean data)
         self._log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(ac)])
         self._betas = -torch.diff(self._log_ab) * ac.numel()  # piecewise-constant beta(s) on (s_{k-1}, s_k]
 

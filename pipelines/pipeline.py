@@ -16,7 +16,6 @@ from components import BASE_IMAGE, ctrl_optimize, evaluate, fetch_checkpoint, pr
 from ctrl_core.params import Params, flatten, kfp_parameter_types
 
 PIPELINE_NAME = "ctrl-pipeline"
-STEP_NAMES = ("resolve-params", "fetch-checkpoint", "pretrain-value", "ctrl-optimize", "evaluate", "register")
 
 
 class Outputs(NamedTuple):
