@@ -31,6 +31,8 @@ class _Block(BaseModel):
 class RunParams(_Block):
     name: str = Field("ctrl-digits", description="experiment name (MLflow experiment, output folder)")
     seed: int = Field(0, description="global seed")
+    resume: bool = Field(True, description="resume a step from the latest checkpoint of the same run (same params and inputs)")
+    checkpoint_root: str = Field("", description="folder for resumable step checkpoints (a PVC on Kubernetes); empty: CTRL_CHECKPOINT_ROOT or .ctrl-checkpoints")
 
 
 class CheckpointParams(_Block):
