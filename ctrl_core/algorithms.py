@@ -70,7 +70,9 @@ class OptimConfig:
     value_epochs: int = 2  # value-net epochs per iteration on the fresh returns
     value_batch_size: int = 256
     value_xhat: str = "pretrained"  # Tweedie x_hat in the value skip term from: pretrained | policy (eq. 19)
-    checkpoint_every: int = 0  # save the adapter every N iterations (0: only at the end)
+    checkpoint_every: int = 0  # resumable checkpoint (+ adapter snapshot) every N iterations (0: only at the end)
+    on_nonfinite: str = "error"  # a NaN/inf reward, loss or gradient: error (stop the step) | skip (drop the iteration)
+    max_skipped: int = 3  # with on_nonfinite=skip: stop after this many dropped iterations
     seed: int = 0
 
     def __post_init__(self):
@@ -81,6 +83,8 @@ class OptimConfig:
             ("time_sampling", self.time_sampling in TIME_SAMPLING, f"one of {TIME_SAMPLING}"),
             ("value_xhat", self.value_xhat in ("policy", "pretrained"), "policy or pretrained"),
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
+            ("on_nonfinite", self.on_nonfinite in ("error", "skip"), "error or skip"),
+            ("max_skipped", self.max_skipped >= 0, ">= 0"),
             ("lr_decay", self.lr_decay in ("cosine", "none"), "cosine or none"),
             ("iterations", self.iterations >= 0, ">= 0"),
             ("batch_size", self.batch_size >= 2, ">= 2"),
@@ -129,6 +133,7 @@ class IterationStats:
     sample_s: float
     value_s: float
     policy_s: float
+    skipped: bool = False  # on_nonfinite=skip dropped this iteration's update (weights unchanged)
     extra: dict = field(default_factory=dict)
 
 
@@ -159,7 +164,45 @@ class Trainer:
         )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.iteration = 0
+        self.skipped = 0
         self.history: list[IterationStats] = []
+
+    # -- resumable state ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything the next iteration depends on: weights, optimiser moments, RNG states, counters, history.
+        Restoring it into a trainer built from the same config continues the run bitwise (on the CPU)."""
+        state = {
+            "iteration": self.iteration,
+            "skipped": self.skipped,
+            "policy": [p.detach() for p in self.params],
+            "opt": self.opt.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": [{k: v for k, v in h.__dict__.items()} for h in self.history],
+        }
+        if self.value is not None:
+            state["value"] = dict(self.value.residual.state_dict())
+            state["value_opt"] = self.value_opt.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["policy"]) != len(self.params):
+            raise ValueError(f"checkpoint has {len(state['policy'])} policy tensors, the model {len(self.params)}")
+        with torch.no_grad():
+            for p, saved in zip(self.params, state["policy"], strict=True):
+                if p.shape != saved.shape:
+                    raise ValueError(f"checkpoint tensor of shape {tuple(saved.shape)} for a parameter of shape {tuple(p.shape)}")
+                p.copy_(saved)
+        self.opt.load_state_dict(state["opt"])
+        if self.value is not None:
+            if "value" not in state:
+                raise ValueError("the checkpoint holds no value network, this CTRL run needs one")
+            self.value.residual.load_state_dict(state["value"])
+            self.value_opt.load_state_dict(state["value_opt"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.iteration, self.skipped = int(state["iteration"]), int(state["skipped"])
+        self.history = [IterationStats(**h) for h in state["history"]]
 
     # -- 1-3: rollout --------------------------------------------------------------------------------------
     def rollout(self) -> Rollout:
@@ -179,7 +222,7 @@ class Trainer:
         traj = sample(self.policy, x0, c, grid, self.generator, reference_steps=steps)
         reward = self.reward_fn(traj.sample, c).float()
         if not torch.all(torch.isfinite(reward)):
-            raise FloatingPointError("the reward model returned a non-finite reward")
+            raise FloatingPointError(f"the reward model returned a non-finite reward at iteration {self.iteration}")
         kl_terms = {}
         for k in steps:
             s, s_next = float(grid[k]), float(grid[k + 1])
@@ -305,12 +348,14 @@ class Trainer:
                 self.opt.zero_grad(set_to_none=True)
                 for k in ro.steps:  # one backward per step keeps one step's graph in memory at a time
                     loss, logp, ratio = self.surrogate_loss(ro, adv, k, idx)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite policy loss at iteration {self.iteration}, step {k}")
                     (loss / scale).backward()
                     with torch.no_grad():
                         approx_kls.append(float(0.5 * (logp - traj.log_probs[k][idx]).pow(2).mean()))
                         clipfracs.append(float(((ratio - 1).abs() > cfg.clip_range).float().mean()))
                 if not all(p.grad is None or torch.all(torch.isfinite(p.grad)) for p in self.params):
-                    raise FloatingPointError("non-finite policy gradient: the step was skipped, weights are unchanged")
+                    raise FloatingPointError(f"non-finite policy gradient at iteration {self.iteration}")
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.opt.step()
         return sum(approx_kls) / len(approx_kls), sum(clipfracs) / len(clipfracs)
@@ -324,6 +369,35 @@ class Trainer:
 
     # -- one iteration --------------------------------------------------------------------------------------
     def step(self) -> IterationStats:
+        """One iteration. A NaN/inf reward, loss, gradient or value loss raises ``FloatingPointError`` before any
+        weight changes are kept (on_nonfinite=error), or restores the iteration's starting weights and optimiser
+        state and records a skipped iteration (on_nonfinite=skip, at most max_skipped times)."""
+        if self.cfg.on_nonfinite == "error":
+            return self._iterate()
+        snapshot = _clone_state({k: v for k, v in self.state_dict().items() if k not in ("generator", "torch_rng", "history")})
+        try:
+            return self._iterate()
+        except FloatingPointError as err:
+            self._restore_weights(snapshot)
+            self.skipped += 1
+            if self.skipped > self.cfg.max_skipped:
+                raise FloatingPointError(f"{err} (iteration {self.iteration}: more than optimize.max_skipped="
+                                         f"{self.cfg.max_skipped} iterations dropped)") from err
+            stats = IterationStats(self.iteration, *[None] * 8, 0.0, 0.0, 0.0, skipped=True, extra={"error": str(err)})
+            self.history.append(stats)
+            self.iteration += 1
+            return stats
+
+    def _restore_weights(self, snapshot: dict) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.params, snapshot["policy"], strict=True):
+                p.copy_(saved)
+        self.opt.load_state_dict(snapshot["opt"])
+        if self.value is not None:
+            self.value.residual.load_state_dict(snapshot["value"])
+            self.value_opt.load_state_dict(snapshot["value_opt"])
+
+    def _iterate(self) -> IterationStats:
         cfg = self.cfg
         t0 = time.perf_counter()
         ro = self.rollout()
@@ -334,12 +408,18 @@ class Trainer:
             data = self.value_dataset(ro)
             value_loss = fit_value(self.value, data, cfg.value_epochs, batch_size=cfg.value_batch_size,
                                    generator=self.generator, optimizer=self.value_opt)
+            if not math.isfinite(value_loss):
+                raise FloatingPointError(f"non-finite value loss at iteration {self.iteration}")
         else:
             adv, scale = self.normalise(self.advantages(ro))
         t2 = time.perf_counter()
         for group in self.opt.param_groups:
             group["lr"] = self.learning_rate(self.iteration)
+        if not all(bool(torch.isfinite(a).all()) for a in adv.values()) or not math.isfinite(scale):
+            raise FloatingPointError(f"non-finite advantages at iteration {self.iteration}")
         approx_kl, clipfrac = self.policy_update(ro, adv, scale)
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):
+            raise FloatingPointError(f"non-finite policy weights after the update at iteration {self.iteration}")
         t3 = time.perf_counter()
         kl = (sum(ro.kl_terms.values()) * ro.kl_scale).mean().item()
         stats = IterationStats(
@@ -366,6 +446,16 @@ class Trainer:
             if callback is not None:
                 callback(stats)
         return self.history
+
+
+def _clone_state(x):
+    if isinstance(x, Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _clone_state(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_clone_state(v) for v in x)
+    return x
 
 
 def per_condition_whiten(reward: Tensor, conditions: Tensor | None) -> Tensor:

@@ -92,15 +92,22 @@ def gaussian_problem(data_mean: Tensor, data_std: Tensor, solver: str = "euler_m
 
 @torch.no_grad()
 def collect_value_data(
-    problem: Problem, reward_fn: Callable, num_paths: int, steps: int, points_per_path: int, seed: int = 0, batch_size: int = 128
+    problem: Problem, reward_fn: Callable, num_paths: int, steps: int, points_per_path: int, seed: int = 0,
+    batch_size: int = 128, resume: dict | None = None, on_batch: Callable[[dict], None] | None = None,
 ) -> ValueDataset:
     """Monte-Carlo returns of the current policy at random times: (s, x_s, c, x_hat, RM(x_hat), RM(X_T)).
 
     The returns carry no KL term: the data come from the policy that the value net will first serve, whose
-    KL to itself is zero (CTRL's own iterations then add the KL running reward)."""
+    KL to itself is zero (CTRL's own iterations then add the KL running reward).
+
+    Resumable: after each batch ``on_batch`` receives a state (the batches so far, the generator, the next path
+    index); passing that state back as ``resume`` continues with bitwise the same data as an unbroken run."""
     pol, g = problem.policy, torch.Generator().manual_seed(seed)
-    parts = []
-    for j in range(0, num_paths, batch_size):
+    parts, start = [], 0
+    if resume is not None:
+        g.set_state(resume["generator"])
+        parts, start = [ValueDataset(**d) for d in resume["parts"]], int(resume["next"])
+    for j in range(start, num_paths, batch_size):
         n = min(batch_size, num_paths - j)
         grid = pol.schedule.random_time_grid(steps, g)
         c = problem.condition_sampler(n, g)
@@ -111,6 +118,8 @@ def collect_value_data(
             s_vec = torch.full((n,), float(grid[k]), dtype=torch.float64)
             xh = x_hat(pol.schedule, s_vec, traj.states[k], traj.means[k])
             parts.append(ValueDataset(s_vec, traj.states[k], c, xh, reward_fn(xh, c).float(), h))
+        if on_batch is not None:
+            on_batch({"parts": [p.state() for p in parts], "generator": g.get_state(), "next": j + n})
     return ValueDataset.concat(parts)
 
 

@@ -26,9 +26,12 @@ from .params import Params
 
 @contextlib.contextmanager
 def staged_output(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success replace ``out_dir`` with it, on failure remove it."""
+    """Yield a temporary sibling folder; on success replace ``out_dir`` with it, on failure remove it.
+    Temporary folders of an earlier attempt that was killed (SIGKILL leaves them) are removed first."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -47,6 +50,21 @@ def staged_output(out_dir: str | Path) -> Iterator[Path]:
 
 def _seed(params: Params) -> None:
     torch.manual_seed(params.run.seed)
+
+
+def checkpoint_store(params: Params, step: str, blocks: tuple[str, ...], input_dirs: list[str | Path | None]):
+    """The resumable-checkpoint store of this step of this run: keyed by the step's parameter blocks (run's
+    seed, not its resume settings) and the digests of its input folders. With ``run.resume: false`` any earlier
+    checkpoints of the same run are discarded."""
+    from .resume import CheckpointStore, default_root, dir_digest, run_key
+
+    dump = params.model_dump()
+    config = {b: dump[b] for b in blocks} | {"seed": params.run.seed}
+    key = run_key(step, config, [dir_digest(d) for d in input_dirs if d is not None])
+    store = CheckpointStore(default_root(params.run.checkpoint_root), step, key)
+    if not params.run.resume:
+        store.clear()
+    return store
 
 
 def load_problem(params: Params, checkpoint_dir: str | Path):
@@ -71,18 +89,45 @@ def fetch(params: Params, out_dir: str | Path) -> dict:
 
 # --- 2. value pretraining -----------------------------------------------------------------------------------
 def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
-    from .recipes import pretrain_value as run_pretrain
+    """Collect Monte-Carlo value data from the base model, fit one value net per link, keep the best.
+    Resumable: the data set and every fitted candidate are checkpointed as they are produced."""
+    from .recipes import collect_value_data
+    from .value import ValueDataset, ValueFunction, select_link
 
     _seed(params)
     t0 = time.perf_counter()
+    store = checkpoint_store(params, "pretrain_value", ("checkpoint", "model", "reward", "value"), [checkpoint_dir])
+    found = store.latest()
+    state = found[1] if found else {"collecting": None, "data": None, "fitted": {}}
     problem, reward = load_problem(params, checkpoint_dir), make_reward_fn(params)
-    vp = params.value
-    sel = run_pretrain(problem, reward, vp.candidates, vp.num_paths, vp.steps, vp.points_per_path, vp.epochs, vp.lr,
-                       seed=params.run.seed)
-    result = {"chosen": sel.chosen, "mse": sel.val_mse, "seconds": round(time.perf_counter() - t0, 2)}
+    vp, seed = params.value, params.run.seed
+    saves = [found[0] if found else 0]
+
+    def save(new_state: dict) -> None:
+        saves[0] += 1
+        store.save(saves[0], new_state)
+
+    if state["data"] is None:
+        data = collect_value_data(problem, reward, vp.num_paths, vp.steps, vp.points_per_path, seed, vp.batch_size,
+                                  resume=state["collecting"],
+                                  on_batch=lambda c: save({"collecting": c, "data": None, "fitted": {}}))
+        state = {"collecting": None, "data": data.state(), "fitted": {}}
+        save(state)
+    data = ValueDataset(**state["data"])
+
+    def on_fitted(name: str, value, mse: float) -> None:
+        state["fitted"][name] = {"weights": dict(value.residual.state_dict()), "mse": mse}
+        save(state)
+
+    done = {name: (f["weights"], f["mse"]) for name, f in state["fitted"].items()}
+    sel = select_link(lambda link: ValueFunction(reward, problem.make_residual(), link), data, vp.candidates, vp.epochs,
+                      vp.lr, seed=seed, done=done, on_fitted=on_fitted)
+    result = {"chosen": sel.chosen, "mse": sel.val_mse, "seconds": round(time.perf_counter() - t0, 2),
+              "resumed_candidates": sorted(done)}
     with staged_output(out_dir) as tmp:
         atomic_save_weights(sel.values[sel.chosen].residual.state_dict(), tmp / "value.safetensors")
-        atomic_write_json(result, tmp / "link.json")
+        atomic_write_json({k: v for k, v in result.items() if k != "resumed_candidates"}, tmp / "link.json")
+    store.clear()  # the output is committed: the checkpoints have done their job
     return result
 
 
@@ -107,22 +152,38 @@ def optimize(
     problem, reward = load_problem(params, checkpoint_dir), make_reward_fn(params)
     value = load_value(params, problem, reward, value_dir) if cfg.algorithm == "ctrl" else None
     trainer = make_trainer(problem, reward, cfg, value)
-    history: list[dict] = []
+    store = checkpoint_store(params, "optimize", ("checkpoint", "model", "reward", "optimize"),
+                             [checkpoint_dir, value_dir if cfg.algorithm == "ctrl" else None])
+    found = store.latest()
+    resumed_from = None
+    if found is not None:
+        trainer.load_state_dict(found[1])
+        resumed_from = found[0]
+    row_of = lambda st: {k: v for k, v in st.__dict__.items() if k != "extra"}  # noqa: E731
+    history: list[dict] = [row_of(st) for st in trainer.history]
     every = params.optimize.checkpoint_every
+    snapshots = store.dir / "snapshots"  # adapter snapshots survive restarts with the checkpoints
     with staged_output(out_dir) as tmp:
+        with open(tmp / "metrics.jsonl", "w") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in history)
 
         def on_iteration(st) -> None:
-            row = {k: v for k, v in st.__dict__.items() if k != "extra"}
+            row = row_of(st)
             history.append(row)
             with open(tmp / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            if every and (st.iteration + 1) % every == 0 and st.iteration + 1 < cfg.iterations:
-                trainer.policy.model.save_adapter(tmp / "checkpoints" / f"iter-{st.iteration + 1:05d}")
+            n = st.iteration + 1
+            if every and (n % every == 0 or n == cfg.iterations):
+                if n < cfg.iterations:
+                    trainer.policy.model.save_adapter(snapshots / f"iter-{n:05d}")
+                store.save(n, trainer.state_dict())  # after the snapshot: a checkpoint at n implies snapshot n
             if progress is not None:
                 progress(row)
 
         t0 = time.perf_counter()
         trainer.train(on_iteration)
+        if snapshots.is_dir():
+            shutil.copytree(snapshots, tmp / "checkpoints")
         trainer.policy.model.save_adapter(tmp / "adapter")
         if value is not None:
             atomic_save_weights(value.residual.state_dict(), tmp / "value.safetensors")
@@ -135,8 +196,11 @@ def optimize(
             "final_kl": history[-1]["kl"] if history else None,
             "seconds": round(time.perf_counter() - t0, 2),
             "seconds_per_iteration": {k: sum(h[f"{k}_s"] for h in history) / max(len(history), 1) for k in ("sample", "value", "policy")},
+            "resumed_from_iteration": resumed_from,
+            "skipped_iterations": trainer.skipped,
         }
         atomic_write_json({"summary": summary, "history": history}, tmp / "metrics.json")
+    store.clear()  # the output is committed: the checkpoints have done their job
     return summary
 
 

@@ -12,6 +12,7 @@ candidates from ``LINKS``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -152,6 +153,9 @@ class ValueDataset:
             self.s[idx], self.x[idx], None if self.c is None else self.c[idx], self.x_hat[idx], self.rm_x_hat[idx], self.returns[idx]
         )
 
+    def state(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     @staticmethod
     def concat(parts: list[ValueDataset]) -> ValueDataset:
         cs = [p.c for p in parts]
@@ -216,8 +220,14 @@ def select_link(
     lr: float = 1e-3,
     val_fraction: float = 0.2,
     seed: int = 0,
+    done: dict[str, tuple[dict, float]] | None = None,
+    on_fitted: Callable[[str, ValueFunction, float], None] | None = None,
 ) -> LinkSelection:
-    """Train one value net per candidate link on the same split; choose the lowest held-out MSE (Fig. 2b)."""
+    """Train one value net per candidate link on the same split; choose the lowest held-out MSE (Fig. 2b).
+
+    ``done`` maps candidates fitted by an earlier (interrupted) run to (residual state, held-out MSE); they are
+    restored, not refitted. Every candidate is seeded on its own, so the result does not depend on which ones
+    were restored. ``on_fitted`` is called after each fresh fit (the pipeline checkpoints there)."""
     for name in candidates:
         get_link(name)
     if not candidates:
@@ -225,12 +235,21 @@ def select_link(
     gen = torch.Generator().manual_seed(seed)
     train, val = data.split(val_fraction, gen)
     mses, values = {}, {}
+    done = done or {}
     for name in candidates:
         torch.manual_seed(seed)
         v = make_value(name)
-        fit_value(v, train, epochs, lr=lr, generator=torch.Generator().manual_seed(seed))
-        with torch.no_grad():
-            mses[name] = float(value_loss(v, val))
+        if name in done:
+            v.residual.load_state_dict(done[name][0])
+            mses[name] = float(done[name][1])
+        else:
+            fit_value(v, train, epochs, lr=lr, generator=torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                mses[name] = float(value_loss(v, val))
+            if not math.isfinite(mses[name]):
+                raise FloatingPointError(f"value pretraining: non-finite held-out loss for the {name!r} link")
+            if on_fitted is not None:
+                on_fitted(name, v, mses[name])
         values[name] = v
     chosen = min(mses, key=mses.get)
     return LinkSelection(chosen, mses, values)

@@ -1,0 +1,188 @@
+"""Resumable step checkpoints: a preempted or killed step restarts where its last checkpoint left it.
+
+A checkpoint is one folder ``<root>/<step>/<run_key>/ckpt-<iteration>/`` holding ``state.safetensors`` (every
+tensor of the state: weights, optimiser moments, RNG states) and ``meta.json`` (the state's structure with
+tensors replaced by references, the iteration, the run key and the sha256 of the tensor file). It is written
+into a temporary folder, flushed to disk and renamed into place, so a reader sees a complete checkpoint or none.
+Loading takes the newest checkpoint that verifies (its hash matches and its run key is ours) and ignores the
+rest; nothing but safetensors and JSON is ever read (no pickles).
+
+``run_key`` identifies "the same run": a hash of the step's parameters and the digests of its inputs. A
+checkpoint of another run (other params, another base checkpoint) is never resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .io import sha256_file
+
+DEFAULT_ROOT_ENV = "CTRL_CHECKPOINT_ROOT"
+DEFAULT_ROOT = ".ctrl-checkpoints"
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint folder whose content does not match its metadata."""
+
+
+# --- state <-> (tensors, JSON structure) ----------------------------------------------------------------------
+def flatten_state(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested state (dicts with str/int keys, lists, tuples, tensors, numbers, strings, None) into a flat
+    tensor dict for safetensors and a JSON-able structure that refers to the tensors by key."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            key = path or "t"
+            tensors[key] = x.detach().cpu().clone().contiguous()
+            return {"__tensor__": key}
+        if isinstance(x, dict):
+            for k in x:
+                if not isinstance(k, str | int) or isinstance(k, bool):
+                    raise TypeError(f"state key {k!r} at {path or '<root>'}: only str and int keys are supported")
+            return {"__dict__": [[k, enc(v, f"{path}.{k}" if path else str(k))] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {"__tuple__": [enc(v, f"{path}.{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [enc(v, f"{path}.{i}") for i, v in enumerate(x)]
+        if x is None or isinstance(x, bool | int | float | str):
+            return x
+        raise TypeError(f"cannot checkpoint a {type(x).__name__} at {path or '<root>'}")
+
+    return tensors, enc(obj, "")
+
+
+def unflatten_state(tensors: dict[str, torch.Tensor], structure: Any) -> Any:
+    def dec(x: Any) -> Any:
+        if isinstance(x, dict):
+            if "__tensor__" in x:
+                return tensors[x["__tensor__"]]
+            if "__dict__" in x:
+                return {k: dec(v) for k, v in x["__dict__"]}
+            if "__tuple__" in x:
+                return tuple(dec(v) for v in x["__tuple__"])
+            raise CorruptCheckpointError(f"unknown node {sorted(x)} in a checkpoint structure")
+        if isinstance(x, list):
+            return [dec(v) for v in x]
+        return x
+
+    return dec(structure)
+
+
+def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to persist NaN/inf: a corrupt checkpoint would poison every resume after it."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FloatingPointError(f"refusing to write a checkpoint: {key} holds non-finite values")
+
+
+def run_key(step: str, config: Any, inputs: Iterable[str] = ()) -> str:
+    """A short stable hash of (step, its JSON-able configuration, digests of its inputs)."""
+    doc = json.dumps({"step": step, "config": config, "inputs": list(inputs)}, sort_keys=True, default=str)
+    return hashlib.sha256(doc.encode()).hexdigest()[:20]
+
+
+def dir_digest(directory: str | os.PathLike) -> str:
+    """Digest of a step input folder: the fetch manifest's tree hash when there is one, else every file's hash."""
+    d = Path(directory)
+    manifest = d / "manifest.json"
+    if manifest.is_file():
+        try:
+            return "manifest:" + json.loads(manifest.read_text())["sha256"]
+        except (ValueError, KeyError):
+            pass
+    h = hashlib.sha256()
+    for f in sorted(p for p in d.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(d).as_posix()}\t{sha256_file(f)}\n".encode())
+    return "files:" + h.hexdigest()
+
+
+def default_root(configured: str = "") -> Path:
+    return Path(configured or os.environ.get(DEFAULT_ROOT_ENV) or DEFAULT_ROOT)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointStore:
+    """The checkpoints of one run of one step."""
+
+    PREFIX = "ckpt-"
+
+    def __init__(self, root: str | os.PathLike, step: str, key: str, keep: int = 2):
+        if keep < 1:
+            raise ValueError("keep must be >= 1")
+        self.dir = Path(root) / step / key
+        self.key, self.keep = key, keep
+
+    def _complete(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted((p for p in self.dir.iterdir() if p.name.startswith(self.PREFIX) and p.is_dir()), reverse=True)
+
+    def save(self, iteration: int, state: Any, extra: dict | None = None) -> Path:
+        """Write a checkpoint for ``iteration`` atomically; keeps the newest ``keep`` checkpoints."""
+        tensors, structure = flatten_state(state)
+        check_finite(tensors)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(".tmp-*"):  # left by a process killed while writing
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = self.dir / f".tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        final = self.dir / f"{self.PREFIX}{iteration:08d}"
+        try:
+            save_file(tensors, str(tmp / "state.safetensors"))
+            meta = {"iteration": iteration, "run_key": self.key, "structure": structure, "extra": extra or {},
+                    "sha256": sha256_file(tmp / "state.safetensors")}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            for f in (tmp / "state.safetensors", tmp / "meta.json", tmp):
+                _fsync(f)
+            if final.exists():  # re-saving the same iteration (a resumed run that reached it again)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(self.dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        for old in self._complete()[self.keep :]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _read(self, folder: Path) -> tuple[int, Any, dict]:
+        meta_path, data_path = folder / "meta.json", folder / "state.safetensors"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as err:
+            raise CorruptCheckpointError(f"{folder}: unreadable meta.json ({err})") from None
+        if meta.get("run_key") != self.key:
+            raise CorruptCheckpointError(f"{folder}: belongs to run {meta.get('run_key')!r}, not {self.key!r}")
+        if not data_path.is_file() or sha256_file(data_path) != meta.get("sha256"):
+            raise CorruptCheckpointError(f"{folder}: state.safetensors does not match its recorded sha256")
+        return int(meta["iteration"]), unflatten_state(load_file(str(data_path)), meta["structure"]), meta.get("extra", {})
+
+    def latest(self) -> tuple[int, Any, dict] | None:
+        """(iteration, state, extra) of the newest checkpoint that verifies, or None."""
+        for folder in self._complete():
+            try:
+                return self._read(folder)
+            except CorruptCheckpointError:
+                continue  # a damaged newest checkpoint falls back to the one before it
+        return None
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,142 @@
+"""Checkpoint/resume and non-finite guards (issue 6): atomic checkpoints, bitwise resume, SIGKILL campaign."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bench.kill_campaign import run_kill_campaign
+from ctrl_core.algorithms import OptimConfig, Trainer
+from ctrl_core.recipes import gaussian_problem
+from ctrl_core.resume import CheckpointStore, flatten_state, unflatten_state
+from ctrl_core.rewards import make_reward
+from ctrl_core.value import MLPResidual, ValueFunction
+
+
+def test_state_round_trip_keeps_types_keys_and_bits():
+    g = torch.Generator().manual_seed(3)
+    state = {"opt": {"state": {0: {"step": torch.tensor(3.0), "m": torch.randn(2, 3, dtype=torch.float64)}},
+                     "param_groups": [{"betas": (0.9, 0.999), "lr": 1e-3, "params": [0]}]},
+             "gen": g.get_state(), "n": 7, "none": None, "nan": float("nan"), "names": ["a", "b"]}
+    tensors, structure = flatten_state(state)
+    back = unflatten_state(tensors, json.loads(json.dumps(structure)))
+    assert list(back["opt"]["state"]) == [0]  # int keys stay ints (optimizer state is keyed by index)
+    assert back["opt"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert back["opt"]["state"][0]["m"].equal(state["opt"]["state"][0]["m"])
+    assert back["gen"].equal(state["gen"]) and back["n"] == 7 and back["none"] is None and math.isnan(back["nan"])
+    with pytest.raises(TypeError, match="cannot checkpoint"):
+        flatten_state({"x": object()})
+
+
+def test_store_is_atomic_verified_and_keyed(tmp_path):
+    store = CheckpointStore(tmp_path, "optimize", "run-a", keep=2)
+    for it in (1, 2, 3):
+        store.save(it, {"w": torch.full((3,), float(it))})
+    names = sorted(p.name for p in store.dir.iterdir())
+    assert names == ["ckpt-00000002", "ckpt-00000003"]  # only the newest two are kept
+    # a damaged newest checkpoint (e.g. disk corruption) falls back to the previous one
+    (store.dir / "ckpt-00000003" / "state.safetensors").write_bytes(b"garbage")
+    it, state, _ = store.latest()
+    assert it == 2 and state["w"].equal(torch.full((3,), 2.0))
+    # another run's checkpoints are never resumed, even from the same folder
+    other = CheckpointStore(tmp_path, "optimize", "run-b")
+    other.dir.parent.mkdir(parents=True, exist_ok=True)
+    assert other.latest() is None
+    # a temporary folder left by a killed writer is not a checkpoint and is removed by the next save
+    (store.dir / ".tmp-dead").mkdir()
+    assert store.latest()[0] == 2
+    store.save(4, {"w": torch.zeros(3)})
+    assert not (store.dir / ".tmp-dead").exists()
+    # NaN never reaches disk
+    with pytest.raises(FloatingPointError, match="w holds non-finite"):
+        store.save(5, {"w": torch.tensor([1.0, float("nan")])})
+    assert store.latest()[0] == 4
+
+
+def _trainer(seed: int = 0, reward=None, **kw) -> Trainer:
+    torch.manual_seed(seed)
+    problem = gaussian_problem(torch.zeros(2), torch.ones(2), hidden=16)
+    reward = reward or make_reward("quadratic", target=[1.0, 0.5])
+    value = ValueFunction(reward, MLPResidual(2, hidden=16), "cos_sin")
+    cfg = OptimConfig(iterations=6, batch_size=16, train_steps=6, train_timesteps=3, minibatch_size=16, lr=1e-2,
+                      seed=seed, **kw)
+    return Trainer(problem.policy, reward, cfg, problem.x_shape, problem.condition_sampler, value)
+
+
+def _flat(tr: Trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in [*tr.params, *tr.value.residual.parameters()]])
+
+
+def test_trainer_resumes_bitwise(tmp_path):
+    whole = _trainer()
+    whole.train()
+    first = _trainer()
+    for _ in range(3):
+        first.step()
+    store = CheckpointStore(tmp_path, "optimize", "k")
+    store.save(first.iteration, first.state_dict())
+    del first
+    resumed = _trainer()
+    it, state, _ = store.latest()
+    resumed.load_state_dict(state)
+    assert resumed.iteration == it == 3
+    resumed.train()
+    assert resumed.iteration == 6 and len(resumed.history) == 6
+    assert torch.equal(_flat(resumed), _flat(whole))
+    assert [h.reward_mean for h in resumed.history] == [h.reward_mean for h in whole.history]
+
+
+class _Flaky:
+    """A reward model that returns NaN on chosen calls (a numerically broken reward server, say)."""
+
+    def __init__(self, bad_calls: set[int]):
+        self.inner, self.calls, self.bad = make_reward("quadratic", target=[1.0, 0.5]), 0, bad_calls
+
+    def __call__(self, x, c=None):
+        r = self.inner(x, c)
+        self.calls += 1
+        return torch.full_like(r, float("nan")) if self.calls in self.bad else r
+
+
+def test_non_finite_reward_stops_with_a_clear_error_and_no_checkpoint(tmp_path):
+    tr = _trainer(reward=_Flaky(set(range(1, 10_000))))
+    store = CheckpointStore(tmp_path, "optimize", "k")
+    with pytest.raises(FloatingPointError, match="non-finite reward at iteration 0"):
+        tr.train(lambda st: store.save(st.iteration + 1, tr.state_dict()))
+    assert store.latest() is None
+
+
+def test_skip_mode_drops_the_iteration_and_keeps_weights(tmp_path):
+    flaky = _Flaky(set())
+    tr = _trainer(reward=flaky, on_nonfinite="skip", max_skipped=1)
+    tr.step()
+    before = _flat(tr).clone()
+    flaky.bad = {flaky.calls + 1}  # the next rollout's terminal reward is NaN
+    st = tr.step()
+    assert st.skipped and tr.skipped == 1 and tr.iteration == 2
+    assert torch.equal(_flat(tr), before)  # weights and value net unchanged by the dropped iteration
+    tr.step()  # training goes on
+    assert not torch.equal(_flat(tr), before)
+    flaky.bad = {flaky.calls + 1}
+    with pytest.raises(FloatingPointError, match="max_skipped=1"):
+        tr.step()
+    with pytest.raises(ValueError, match="optimize.on_nonfinite"):
+        OptimConfig(on_nonfinite="ignore")
+
+
+@pytest.mark.slow
+def test_sigkill_campaign_resumes_to_the_same_weights(tmp_path):
+    """Five SIGKILLs at random points of the CTRL step (and two of value pretraining) on the embedded default:
+    every resumed run ends with the full iteration count and bitwise the weights of an uninterrupted run."""
+    torch.set_num_threads(1)
+    out = run_kill_campaign(quick=True, seed=1, workdir=str(tmp_path), optimize_kills=[5], value_kills=[2])
+    series = {s["step"]: s for s in out["series"]}
+    assert series["optimize"]["kills"] == 5, out
+    assert series["optimize"]["resumes"] >= 1, out  # at least one start resumed from a checkpoint
+    assert out["kills_survived"] == out["kills_tried"] >= 5, out
+    assert out["lost_iterations"] == 0
+    assert series["optimize"]["iterations_completed"] == 12 and series["optimize"]["bitwise_equal"]
+    assert all(s["partial_outputs"] == 0 and not s["leftover_temp_dirs"] and s["checkpoints_cleared"] for s in out["series"])
