@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade "pip>=26"
 	# the CPU torch 2.13.0 first (a wheel on disk on these machines); the constraint then holds it
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[pipeline,test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[pipeline,test,k8s]"
 	touch $@
 
 demo: setup  ## the embedded default end to end: fetch -> value -> CTRL -> evaluate -> MLflow registry

@@ -25,7 +25,9 @@ class ParamsError(ValueError):
 
 
 class _Block(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a NaN/inf parameter (tolerance=.inf waves every model through the gate,
+    # max_grad_norm=.nan poisons the weights) is rejected here rather than discovered after hours of training
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunParams(_Block):
@@ -71,6 +73,7 @@ class ValueParams(_Block):
     num_paths: int = Field(256, ge=8, description="Monte-Carlo paths of the base model for value pretraining")
     steps: int = Field(20, ge=2, description="rollout step count for value data")
     points_per_path: int = Field(4, ge=1, description="random times per path in the value data")
+    batch_size: int = Field(128, ge=1, description="paths sampled per batch (the data are checkpointed per batch)")
     epochs: int = Field(10, ge=1, description="value pretraining epochs per candidate")
     lr: float = Field(1e-3, gt=0, description="value pretraining learning rate")
 
@@ -89,7 +92,7 @@ class ValueParams(_Block):
 
 class EvaluateParams(_Block):
     steps: list[int] = Field([25, 50, 100], description="sampling step counts to evaluate")
-    samplers: list[Literal["sde", "ode"]] = Field(["sde", "ode"], description="sde (DDPM) and/or ode (DDIM)")
+    samplers: list[Literal["sde", "ode"]] = Field(["sde", "ode"], min_length=1, description="sde (DDPM) and/or ode (DDIM)")
     num_samples: int = Field(200, ge=2, description="samples per (sampler, steps) cell")
     seed: int = Field(1234, description="evaluation seed (same noise and conditions for base and tuned)")
 
@@ -167,7 +170,37 @@ def validate(raw: dict) -> Params:
         params.optim_config()
     except ValueError as err:
         raise ParamsError(f"invalid parameters:\n  {err}".replace(" must be", ": must be", 1)) from None
+    _check_optimize_extras(params.optimize)
+    _check_reward_options(params.reward)
     return params
+
+
+def _check_reward_options(r) -> None:
+    """reward.options must be keyword arguments of the reward factory (else it fails after value pretraining)."""
+    import inspect
+
+    from .rewards import REWARDS
+
+    try:
+        inspect.signature(REWARDS[r.name]).bind_partial(**r.options)
+    except TypeError as err:
+        raise ParamsError(f"invalid parameters:\n  reward.options: {err} (reward {r.name!r})") from None
+
+
+def _check_optimize_extras(o) -> None:
+    """Checks OptimConfig does not make itself, which would otherwise fail (or silently misbehave) mid-run."""
+    from .policy import SOLVER_ALIASES, SOLVERS
+
+    solvers = sorted(SOLVERS + tuple(SOLVER_ALIASES))
+    checks = [
+        ("solver", o.solver in solvers, f"one of {solvers}"),
+        ("max_grad_norm", o.max_grad_norm > 0, "> 0"),  # a negative norm flips the gradient's sign
+        ("weight_decay", o.weight_decay >= 0, ">= 0"),
+        ("advantage_clip", o.advantage_clip >= 0, ">= 0 (0: no clipping)"),
+    ]
+    bad = [f"optimize.{name}: must be {want}, got {getattr(o, name)!r}" for name, ok, want in checks if not ok]
+    if bad:
+        raise ParamsError("invalid parameters:\n  " + "\n  ".join(bad))
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

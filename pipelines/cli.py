@@ -1,9 +1,9 @@
 """The ``ctrl`` command: run the DAG locally, compile, submit/schedule on Kubeflow Pipelines, promote models.
 
     ctrl run [--params params.yaml] [--set block.key=value ...] [--summary-out PATH]
-    ctrl compile --out pipeline.yaml
-    ctrl submit --host URL            (upload as a version named by the git SHA, then start a run)
-    ctrl schedule --host URL --cron "0 3 * * 1"
+    ctrl compile --out pipeline.yaml [--chart charts/ctrl-pipeline] [-f values.yaml] [--image REF]
+    ctrl submit --host URL [-f values.yaml]     (upload as a version named by the git SHA, then start a run)
+    ctrl schedule --host URL --cron "0 3 * * 1" (a KFP recurring run: max concurrency 1, no catch-up)
     ctrl promote NAME VERSION [--force --reason TEXT]
     ctrl step NAME ...                (one step, for dvc.yaml)
 """
@@ -114,89 +114,204 @@ def _print_summary(s: dict) -> None:
     click.echo(f"report: {s['report']}\nwall time: {s['wall_s']['total']:.0f}s")
 
 
+# --- cluster: compile with placement, submit, schedule -------------------------------------------------
+
+chart_option = click.option("--chart", "chart_dir", type=click.Path(file_okay=False), default=None,
+                            help="the Helm chart whose values place the steps on node pools (default with -f: "
+                                 "$CTRL_CHART or charts/ctrl-pipeline)")
+values_option = click.option("-f", "--values", "value_files", multiple=True, type=click.Path(dir_okay=False),
+                             help="chart values file merged over the chart's values.yaml, as `helm install -f` "
+                                  "(repeatable)")
+image_option = click.option("--image", default=None, help="image reference for every step (default: the values' "
+                            "image, else $CTRL_PIPELINE_IMAGE or components.image.DEFAULT_IMAGE)")
+
+
+def _placement(chart_dir: str | None, value_files: tuple[str, ...], image: str | None):
+    """Compile-time cluster placement from the chart's values, or None (no chart, no values: a generic
+    pipeline with no Kubernetes settings, as ``ctrl run`` uses)."""
+    if chart_dir is None and not value_files:
+        return None
+    from .placement import PlacementError, load
+
+    try:
+        return load(chart_dir, value_files, image)
+    except PlacementError as err:
+        raise click.UsageError(str(err)) from None
+
+
+def _compile(out_file: str, params, placement, image: str | None, sha: str) -> str:
+    from .pipeline import compile_pipeline
+
+    return compile_pipeline(out_file, params, sha, placement=placement, image=image)
+
+
 @main.command("compile")
 @params_option
 @set_option
+@chart_option
+@values_option
+@image_option
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), required=True)
-def compile_cmd(params_path, overrides, out_file) -> None:
-    """Compile the pipeline to KFP IR YAML (parameters default to the params file's values)."""
-    from .pipeline import compile_pipeline
+def compile_cmd(params_path, overrides, chart_dir, value_files, image, out_file) -> None:
+    """Compile the pipeline to KFP IR YAML (parameters default to the params file's values; with --chart/-f,
+    every step is placed on its node pool from the chart's values)."""
     from .register_step import git_sha
 
     params = _load_params(params_path, overrides)
-    compile_pipeline(out_file, params, git_sha())
+    placement = _placement(chart_dir, value_files, image)
+    _compile(out_file, params, placement, image, git_sha())
     click.echo(out_file)
 
 
-def _client(host: str):
+kfp_options = [
+    click.option("--host", envvar="KFP_HOST", required=True,
+                 help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline (env KFP_HOST)"),
+    click.option("--token", envvar="KFP_TOKEN", default=None, show_envvar=True,
+                 help="bearer token for the KFP API (env KFP_TOKEN; in a pod: KF_PIPELINES_SA_TOKEN_PATH)"),
+    click.option("--namespace", default=None, help="KFP namespace (multi-user KFP: your profile namespace)"),
+    click.option("--experiment", default="ctrl-pipeline", show_default=True),
+    click.option("--version-name", default=None,
+                 help="pipeline version name (default: the git SHA; $CTRL_GIT_SHA / $GITHUB_SHA outside a checkout)"),
+    click.option("--service-account", default=None,
+                 help="Kubernetes ServiceAccount of the runs (default: the chart values' serviceAccount.name)"),
+]
+
+
+def _kfp_options(f):
+    for opt in reversed(kfp_options):
+        f = opt(f)
+    return f
+
+
+def _client(host: str, token: str | None = None, namespace: str | None = None):
     import kfp
 
-    return kfp.Client(host=host)
+    kwargs: dict = {}
+    if token:
+        kwargs["existing_token"] = token
+    elif os.environ.get("KF_PIPELINES_SA_TOKEN_PATH"):  # a pod's projected ServiceAccount token
+        from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
+
+        kwargs["credentials"] = ServiceAccountTokenVolumeCredentials(os.environ["KF_PIPELINES_SA_TOKEN_PATH"])
+    if namespace:
+        kwargs["namespace"] = namespace
+    return kfp.Client(host=host, **kwargs)
 
 
-def _upload(client, package: str, name: str, version: str) -> tuple[str, str]:
-    """Upload the compiled package as pipeline ``name`` / version ``version`` (idempotent on the version name)."""
-    pid = client.get_pipeline_id(name)
-    if pid is None:
-        p = client.upload_pipeline(package, pipeline_name=name)
-        pid = p.pipeline_id
-    versions = client.list_pipeline_versions(pid, page_size=200).pipeline_versions or []
-    for v in versions:
-        if v.display_name == version:
-            return pid, v.pipeline_version_id
-    v = client.upload_pipeline_version(package, pipeline_version_name=version, pipeline_id=pid)
-    return pid, v.pipeline_version_id
-
-
-def _compile_and_upload(params, host: str):
-    """Compile with these parameters as defaults and upload as the pipeline version named by the git SHA."""
-    import tempfile
-
-    from .pipeline import PIPELINE_NAME, compile_pipeline
+def _source_sha() -> str:
     from .register_step import git_sha
 
-    sha = git_sha("unversioned")
-    client = _client(host)
+    return git_sha("") or os.environ.get("CTRL_GIT_SHA", "") or os.environ.get("GITHUB_SHA", "")
+
+
+def _name_filter(name: str) -> str:
+    return json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+
+
+def _upload(client, package: str, name: str, version: str, sha: str) -> tuple[str, str, str]:
+    """Upload the compiled package as pipeline ``name`` / version ``version``; returns (pipeline id, version id,
+    version name). Idempotent: a version of that name holding the same package (its sha256 is in the version's
+    description) is reused; a different package under the same git SHA (other values, --set defaults or a
+    dirty tree) becomes version ``<sha>-<package digest>`` instead of silently reusing the old one."""
+    import hashlib
+
+    from .pipeline import PIPELINE_DESCRIPTION
+
+    digest = hashlib.sha256(Path(package).read_bytes()).hexdigest()
+    pid = client.get_pipeline_id(name)
+    if pid is None:
+        pid = client.upload_pipeline(package, pipeline_name=name, description=PIPELINE_DESCRIPTION).pipeline_id
+    for candidate in (version, f"{version}-{digest[:12]}"):
+        found = client.list_pipeline_versions(pid, page_size=10, filter=_name_filter(candidate)).pipeline_versions or []
+        if not found:
+            v = client.upload_pipeline_version(package, pipeline_version_name=candidate, pipeline_id=pid,
+                                               description=f"git {sha or 'unknown'}; package sha256:{digest}")
+            return pid, v.pipeline_version_id, candidate
+        if f"sha256:{digest}" in (found[0].description or ""):
+            return pid, found[0].pipeline_version_id, candidate
+    raise click.ClickException(f"pipeline {name}: versions {version} and {version}-{digest[:12]} exist with other "
+                               "packages; pass --version-name")
+
+
+def _compile_and_upload(params, opts: dict, chart_dir, value_files, image):
+    """Compile with these parameters as defaults (and the chart's placement) and upload it as the pipeline
+    version named by the git SHA. Returns (client, pipeline id, version id, version name, service account)."""
+    import tempfile
+
+    from .pipeline import PIPELINE_NAME
+
+    sha = _source_sha()
+    version = opts["version_name"] or sha
+    if not version:
+        raise click.UsageError("cannot name the pipeline version: not a git checkout and neither CTRL_GIT_SHA nor "
+                               "GITHUB_SHA is set; pass --version-name")
+    placement = _placement(chart_dir, value_files, image)
+    service_account = opts["service_account"] or (placement.service_account if placement else None) or None
     with tempfile.TemporaryDirectory() as d:
-        package = compile_pipeline(str(Path(d) / "pipeline.yaml"), params, sha)
-        pid, vid = _upload(client, package, PIPELINE_NAME, sha[:12])
-    return client, pid, vid, sha
+        package = _compile(str(Path(d) / "pipeline.yaml"), params, placement, image, sha)
+        client = _client(opts["host"], opts["token"], opts["namespace"])
+        pid, vid, vname = _upload(client, package, PIPELINE_NAME, version, sha)
+    return client, pid, vid, vname, service_account
 
 
 @main.command()
 @params_option
 @set_option
-@click.option("--host", required=True, help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
-@click.option("--experiment", default="ctrl-pipeline", show_default=True)
+@chart_option
+@values_option
+@image_option
+@_kfp_options
 @click.option("--run-name", default=None)
-def submit(params_path, overrides, host, experiment, run_name) -> None:
-    """Upload the pipeline as a version named by the git SHA and start a run with these parameters."""
+def submit(params_path, overrides, chart_dir, value_files, image, run_name, **opts) -> None:
+    """Upload the pipeline as a version named by the git SHA (it then appears in the KFP UI with every
+    parameter, default and description) and start a run with these parameters."""
     from .pipeline import PIPELINE_NAME
 
     params = _load_params(params_path, overrides)
-    client, pid, vid, sha = _compile_and_upload(params, host)
-    exp = client.create_experiment(experiment)
-    run = client.run_pipeline(experiment_id=exp.experiment_id, job_name=run_name or f"{PIPELINE_NAME}-{sha[:8]}",
-                              pipeline_id=pid, version_id=vid, params=flatten(params))
-    click.echo(json.dumps({"pipeline_id": pid, "version_id": vid, "run_id": run.run_id}))
+    client, pid, vid, vname, sa = _compile_and_upload(params, opts, chart_dir, value_files, image)
+    exp = client.create_experiment(opts["experiment"], namespace=opts["namespace"])
+    run = client.run_pipeline(experiment_id=exp.experiment_id, job_name=run_name or f"{PIPELINE_NAME}-{vname[:12]}",
+                              pipeline_id=pid, version_id=vid, params=flatten(params), service_account=sa)
+    click.echo(json.dumps({"pipeline_id": pid, "version_id": vid, "version": vname, "experiment_id": exp.experiment_id,
+                           "run_id": run.run_id}))
+
+
+def kfp_cron(expr: str) -> str:
+    """KFP's scheduler takes six fields (seconds first); a five-field crontab gets second 0."""
+    fields = expr.split()
+    if len(fields) == 5:
+        return "0 " + " ".join(fields)
+    if len(fields) == 6:
+        return " ".join(fields)
+    raise click.BadParameter(f"{expr!r}: expected a 5-field crontab or a 6-field KFP cron", param_hint="--cron")
 
 
 @main.command()
 @params_option
 @set_option
-@click.option("--host", required=True)
-@click.option("--cron", required=True, help="six-field KFP cron, e.g. '0 0 3 * * 1' (Mondays 03:00)")
-@click.option("--experiment", default="ctrl-pipeline", show_default=True)
+@chart_option
+@values_option
+@image_option
+@_kfp_options
+@click.option("--cron", required=True, help="crontab, 5 fields ('0 3 * * 1', Mondays 03:00) or KFP's 6 (seconds first)")
 @click.option("--name", "job_name", default="ctrl-retrain", show_default=True)
-def schedule(params_path, overrides, host, cron, experiment, job_name) -> None:
-    """Create a recurring run (max concurrency 1, no catch-up) of the pipeline version at this git SHA."""
+def schedule(params_path, overrides, chart_dir, value_files, image, cron, job_name, **opts) -> None:
+    """Create (or replace, by name) a recurring run of the pipeline version at this git SHA: max concurrency
+    1, no catch-up of missed intervals."""
+    cron = kfp_cron(cron)
     params = _load_params(params_path, overrides)
-    client, pid, vid, _ = _compile_and_upload(params, host)
-    exp = client.create_experiment(experiment)
+    client, pid, vid, vname, sa = _compile_and_upload(params, opts, chart_dir, value_files, image)
+    exp = client.create_experiment(opts["experiment"], namespace=opts["namespace"])
+    old = client.list_recurring_runs(experiment_id=exp.experiment_id, page_size=100,
+                                     filter=_name_filter(job_name)).recurring_runs or []
     rec = client.create_recurring_run(experiment_id=exp.experiment_id, job_name=job_name, cron_expression=cron,
                                       max_concurrency=1, no_catchup=True, pipeline_id=pid, version_id=vid,
-                                      params=flatten(params), enabled=True)
-    click.echo(json.dumps({"recurring_run_id": rec.recurring_run_id, "pipeline_id": pid, "version_id": vid}))
+                                      params=flatten(params), enabled=True, service_account=sa,
+                                      description=f"ctrl schedule: pipeline version {vname}")
+    for r in old:  # replace: one schedule per name, never two retrainings on overlapping schedules
+        client.delete_recurring_run(r.recurring_run_id)
+    click.echo(json.dumps({"recurring_run_id": rec.recurring_run_id, "pipeline_id": pid, "version_id": vid,
+                           "version": vname, "cron": cron, "replaced": [r.recurring_run_id for r in old]}))
 
 
 @main.command()

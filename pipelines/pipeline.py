@@ -4,6 +4,10 @@ The pipeline function's parameters are generated from the params.yaml schema (``
 schema's defaults, or a params file's values), so the KFP UI shows every run parameter with its default and
 nothing is declared twice. The first task, ``resolve_params``, validates them (before any heavy work) and
 hands the steps one JSON document; its function is generated from the same schema.
+
+Cluster placement (image, node pools, GPUs, /dev/shm, cache PVC, Secrets) is compile-time configuration
+from the Helm chart's values, applied per step by ``pipelines.placement.apply``; without it (``ctrl run``,
+kfp.local) the pipeline carries no Kubernetes settings.
 """
 
 import inspect
@@ -15,7 +19,12 @@ from kfp import compiler, dsl
 from components import BASE_IMAGE, ctrl_optimize, evaluate, fetch_checkpoint, pretrain_value, register
 from ctrl_core.params import Params, flatten, kfp_parameter_types
 
+from . import placement as placement_mod
+from .placement import Placement
+
 PIPELINE_NAME = "ctrl-pipeline"
+PIPELINE_DESCRIPTION = ("Fine-tune a diffusion model with continuous-time RL (CTRL); parameters are params.yaml's "
+                        "keys (block__key).")
 
 
 class Outputs(NamedTuple):
@@ -48,8 +57,49 @@ def make_resolve_params(names: list[str], types: dict[str, type]):
     return dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)(namespace["resolve_params"])
 
 
-def build_pipeline(defaults: Params | None = None, git_sha: str = ""):
-    """A KFP pipeline whose parameters are ``flatten(defaults)``."""
+def _field_comments(cls: type) -> dict[str, str]:
+    """``name: type = default  # help`` -> {name: help}: the help of dataclass fields (OptimConfig)."""
+    import io
+    import tokenize
+
+    out: dict[str, str] = {}
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline))
+    except (OSError, TypeError, tokenize.TokenError):
+        return out
+    line_start: dict[int, str] = {}
+    for tok in tokens:
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in line_start:
+            line_start[tok.start[0]] = tok.string
+        elif tok.type == tokenize.COMMENT and tok.start[0] in line_start:
+            out.setdefault(line_start[tok.start[0]], tok.string.lstrip("# ").strip())
+    return out
+
+
+def parameter_descriptions(defaults: Params) -> dict[str, str]:
+    """``block__key`` -> the schema's help text (shown next to each parameter in the KFP UI)."""
+    from ctrl_core.algorithms import OptimConfig
+
+    comments = _field_comments(OptimConfig)
+    out = {}
+    for block in Params.model_fields:
+        for key, f in type(getattr(defaults, block)).model_fields.items():
+            text = f.description or (comments.get(key) if block == "optimize" else None) or f"{block}.{key}"
+            out[f"{block}__{key}"] = " ".join(text.split())
+    return out
+
+
+def _docstring(names: list[str], descriptions: dict[str, str]) -> str:
+    """Google-style docstring: KFP reads its Args section into the parameters' descriptions."""
+    args = "\n".join(f"    {n}: {descriptions.get(n, n.replace('__', '.'))}" for n in names)
+    return f"{PIPELINE_DESCRIPTION}\n\nArgs:\n{args}\n"
+
+
+def build_pipeline(defaults: Params | None = None, git_sha: str = "", placement: Placement | None = None,
+                   image: str | None = None):
+    """A KFP pipeline whose parameters are ``flatten(defaults)``; ``placement`` (compile-time cluster
+    settings from the chart's values) puts each step on its node pool, or nothing when None; ``image``
+    replaces every step's image (default: the placement's, else ``components.BASE_IMAGE``)."""
     defaults = defaults or Params()
     flat, types = flatten(defaults), kfp_parameter_types(defaults)
     names = list(flat)
@@ -68,9 +118,10 @@ def build_pipeline(defaults: Params | None = None, git_sha: str = ""):
                        report=ev.outputs["report"],
                        evaluation_json=ev.outputs["Output"], link_json=value.outputs["Output"], git_sha=git_sha)
         reg.set_display_name("register")
-        reg.set_caching_options(False)  # reads mutable state (the registry's current champion)
-        for task in (resolved, fetch, value, optim, ev):
-            task.set_caching_options(True)
+        # caching (off for register: it reads the registry's champion) and, on a cluster, the placement
+        for step, task in (("resolve_params", resolved), ("fetch_checkpoint", fetch), ("pretrain_value", value),
+                           ("ctrl_optimize", optim), ("evaluate", ev), ("register", reg)):
+            placement_mod.apply(task, step, placement, image=image)
         return Outputs(fetch.outputs["Output"], value.outputs["Output"], optim.outputs["Output"], ev.outputs["Output"],
                        reg.outputs["Output"])
 
@@ -79,10 +130,11 @@ def build_pipeline(defaults: Params | None = None, git_sha: str = ""):
     ]
     ctrl_pipeline.__signature__ = inspect.Signature(params_sig, return_annotation=Outputs)
     ctrl_pipeline.__annotations__ = {**{n: types[n] for n in names}, "return": Outputs}
-    ctrl_pipeline.__doc__ = "Fine-tune a diffusion model with continuous-time RL; parameters are params.yaml's keys."
-    return dsl.pipeline(name=PIPELINE_NAME, description=ctrl_pipeline.__doc__)(ctrl_pipeline)
+    ctrl_pipeline.__doc__ = _docstring(names, parameter_descriptions(defaults))
+    return dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)(ctrl_pipeline)
 
 
-def compile_pipeline(out_file: str, defaults: Params | None = None, git_sha: str = "") -> str:
-    compiler.Compiler().compile(build_pipeline(defaults, git_sha), package_path=str(out_file))
+def compile_pipeline(out_file: str, defaults: Params | None = None, git_sha: str = "",
+                     placement: Placement | None = None, image: str | None = None) -> str:
+    compiler.Compiler().compile(build_pipeline(defaults, git_sha, placement, image), package_path=str(out_file))
     return str(out_file)

@@ -89,3 +89,15 @@ def test_compiled_pipeline_has_the_dag_and_every_parameter(tmp_path):
     for name, value in flat.items():
         assert declared[name].get("defaultValue", None) == value, name
     assert tasks["register"]["inputs"]["parameters"]["git_sha"]["runtimeValue"]["constant"] == "abc123"
+
+
+def test_every_pipeline_parameter_is_documented_for_the_kfp_ui(tmp_path):
+    from pipelines.pipeline import compile_pipeline, parameter_descriptions
+
+    params = load(REPO / "params.yaml")
+    spec = yaml.safe_load(Path(compile_pipeline(tmp_path / "p.yaml", params)).read_text())
+    declared = spec["root"]["inputDefinitions"]["parameters"]
+    descriptions = parameter_descriptions(params)
+    for name in flatten(params):
+        assert declared[name].get("description") == descriptions[name], name
+    assert descriptions["optimize__beta"].startswith("KL weight")  # OptimConfig's field comments count as help
