@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .distributed import Dist
 from .policy import GaussianScorePolicy, Trajectory, gaussian_log_prob, kl_increment, sample, x_hat
 from .value import ValueDataset, ValueFunction, fit_value
 
@@ -60,20 +61,20 @@ class OptimConfig:
     advantage_norm: str = "scale"  # scale | per_time | center | none
     advantage_clip: float = 5.0  # clip normalised advantages to +-this (0: no clipping)
     clip_range: float = 0.2  # PPO ratio clip epsilon
-    ppo_epochs: int = 1
-    minibatch_size: int = 32
+    ppo_epochs: int = 1  # PPO passes over each iteration's paths
+    minibatch_size: int = 32  # paths per optimiser step (of the global batch)
     lr: float = 3e-4  # policy (LoRA) learning rate
     lr_decay: str = "cosine"  # cosine (to 10% of lr at the last iteration) | none
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    value_lr: float = 1e-3
+    weight_decay: float = 0.0  # AdamW weight decay of the adapter
+    max_grad_norm: float = 1.0  # gradient-norm clip of the policy update
+    value_lr: float = 1e-3  # value-net learning rate during policy optimisation
     value_epochs: int = 2  # value-net epochs per iteration on the fresh returns
-    value_batch_size: int = 256
+    value_batch_size: int = 256  # value-net minibatch size
     value_xhat: str = "pretrained"  # Tweedie x_hat in the value skip term from: pretrained | policy (eq. 19)
     checkpoint_every: int = 0  # resumable checkpoint (+ adapter snapshot) every N iterations (0: only at the end)
     on_nonfinite: str = "error"  # a NaN/inf reward, loss or gradient: error (stop the step) | skip (drop the iteration)
     max_skipped: int = 3  # with on_nonfinite=skip: stop after this many dropped iterations
-    seed: int = 0
+    seed: int = 0  # seed of the trainer's generator (rollouts, grids, minibatches)
 
     def __post_init__(self):
         checks = [
@@ -148,7 +149,12 @@ class Trainer:
         x_shape: tuple[int, ...],
         condition_sampler: Callable[[int, torch.Generator], Tensor | None] = lambda n, g: None,
         value: ValueFunction | None = None,
+        dist: Dist | None = None,
     ):
+        self.dist = dist or Dist()
+        if config.batch_size % self.dist.world:
+            raise ValueError(f"optimize.batch_size ({config.batch_size}) must be a multiple of the number of processes "
+                             f"({self.dist.world})")
         if config.algorithm == "ctrl" and value is None:
             raise ValueError("CTRL needs a value function (pretrain one with select_link / fit_value)")
         self.policy, self.reward_fn, self.cfg, self.value = policy, reward_fn, config, value
@@ -217,11 +223,15 @@ class Trainer:
         K = min(cfg.train_timesteps, len(stochastic))
         pick = torch.randperm(len(stochastic), generator=self.generator)[:K]
         steps = sorted(stochastic[int(i)] for i in pick)
+        # every rank draws the global batch's random numbers and keeps its own rows (distributed.py)
+        rows = self.dist.shard(cfg.batch_size)
         c = self.condition_sampler(cfg.batch_size, self.generator)
-        x0 = torch.randn((cfg.batch_size, *self.x_shape), generator=self.generator)
-        traj = sample(self.policy, x0, c, grid, self.generator, reference_steps=steps)
+        c = None if c is None else c[rows]
+        x0 = torch.randn((cfg.batch_size, *self.x_shape), generator=self.generator)[rows]
+        traj = sample(self.policy, x0, c, grid, self.generator, reference_steps=steps,
+                      noise_rows=None if self.dist.world == 1 else (cfg.batch_size, rows))
         reward = self.reward_fn(traj.sample, c).float()
-        if not torch.all(torch.isfinite(reward)):
+        if self.dist.any(not bool(torch.all(torch.isfinite(reward)))):
             raise FloatingPointError(f"the reward model returned a non-finite reward at iteration {self.iteration}")
         kl_terms = {}
         for k in steps:
@@ -251,7 +261,8 @@ class Trainer:
         """Per training step k: the advantage rate times Delta_k (the integrand of eq. 22 before rho), (B,)."""
         cfg, traj, grid = self.cfg, ro.traj, ro.traj.grid
         if cfg.algorithm == "ddpo":
-            adv = per_condition_whiten(ro.reward, traj.conditions)
+            conds = None if traj.conditions is None else self.dist.gather_rows(traj.conditions)
+            adv = per_condition_whiten(self.dist.gather_rows(ro.reward), conds)[self.dist.shard(cfg.batch_size)]
             return {k: adv for k in ro.steps}
         out = {}
         for k in ro.steps:
@@ -277,6 +288,14 @@ class Trainer:
         mode = self.cfg.advantage_norm
         if self.cfg.algorithm == "ddpo" or mode == "none":
             return adv, 1.0
+        if self.dist.world > 1:  # batch statistics over the global batch, then back to this rank's rows
+            rows = self.dist.shard(self.cfg.batch_size)
+            self.dist, world = Dist(), self.dist
+            try:
+                full, scale = self.normalise({k: world.gather_rows(a) for k, a in adv.items()})
+            finally:
+                self.dist = world
+            return {k: a[rows] for k, a in full.items()}, scale
         centred = {k: a - a.mean() for k, a in adv.items()}
         if mode == "center":
             return centred, 1.0
@@ -313,11 +332,17 @@ class Trainer:
             rm.append(self.reward_fn(xhat_k, traj.conditions).float())
             gs.append(ro.reward - self.cfg.beta * future_kl)
         c = None if traj.conditions is None else torch.cat(cs)
-        return ValueDataset(torch.cat(ss), torch.cat(xs), c, torch.cat(xh), torch.cat(rm), torch.cat(gs))
+        n = len(ro.steps)
+        g = lambda t: self.dist.gather_blocks(t, n)  # noqa: E731  (all ranks fit the value net on the global data)
+        return ValueDataset(g(torch.cat(ss)), g(torch.cat(xs)), None if c is None else g(c), g(torch.cat(xh)),
+                            g(torch.cat(rm)), g(torch.cat(gs)))
 
     # -- 6: PPO update ----------------------------------------------------------------------------------------
-    def surrogate_loss(self, ro: Rollout, adv: dict[int, Tensor], k: int, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """eq. 22 at step k for the paths ``idx``: (loss, new log-prob, ratio). ``loss`` is to be minimised."""
+    def surrogate_loss(self, ro: Rollout, adv: dict[int, Tensor], k: int, idx: Tensor, denom: int | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+        """eq. 22 at step k for the paths ``idx``: (loss, new log-prob, ratio). ``loss`` is to be minimised; it
+        averages over ``denom`` paths (default len(idx); data-parallel ranks pass the global minibatch size)."""
+        denom = len(idx) if denom is None else denom
         cfg, traj, sch = self.cfg, ro.traj, self.policy.schedule
         s, s_next = float(traj.grid[k]), float(traj.grid[k + 1])
         coef = self.policy.coefficients(s, s_next)
@@ -331,34 +356,38 @@ class Trainer:
         # CTRL: a Riemann sum of the time integral over the K random steps, rescaled to all steps;
         # DDPO: the mean over its timesteps, as ddpo-pytorch does
         weight = ro.kl_scale if cfg.algorithm == "ctrl" else 1.0 / len(ro.steps)
-        loss = -surrogate.mean() * weight
+        loss = -surrogate.sum() / denom * weight
         if cfg.algorithm == "ctrl" and cfg.beta > 0:
             kl_direct = kl_increment(sch, s, s_next, mu, traj.ref_means[k][idx])
-            loss = loss + cfg.beta * kl_direct.mean() * ro.kl_scale
+            loss = loss + cfg.beta * kl_direct.sum() / denom * ro.kl_scale
         return loss, logp, ratio
 
     def policy_update(self, ro: Rollout, adv: dict[int, Tensor], scale: float) -> tuple[float, float]:
+        """PPO epochs over minibatches of the global batch; each rank backpropagates its own paths of every
+        minibatch and the gradients are summed over ranks before clipping and the optimiser step."""
         cfg, traj = self.cfg, ro.traj
-        B = traj.states.shape[1]
-        approx_kls, clipfracs = [], []
+        B, rows = cfg.batch_size, self.dist.shard(cfg.batch_size)
+        kl_sum = clip_sum = count = 0.0
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(B, generator=self.generator)
             for j in range(0, B, cfg.minibatch_size):
                 idx = perm[j : j + cfg.minibatch_size]
+                mine = idx[(idx >= rows.start) & (idx < rows.stop)] - rows.start
                 self.opt.zero_grad(set_to_none=True)
-                for k in ro.steps:  # one backward per step keeps one step's graph in memory at a time
-                    loss, logp, ratio = self.surrogate_loss(ro, adv, k, idx)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"non-finite policy loss at iteration {self.iteration}, step {k}")
+                for k in ro.steps if len(mine) else ():  # one backward per step: one step's graph in memory at a time
+                    loss, logp, ratio = self.surrogate_loss(ro, adv, k, mine, denom=len(idx))
                     (loss / scale).backward()
                     with torch.no_grad():
-                        approx_kls.append(float(0.5 * (logp - traj.log_probs[k][idx]).pow(2).mean()))
-                        clipfracs.append(float(((ratio - 1).abs() > cfg.clip_range).float().mean()))
+                        kl_sum += float(0.5 * (logp - traj.log_probs[k][mine]).pow(2).sum())
+                        clip_sum += float(((ratio - 1).abs() > cfg.clip_range).float().sum())
+                        count += len(mine)
+                self.dist.sync_grads(self.params)
                 if not all(p.grad is None or torch.all(torch.isfinite(p.grad)) for p in self.params):
-                    raise FloatingPointError(f"non-finite policy gradient at iteration {self.iteration}")
+                    raise FloatingPointError(f"non-finite policy loss or gradient at iteration {self.iteration}")
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.opt.step()
-        return sum(approx_kls) / len(approx_kls), sum(clipfracs) / len(clipfracs)
+        count = self.dist.sum(count)
+        return self.dist.sum(kl_sum) / count, self.dist.sum(clip_sum) / count
 
     def learning_rate(self, iteration: int) -> float:
         """Cosine decay to 10%: stochastic-approximation steps must shrink for the iterates to settle."""
@@ -407,7 +436,7 @@ class Trainer:
             adv, scale = self.normalise(self.advantages(ro))
             data = self.value_dataset(ro)
             value_loss = fit_value(self.value, data, cfg.value_epochs, batch_size=cfg.value_batch_size,
-                                   generator=self.generator, optimizer=self.value_opt)
+                                   generator=self.generator, optimizer=self.value_opt, dist=self.dist)
             if not math.isfinite(value_loss):
                 raise FloatingPointError(f"non-finite value loss at iteration {self.iteration}")
         else:
@@ -421,13 +450,14 @@ class Trainer:
         if not all(bool(torch.isfinite(p).all()) for p in self.params):
             raise FloatingPointError(f"non-finite policy weights after the update at iteration {self.iteration}")
         t3 = time.perf_counter()
-        kl = (sum(ro.kl_terms.values()) * ro.kl_scale).mean().item()
+        reward = self.dist.gather_rows(ro.reward)
+        kl = self.dist.gather_rows(sum(ro.kl_terms.values()) * ro.kl_scale).mean().item()
         stats = IterationStats(
             iteration=self.iteration,
-            reward_mean=float(ro.reward.mean()),
-            reward_std=float(ro.reward.std()),
+            reward_mean=float(reward.mean()),
+            reward_std=float(reward.std()),
             kl=kl,
-            objective=float(ro.reward.mean()) - cfg.beta * kl,
+            objective=float(reward.mean()) - cfg.beta * kl,
             value_loss=value_loss,
             approx_kl=approx_kl,
             clipfrac=clipfrac,

@@ -199,11 +199,14 @@ def sample(
     generator: torch.Generator | None = None,
     reference_steps: list[int] | None = None,
     use_pretrained: bool = False,
+    noise_rows: tuple[int, slice] | None = None,
 ) -> Trajectory:
     """Roll the policy out on ``grid`` from x_init (usually N(0, I) at s = 1).
 
     ``reference_steps``: step indices at which mu_pre is also computed (for the KL running reward).
     ``use_pretrained``: sample the base model (adapter off) with the same solver.
+    ``noise_rows``: (global batch, rows): x_init holds these rows of a larger batch; the step noise is drawn
+    for the whole batch and sliced, so a data-parallel rank follows the same paths as a one-process run.
     """
     grid = grid.to(torch.float64)
     K = grid.numel() - 1
@@ -234,7 +237,10 @@ def sample(
                 coef = policy.coefficients(s, s_next)
                 mean = policy.transition_mean(coef, x, mu)
                 if coef.stochastic:
-                    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+                    if noise_rows is None:
+                        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+                    else:
+                        noise = torch.randn((noise_rows[0], *x.shape[1:]), generator=generator, dtype=x.dtype)[noise_rows[1]]
                     x_next = mean + coef.std.to(x.dtype) * noise
                     log_probs[k] = policy.log_prob(coef, x, x_next, mu)
                     stochastic[k] = True

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .algorithms import OptimConfig, Trainer
+from .distributed import Dist
 from .models import AffineCorrection, DiffusersScoreModel, GaussianScoreModel
 from .policy import GaussianScorePolicy, sample, x_hat
 from .schedule import DiscreteVPSchedule, LinearVPSchedule
@@ -94,6 +95,7 @@ def gaussian_problem(data_mean: Tensor, data_std: Tensor, solver: str = "euler_m
 def collect_value_data(
     problem: Problem, reward_fn: Callable, num_paths: int, steps: int, points_per_path: int, seed: int = 0,
     batch_size: int = 128, resume: dict | None = None, on_batch: Callable[[dict], None] | None = None,
+    dist: Dist | None = None,
 ) -> ValueDataset:
     """Monte-Carlo returns of the current policy at random times: (s, x_s, c, x_hat, RM(x_hat), RM(X_T)).
 
@@ -101,7 +103,14 @@ def collect_value_data(
     KL to itself is zero (CTRL's own iterations then add the KL running reward).
 
     Resumable: after each batch ``on_batch`` receives a state (the batches so far, the generator, the next path
-    index); passing that state back as ``resume`` continues with bitwise the same data as an unbroken run."""
+    index); passing that state back as ``resume`` continues with bitwise the same data as an unbroken run.
+
+    With ``dist`` each rank samples its rows of every batch (the random numbers are those of the whole batch)
+    and every rank ends with the whole data set, in the one-process order."""
+    dist = dist or Dist()
+    if num_paths % dist.world or batch_size % dist.world:
+        raise ValueError(f"value.num_paths ({num_paths}) and value.batch_size ({batch_size}) must be multiples of "
+                         f"the number of processes ({dist.world})")
     pol, g = problem.policy, torch.Generator().manual_seed(seed)
     parts, start = [], 0
     if resume is not None:
@@ -109,15 +118,19 @@ def collect_value_data(
         parts, start = [ValueDataset(**d) for d in resume["parts"]], int(resume["next"])
     for j in range(start, num_paths, batch_size):
         n = min(batch_size, num_paths - j)
+        rows = dist.shard(n)
         grid = pol.schedule.random_time_grid(steps, g)
         c = problem.condition_sampler(n, g)
-        traj = sample(pol, torch.randn((n, *problem.x_shape), generator=g), c, grid, g)
+        c = None if c is None else c[rows]
+        x0 = torch.randn((n, *problem.x_shape), generator=g)[rows]
+        traj = sample(pol, x0, c, grid, g, noise_rows=None if dist.world == 1 else (n, rows))
         h = reward_fn(traj.sample, c).float()
         ks = torch.randperm(steps, generator=g)[:points_per_path].tolist()
         for k in ks:
-            s_vec = torch.full((n,), float(grid[k]), dtype=torch.float64)
+            s_vec = torch.full((len(x0),), float(grid[k]), dtype=torch.float64)
             xh = x_hat(pol.schedule, s_vec, traj.states[k], traj.means[k])
-            parts.append(ValueDataset(s_vec, traj.states[k], c, xh, reward_fn(xh, c).float(), h))
+            part = (s_vec, traj.states[k], c, xh, reward_fn(xh, c).float(), h)
+            parts.append(ValueDataset(*(None if t is None else dist.gather_rows(t) for t in part)))
         if on_batch is not None:
             on_batch({"parts": [p.state() for p in parts], "generator": g.get_state(), "next": j + n})
     return ValueDataset.concat(parts)
@@ -132,6 +145,7 @@ def pretrain_value(
     return select_link(lambda link: ValueFunction(reward_fn, problem.make_residual(), link), data, candidates, epochs, lr, seed=seed)
 
 
-def make_trainer(problem: Problem, reward_fn: Callable, cfg: OptimConfig, value: ValueFunction | None) -> Trainer:
+def make_trainer(problem: Problem, reward_fn: Callable, cfg: OptimConfig, value: ValueFunction | None,
+                 dist: Dist | None = None) -> Trainer:
     policy = problem.policy.with_solver(cfg.solver, None if cfg.eta < 0 else cfg.eta)
-    return Trainer(policy, reward_fn, cfg, problem.x_shape, problem.condition_sampler, value)
+    return Trainer(policy, reward_fn, cfg, problem.x_shape, problem.condition_sampler, value, dist=dist)

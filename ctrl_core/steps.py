@@ -62,9 +62,16 @@ def checkpoint_store(params: Params, step: str, blocks: tuple[str, ...], input_d
     config = {b: dump[b] for b in blocks} | {"seed": params.run.seed}
     key = run_key(step, config, [dir_digest(d) for d in input_dirs if d is not None])
     store = CheckpointStore(default_root(params.run.checkpoint_root), step, key)
-    if not params.run.resume:
+    if not params.run.resume and _dist().is_main:
         store.clear()
     return store
+
+
+def _dist():
+    """The data-parallel group this process belongs to (one process unless launched by torchrun/accelerate)."""
+    from .distributed import Dist
+
+    return Dist.from_env()
 
 
 def load_problem(params: Params, checkpoint_dir: str | Path):
@@ -101,16 +108,17 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
     state = found[1] if found else {"collecting": None, "data": None, "fitted": {}}
     problem, reward = load_problem(params, checkpoint_dir), make_reward_fn(params)
     vp, seed = params.value, params.run.seed
-    saves = [found[0] if found else 0]
+    saves, dist = [found[0] if found else 0], _dist()
 
     def save(new_state: dict) -> None:
         saves[0] += 1
-        store.save(saves[0], new_state)
+        if dist.is_main:  # every rank holds the same state; one writes it
+            store.save(saves[0], new_state)
 
     if state["data"] is None:
         data = collect_value_data(problem, reward, vp.num_paths, vp.steps, vp.points_per_path, seed, vp.batch_size,
                                   resume=state["collecting"],
-                                  on_batch=lambda c: save({"collecting": c, "data": None, "fitted": {}}))
+                                  on_batch=lambda c: save({"collecting": c, "data": None, "fitted": {}}), dist=dist)
         state = {"collecting": None, "data": data.state(), "fitted": {}}
         save(state)
     data = ValueDataset(**state["data"])
@@ -121,12 +129,16 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
 
     done = {name: (f["weights"], f["mse"]) for name, f in state["fitted"].items()}
     sel = select_link(lambda link: ValueFunction(reward, problem.make_residual(), link), data, vp.candidates, vp.epochs,
-                      vp.lr, seed=seed, done=done, on_fitted=on_fitted)
+                      vp.lr, seed=seed, done=done, on_fitted=on_fitted, dist=dist)
     result = {"chosen": sel.chosen, "mse": sel.val_mse, "seconds": round(time.perf_counter() - t0, 2),
-              "resumed_candidates": sorted(done)}
+              "resumed_candidates": sorted(done), "processes": dist.world}
+    if not dist.identical(sel.values[sel.chosen].residual.state_dict().values()):
+        raise RuntimeError("value pretraining: the processes ended with different value nets (gradients not synchronised)")
+    if not dist.is_main:
+        return result
     with staged_output(out_dir) as tmp:
         atomic_save_weights(sel.values[sel.chosen].residual.state_dict(), tmp / "value.safetensors")
-        atomic_write_json({k: v for k, v in result.items() if k != "resumed_candidates"}, tmp / "link.json")
+        atomic_write_json({k: result[k] for k in ("chosen", "mse", "seconds")}, tmp / "link.json")
     store.clear()  # the output is committed: the checkpoints have done their job
     return result
 
@@ -151,7 +163,8 @@ def optimize(
     cfg = params.optim_config()
     problem, reward = load_problem(params, checkpoint_dir), make_reward_fn(params)
     value = load_value(params, problem, reward, value_dir) if cfg.algorithm == "ctrl" else None
-    trainer = make_trainer(problem, reward, cfg, value)
+    dist = _dist()
+    trainer = make_trainer(problem, reward, cfg, value, dist)
     store = checkpoint_store(params, "optimize", ("checkpoint", "model", "reward", "optimize"),
                              [checkpoint_dir, value_dir if cfg.algorithm == "ctrl" else None])
     found = store.latest()
@@ -163,6 +176,11 @@ def optimize(
     history: list[dict] = [row_of(st) for st in trainer.history]
     every = params.optimize.checkpoint_every
     snapshots = store.dir / "snapshots"  # adapter snapshots survive restarts with the checkpoints
+    if not dist.is_main:  # the other ranks train in lockstep; rank 0 writes checkpoints and outputs
+        trainer.train()
+        if not dist.identical(trainer.params):
+            raise RuntimeError("data-parallel ranks ended with different adapters (gradients not synchronised)")
+        return {"rank": dist.rank, "iterations": trainer.iteration}
     with staged_output(out_dir) as tmp:
         with open(tmp / "metrics.jsonl", "w") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in history)
@@ -182,6 +200,8 @@ def optimize(
 
         t0 = time.perf_counter()
         trainer.train(on_iteration)
+        if not dist.identical(trainer.params):
+            raise RuntimeError("data-parallel ranks ended with different adapters (gradients not synchronised)")
         if snapshots.is_dir():
             shutil.copytree(snapshots, tmp / "checkpoints")
         trainer.policy.model.save_adapter(tmp / "adapter")
@@ -197,6 +217,8 @@ def optimize(
             "seconds": round(time.perf_counter() - t0, 2),
             "seconds_per_iteration": {k: sum(h[f"{k}_s"] for h in history) / max(len(history), 1) for k in ("sample", "value", "policy")},
             "resumed_from_iteration": resumed_from,
+            "processes": dist.world,
+            "ranks_identical": True,  # checked above: every rank holds bitwise this adapter
             "skipped_iterations": trainer.skipped,
         }
         atomic_write_json({"summary": summary, "history": history}, tmp / "metrics.json")

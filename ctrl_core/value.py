@@ -182,25 +182,41 @@ def fit_value(
     batch_size: int = 256,
     generator: torch.Generator | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    dist=None,
 ) -> float:
-    """Minimise the MSE to Monte-Carlo returns; returns the last epoch's mean training loss."""
+    """Minimise the MSE to Monte-Carlo returns; returns the last epoch's mean training loss.
+
+    With ``dist`` (a ``distributed.Dist`` over W processes that all hold the same ``train``), each rank takes
+    its contiguous share of every minibatch and the gradients are summed over ranks: the same steps as one
+    process on the whole minibatch."""
     params = [p for p in value.residual.parameters() if p.requires_grad]
     if not params or torch.all(value.link(train.s.float())[1] == 0):
         return float(value_loss(value, train).detach())  # nothing to fit (e.g. 'rm_only')
     opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    world, rank = (1, 0) if dist is None else (dist.world, dist.rank)
     last = float("nan")
     for _ in range(epochs):
         perm = torch.randperm(len(train), generator=generator)
         total, n = 0.0, 0
         for j in range(0, len(train), batch_size):
-            b = train.subset(perm[j : j + batch_size])
-            loss = value_loss(value, b)
+            idx = perm[j : j + batch_size]
+            mine = idx.tensor_split(world)[rank]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(mine):
+                b = train.subset(mine)
+                pred = value(b.s, b.x, b.c, b.x_hat, rm_x_hat=b.rm_x_hat)
+                loss = (pred - b.returns.float()).pow(2).sum() / len(idx)
+                loss.backward()
+                part = float(loss.detach())
+            else:
+                part = 0.0
+            if dist is not None:
+                dist.sync_grads(params)
+                part = dist.sum(part)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            total += float(loss.detach()) * len(b)
-            n += len(b)
+            total += part * len(idx)
+            n += len(idx)
         last = total / max(n, 1)
     return last
 
@@ -222,6 +238,7 @@ def select_link(
     seed: int = 0,
     done: dict[str, tuple[dict, float]] | None = None,
     on_fitted: Callable[[str, ValueFunction, float], None] | None = None,
+    dist=None,
 ) -> LinkSelection:
     """Train one value net per candidate link on the same split; choose the lowest held-out MSE (Fig. 2b).
 
@@ -243,7 +260,7 @@ def select_link(
             v.residual.load_state_dict(done[name][0])
             mses[name] = float(done[name][1])
         else:
-            fit_value(v, train, epochs, lr=lr, generator=torch.Generator().manual_seed(seed))
+            fit_value(v, train, epochs, lr=lr, generator=torch.Generator().manual_seed(seed), dist=dist)
             with torch.no_grad():
                 mses[name] = float(value_loss(v, val))
             if not math.isfinite(mses[name]):

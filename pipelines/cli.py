@@ -346,11 +346,16 @@ def promote(name, version, force, reason, params_path, overrides) -> None:
 @click.option("--value", "value_dir", default="data/value", show_default=True)
 @click.option("--optimize-dir", default="data/optimize", show_default=True)
 @click.option("--evaluate-dir", default="data/evaluate", show_default=True)
-def step(name, params_path, overrides, checkpoint, value_dir, optimize_dir, evaluate_dir) -> None:
-    """Run one pipeline step on folders (what dvc.yaml's stages call)."""
+@click.option("--num-processes", type=click.IntRange(min=1), default=None,
+              help="data-parallel processes for pretrain_value/optimize (one per GPU); default: $CTRL_NUM_PROCESSES or 1")
+def step(name, params_path, overrides, checkpoint, value_dir, optimize_dir, evaluate_dir, num_processes) -> None:
+    """Run one pipeline step on folders (what dvc.yaml's stages and multi-GPU components call)."""
     from ctrl_core import steps
 
-    params = _load_params(params_path, overrides)
+    params = _load_params(params_path, overrides)  # validated before any process is started
+    n = num_processes or int(os.environ.get("CTRL_NUM_PROCESSES", "1") or 1)
+    if n > 1 and name in ("pretrain_value", "optimize") and "WORLD_SIZE" not in os.environ:
+        sys.exit(_launch_data_parallel(n, sys.argv[sys.argv.index("step"):]))
     if name == "fetch":
         out = steps.fetch(params, checkpoint)
     elif name == "pretrain_value":
@@ -368,6 +373,44 @@ def step(name, params_path, overrides, checkpoint, value_dir, optimize_dir, eval
         link = json.loads((Path(value_dir) / "link.json").read_text())
         out = register_from_outputs(params, checkpoint, optimize_dir, evaluation, link, evaluation_dir=evaluate_dir)
     click.echo(json.dumps(out, indent=2, default=str)[:4000])
+
+
+def num_processes() -> int:
+    """Processes a multi-GPU step runs (the placement sets CTRL_NUM_PROCESSES to the step's GPU count)."""
+    return max(int(os.environ.get("CTRL_NUM_PROCESSES", "1") or 1), 1)
+
+
+def run_step_data_parallel(name: str, params_json: str, checkpoint: str, out_dir: str, value_dir: str | None = None) -> dict:
+    """For the KFP components: run ``ctrl step NAME`` over ``num_processes()`` processes and return the step's
+    result (read back from the outputs rank 0 wrote)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        fh.write(params_json)  # JSON is YAML
+    argv = ["step", name, "--params", fh.name, "--checkpoint", checkpoint, "--num-processes", str(num_processes())]
+    argv += ["--value", value_dir or out_dir] if name == "pretrain_value" else ["--value", value_dir or "", "--optimize-dir", out_dir]
+    if name == "pretrain_value":
+        argv[argv.index("--value") + 1] = out_dir
+    try:
+        code = _launch_data_parallel(num_processes(), argv)
+    finally:
+        os.unlink(fh.name)
+    if code != 0:
+        raise RuntimeError(f"ctrl step {name} failed on {num_processes()} processes (exit code {code})")
+    if name == "pretrain_value":
+        return json.loads((Path(out_dir) / "link.json").read_text())
+    return json.loads((Path(out_dir) / "metrics.json").read_text())["summary"]
+
+
+def _launch_data_parallel(n: int, step_argv: list[str]) -> int:
+    """Re-run this ``ctrl step`` under torchrun with one process per GPU (gloo on the CPU, NCCL on GPUs);
+    ranks synchronise gradients (ctrl_core/distributed.py) and rank 0 writes checkpoints and outputs."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "pipelines.cli", *step_argv]
+    click.echo(f"launching {n} processes: {' '.join(cmd)}", err=True)
+    return subprocess.call(cmd, env={**os.environ, "CTRL_NUM_PROCESSES": "1"})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,12 @@ def ctrl_optimize(
               f"kl {row['kl']:.4f} ({row['sample_s'] + row['value_s'] + row['policy_s']:.1f}s)", flush=True)
 
     value_dir = value.path if p.optimize.algorithm == "ctrl" else None
-    out = steps.optimize(p, checkpoint.path, value_dir, adapter.path, progress=progress)
+    from pipelines.cli import num_processes, run_step_data_parallel
+
+    if num_processes() > 1:  # one process per GPU of this step; ranks sync LoRA and value-net gradients
+        out = run_step_data_parallel("optimize", params, checkpoint.path, adapter.path, value_dir)
+    else:
+        out = steps.optimize(p, checkpoint.path, value_dir, adapter.path, progress=progress)
     for key in ("final_reward", "first_reward", "final_kl"):
         if out.get(key) is not None:
             train_metrics.log_metric(f"train/{key}", out[key])

@@ -14,7 +14,12 @@ def pretrain_value(params: str, checkpoint: Input[Model], value: Output[Model], 
     from ctrl_core.params import from_json
 
     t0 = time.perf_counter()
-    out = steps.pretrain_value(from_json(params), checkpoint.path, value.path)
+    from pipelines.cli import num_processes, run_step_data_parallel
+
+    if num_processes() > 1:  # one process per GPU of this step (CTRL_NUM_PROCESSES from the placement)
+        out = run_step_data_parallel("pretrain_value", params, checkpoint.path, value.path)
+    else:
+        out = steps.pretrain_value(from_json(params), checkpoint.path, value.path)
     for link, mse in out["mse"].items():
         link_metrics.log_metric(f"value/mse/{link}", mse)
     value.metadata["link"] = out["chosen"]

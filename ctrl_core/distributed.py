@@ -1,0 +1,109 @@
+"""Data parallelism for the trainer: one process per GPU, gradients of the LoRA adapter and of the value net
+all-reduced before every optimiser step.
+
+Every rank draws the random numbers of the *global* batch from the same seeded generator (initial noise,
+conditions, per-step noise, minibatch permutations) and computes only its own rows. The W-process run is
+therefore the one-process run with the same global batch, split: it differs only by floating-point summation
+order, and every rank holds bitwise the same weights after each step (the all-reduced gradients are the same
+bits everywhere). Batch statistics (advantage normalisation, DDPO's per-prompt whitening, logged rewards)
+are computed on rows gathered from all ranks, and so are the value net's training data.
+
+Launch with ``torchrun --nproc_per_node N`` or ``accelerate launch --multi_gpu --num_processes N``: both set
+RANK / WORLD_SIZE / MASTER_ADDR, which ``Dist.from_env`` reads (NCCL on GPUs, gloo on the CPU).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        if not tdist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            tdist.init_process_group(backend=backend)
+        return cls(tdist.get_rank(), tdist.get_world_size())
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, n: int) -> slice:
+        """This rank's rows of a global batch of n (n must be a multiple of the world size)."""
+        if n % self.world:
+            raise ValueError(f"a global batch of {n} does not split over {self.world} processes")
+        b = n // self.world
+        return slice(self.rank * b, (self.rank + 1) * b)
+
+    def gather_rows(self, t: Tensor) -> Tensor:
+        """Concatenate every rank's (b, ...) tensor along dim 0, in rank order."""
+        if self.world == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        tdist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def gather_blocks(self, t: Tensor, blocks: int) -> Tensor:
+        """``t`` is ``blocks`` consecutive row blocks of b rows (one per training step); returns the blocks of the
+        global batch in the one-process order (block-major, then ranks)."""
+        if self.world == 1:
+            return t
+        per = t.reshape(blocks, -1, *t.shape[1:])
+        full = self.gather_rows(per.transpose(0, 1).contiguous())  # (W * b, blocks, ...)
+        b = per.shape[1]
+        return full.reshape(self.world, b, blocks, *t.shape[1:]).permute(2, 0, 1, *range(3, t.dim() + 2)).reshape(-1, *t.shape[1:])
+
+    def sum(self, value: float | Tensor) -> float:
+        if self.world == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        tdist.all_reduce(t)
+        return float(t)
+
+    def any(self, flag: bool) -> bool:
+        return self.sum(1.0 if flag else 0.0) > 0
+
+    def sync_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Sum the gradients over ranks (each rank's loss is already divided by the global count)."""
+        if self.world == 1:
+            return
+        params = list(params)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        tdist.all_reduce(flat)
+        i = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[i : i + n].view_as(p).clone()
+            i += n
+
+    def identical(self, tensors: Iterable[Tensor]) -> bool:
+        """Do all ranks hold bitwise the same tensors? (a cheap guard against unsynchronised gradients)"""
+        if self.world == 1:
+            return True
+        import hashlib
+
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        mine = torch.tensor(list(h.digest()[:16]), dtype=torch.int64)
+        return bool((self.gather_rows(mine[None]) == mine).all())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            tdist.barrier()
