@@ -44,6 +44,12 @@ BUILTIN_CHECKPOINTS: dict[str, tuple[str, ...]] = {
     "digits": ("digits_unet.safetensors", "digits_config.json", "digits_classifier.safetensors"),
 }
 S3_ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+#: Operator-configured S3 prefix (``s3://bucket/prefix/`` or a key prefix): when set, s3:// checkpoints are
+#: read only from under it (the ``allowed_prefix`` argument, when given, takes precedence).
+S3_ALLOWED_PREFIX_ENV = "CTRL_S3_ALLOWED_PREFIX"
+#: Attempts per S3 request (botocore "standard" retries: 5xx, throttling, dropped connections, with jittered
+#: exponential backoff). The body of a GetObject is retried separately (``S3_BODY_ATTEMPTS``).
+S3_MAX_ATTEMPTS = 5
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _HF_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -104,7 +110,8 @@ def fetch_checkpoint(
     :class:`CheckpointError` naming both hashes. ``builtin_dir``: where ``builtin:`` checkpoints live
     (default ``ctrl_core.embedded.WEIGHTS_DIR``). ``allowed_prefix``: for ``s3://`` sources, every object must
     lie under it -- either a key prefix (``"models/"``) or a full ``s3://bucket/prefix`` URI; it is a plain
-    string prefix, so end it with ``/`` to mean a folder.
+    string prefix, so end it with ``/`` to mean a folder. Default: ``$CTRL_S3_ALLOWED_PREFIX`` for s3://
+    sources (unset: any key under the requested one).
 
     If ``dest`` already holds a manifest for the same source (and the same ``sha256``, when one is given)
     whose files are all still present with the recorded hashes, it is returned as is, without fetching
@@ -118,6 +125,11 @@ def fetch_checkpoint(
     dest = Path(dest).expanduser()
     if dest.name in ("", ".", ".."):
         dest = dest.resolve()
+
+    if allowed_prefix is None and source.startswith("s3://"):
+        allowed_prefix = os.environ.get(S3_ALLOWED_PREFIX_ENV, "").strip() or None
+    if source.startswith("s3://"):
+        _s3_fetcher(source, allowed_prefix)  # cheap key/prefix checks, even when dest is already current
 
     current = _existing_manifest(dest)
     if current is not None and current.source == source and (expected is None or current.sha256 == expected):
@@ -394,13 +406,21 @@ def s3_endpoint_url() -> str | None:
     return None
 
 
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name) or default))
+    except ValueError:
+        return default
+
+
 def _s3_client():
     import boto3
     from botocore.config import Config
 
     endpoint = s3_endpoint_url()
     config = Config(
-        retries={"max_attempts": 5, "mode": "standard"},
+        # AWS_MAX_ATTEMPTS is the SDKs' own knob; an explicit Config would otherwise shadow it
+        retries={"max_attempts": _env_int("AWS_MAX_ATTEMPTS", S3_MAX_ATTEMPTS), "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
         # S3-compatible stores (MinIO, ...) behind a plain host name do not resolve bucket.host
@@ -509,29 +529,97 @@ def _s3_plan(client, source: str, bucket: str, key: str) -> list[tuple[str, str,
     return out
 
 
+#: GetObject attempts when the *body* fails (dropped mid-stream, truncated, corrupted): botocore's own retries
+#: (``S3_MAX_ATTEMPTS``) stop once the response headers arrive, so the body is retried here.
+S3_BODY_ATTEMPTS = 4
+_BODY_BACKOFF_S = 0.1  # base of the exponential backoff between body attempts (with full jitter)
+
+
+def _body_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+
+    errors: tuple[type[BaseException], ...] = (
+        ResponseStreamingError, IncompleteReadError, ConnectionClosedError, ReadTimeoutError,
+    )  # fmt: skip
+    try:
+        # botocore validates the CRC32/SHA checksums a store sends back with an object uploaded with one
+        from botocore.exceptions import FlexibleChecksumError
+
+        errors += (FlexibleChecksumError,)
+    except ImportError:  # pragma: no cover - older botocore
+        pass
+    return errors
+
+
+class _IntegrityError(CheckpointError):
+    """A downloaded body does not match its length or checksum (retried, then raised)."""
+
+
 def _s3_download(client, source: str, bucket: str, key: str, tmp: Path, rel: str, listed: int | None) -> None:
+    """Download one object to ``tmp/rel``, verified; a failed attempt's partial file is removed.
+
+    Verified: bytes received == ``ContentLength`` == the listed / HEAD size; the MD5 in a single-part ``ETag``
+    (not for SSE-KMS/SSE-C objects, whose ETag is not an MD5); the ``sha256`` user metadata when present.
+    A dropped or truncated body, or a mismatch, is retried ``S3_BODY_ATTEMPTS`` times with jittered
+    exponential backoff; then it raises :class:`CheckpointError` and nothing is left at ``tmp/rel``.
+    """
+    import random
+    import time
+
     out = tmp.joinpath(*rel.split("/"))
     root = tmp.resolve()
     if root not in out.resolve().parents:  # belt and braces after _safe_relpath
         raise CheckpointError(f"{source}: object key {key!r} would be written outside the destination")
     out.parent.mkdir(parents=True, exist_ok=True)
+    where = f"s3://{bucket}/{key}"
+    retryable = (*_body_errors(), _IntegrityError)
+    for attempt in range(1, S3_BODY_ATTEMPTS + 1):
+        try:
+            _s3_download_once(client, source, bucket, key, out, listed, where)
+            return
+        except retryable as e:
+            out.unlink(missing_ok=True)
+            if attempt == S3_BODY_ATTEMPTS:
+                if isinstance(e, CheckpointError):
+                    raise CheckpointError(f"{e} (after {attempt} attempts)") from e
+                raise CheckpointError(
+                    f"{source}: {where}: download failed after {attempt} attempts: {type(e).__name__}: {e}"
+                ) from e
+            time.sleep(random.random() * _BODY_BACKOFF_S * 2 ** (attempt - 1))
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+
+
+def _s3_download_once(client, source: str, bucket: str, key: str, out: Path, listed: int | None, where: str) -> None:
     resp = client.get_object(Bucket=bucket, Key=key)
     length = resp.get("ContentLength")
     h = hashlib.sha256()
+    md5 = hashlib.md5(usedforsecurity=False)
     n = 0
     with open(out, "xb") as fh:
         for chunk in resp["Body"].iter_chunks(_CHUNK):
             fh.write(chunk)
             h.update(chunk)
+            md5.update(chunk)
             n += len(chunk)
-    where = f"s3://{bucket}/{key}"
     if length is not None and n != length:
-        raise CheckpointError(f"{source}: {where}: got {n} bytes, ContentLength says {length} (truncated?)")
+        raise _IntegrityError(f"{source}: {where}: got {n} bytes, ContentLength says {length} (truncated?)")
     if listed is not None and n != listed:
-        raise CheckpointError(f"{source}: {where}: got {n} bytes, the listing says {listed}")
+        raise _IntegrityError(f"{source}: {where}: got {n} bytes, the listing says {listed}")
+    etag = str(resp.get("ETag") or "").strip().strip('"').lower()
+    sse = str(resp.get("ServerSideEncryption") or "").lower()
+    if re.fullmatch(r"[0-9a-f]{32}", etag) and not sse.startswith("aws:kms") and not resp.get("SSECustomerAlgorithm"):
+        if md5.hexdigest() != etag:
+            raise _IntegrityError(f"{source}: {where}: MD5 {md5.hexdigest()} does not match the ETag {etag} (corrupted?)")
     meta = {k.lower(): v for k, v in (resp.get("Metadata") or {}).items()}
     want = (meta.get("sha256") or "").strip().lower()
     if want and want != h.hexdigest():
-        raise CheckpointError(
+        raise _IntegrityError(
             f"{source}: {where}: sha256 mismatch with its metadata: expected {want}, got {h.hexdigest()}"
         )

@@ -62,7 +62,14 @@ _PARAM_KEY_LIMIT = 250
 _TAG_VALUE_LIMIT = 8000  # run tags; refined to the registry limit lazily in _version_tag_limit()
 _VERSION_TAG_VALUE_LIMIT: int | None = None  # None -> use MLflow's MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
 _PARAMS_PER_BATCH = 100
+_GATE_REFRESHES = 3  # re-gate at most this often when the champion moves while we decide
 _METRICS_PER_BATCH = 1000
+
+#: Test-only crash hook: ``CTRL_FAULT_INJECT=after_create_version`` (comma-separated point names) makes the
+#: process SIGKILL itself at that point, so tests and ``bench.faults`` can check that a retry converges after
+#: a crash anywhere in the registration. Unset in production; the points are listed in ``FAULT_POINTS``.
+FAULT_ENV = "CTRL_FAULT_INJECT"
+FAULT_POINTS = ("after_create_run", "after_create_version", "after_gate_tags", "after_challenger_alias")
 
 _RUN_KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]")
@@ -221,6 +228,15 @@ def _client(tracking_uri: str | None):
 
     uri = _resolve_uri(tracking_uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _fault_point(name: str) -> None:
+    """SIGKILL this process here when ``$CTRL_FAULT_INJECT`` names this point (tests only; see FAULT_ENV)."""
+    wanted = os.environ.get(FAULT_ENV, "")
+    if wanted and name in wanted.split(","):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _error_code(exc: BaseException) -> str:
@@ -403,26 +419,42 @@ def _apply_aliases(
     is never observed without its justification. Returns ``(passed, reason, aliases after the call)``.
     """
     number = int(version.version)
+    tags = dict(version.tags or {})
     aliases = _aliases(client, name) or {}
-    current = aliases.get(CHAMPION)
-    if current == number:
-        passed, reason = True, "already the champion"
-    else:
-        if known_champion is not None and known_champion[0] == current:
-            champ_eval = known_champion[1]
+    for _ in range(_GATE_REFRESHES):
+        current = aliases.get(CHAMPION)
+        if current == number:
+            passed, reason = True, "already the champion"
         else:
-            champ_eval = _champion_evaluation(client, name, current)
-        passed, reason = _gate_vs(evaluation, current, champ_eval, gate)
-    tags = version.tags or {}
-    if tags.get(TAG_GATE_PASSED) != ("true" if passed else "false"):
-        client.set_model_version_tag(name, str(number), TAG_GATE_PASSED, "true" if passed else "false")
-    if tags.get(TAG_GATE_REASON) != reason:
+            if known_champion is not None and known_champion[0] == current:
+                champ_eval = known_champion[1]
+            else:
+                champ_eval = _champion_evaluation(client, name, current)
+            passed, reason = _gate_vs(evaluation, current, champ_eval, gate)
+        if tags.get(TAG_GATE_PASSED) != ("true" if passed else "false"):
+            client.set_model_version_tag(name, str(number), TAG_GATE_PASSED, "true" if passed else "false")
+            tags[TAG_GATE_PASSED] = "true" if passed else "false"
+        if tags.get(TAG_GATE_REASON) != reason:
+            client.set_model_version_tag(name, str(number), TAG_GATE_REASON, reason)
+            tags[TAG_GATE_REASON] = reason
+        _fault_point("after_gate_tags")
+        # MLflow aliases have no compare-and-set: re-read just before moving "champion" and re-gate if another
+        # registration promoted meanwhile, which narrows the read-decide-write window to one round trip.
+        fresh = _aliases(client, name) or {}
+        if fresh.get(CHAMPION) == current:
+            aliases = fresh
+            break
+        aliases = fresh
+    else:
+        passed, reason = False, "the champion kept changing during the gate; not promoted (retry or promote)"
+        client.set_model_version_tag(name, str(number), TAG_GATE_PASSED, "false")
         client.set_model_version_tag(name, str(number), TAG_GATE_REASON, reason)
 
     # A retry of an older registration must not steal "challenger" from a newer version.
     if aliases.get(CHALLENGER) is None or aliases[CHALLENGER] <= number:
         client.set_registered_model_alias(name, CHALLENGER, str(number))
         aliases[CHALLENGER] = number
+    _fault_point("after_challenger_alias")
     if passed and current != number:
         client.set_registered_model_alias(name, CHAMPION, str(number))
         aliases[CHAMPION] = number
@@ -595,6 +627,7 @@ def register_run(
                 model_dir=model_dir,
             )  # fmt: skip
             own_run = run_info.run_id
+            _fault_point("after_create_run")
         # Initial gate decision, recorded atomically with the version; _apply_aliases refreshes it.
         known_champion = (
             aliases.get(CHAMPION),
@@ -612,6 +645,7 @@ def register_run(
                 TAG_EVALUATION: _evaluation_tag(evaluation, run_info.run_id),
             },
         )
+        _fault_point("after_create_version")
         # Race resolution: version numbers only grow, so the lowest live version for this key never
         # changes once it exists; every racer agrees on it and each loser deletes only what it created.
         versions = _versions_for_key(client, model_name, run_key)

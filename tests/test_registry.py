@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipelines import registry
 from pipelines.registry import GateConfig, champion, evaluation_gate, promote, register_run
@@ -314,3 +316,119 @@ def test_concurrent_same_run_key_leaves_one_version(mlflow_server, model_name, t
     assert _live_versions(uri, model_name) == [results[0]["version"]]
     assert [r.info.run_id for r in _active_runs(uri, key)] == [results[0]["run_id"]]
     assert champion(model_name, tracking_uri=uri) == results[0]["version"]
+
+
+# ------------------------------------------- crash (SIGKILL) at every point of a registration, then retry
+
+_CRASH_WORKER = r"""
+import json, sys
+uri, name, key, ev = sys.argv[1:5]
+from pipelines.registry import GateConfig, register_run
+register_run(model_name=name, run_key=key, params={"p": 1}, metrics={"loss": 0.1}, evaluation=json.loads(ev),
+             artifacts={}, lineage={}, gate=GateConfig(), tracking_uri=uri)
+print("NOT KILLED")
+"""
+
+@pytest.fixture(scope="module")
+def sqlite_uri(tmp_path_factory) -> str:
+    """One local sqlite tracking store for the module (its schema migration is the slow part)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('sqlite-mlflow') / 'mlflow.db'}"
+    registry._client(uri).search_experiments()
+    return uri
+
+
+BETTER = {"ddim": {"10": _cell(0.50, 0.75), "50": _cell(0.60, 0.85)}, "euler": {"20": _cell(0.55, 0.80)}}
+
+
+@pytest.mark.parametrize(
+    "point,evaluation,champion_after",
+    [("after_create_run", BETTER, 2), ("after_create_version", BETTER, 2), ("after_gate_tags", WORSE, 1),
+     ("after_challenger_alias", BETTER, 2)],
+    ids=["after_create_run", "after_create_version", "after_gate_tags-worse", "after_challenger_alias"],
+)
+def test_sigkill_during_registration_then_retry_converges(
+    sqlite_uri, tmp_path, model_name, point, evaluation, champion_after
+):
+    """A process SIGKILLed anywhere in register_run (CTRL_FAULT_INJECT hook) leaves a state that one retry
+    turns into exactly one version for the run_key, with aliases set and the gate respected."""
+    uri = sqlite_uri
+    assert _register(uri, model_name, f"{model_name}-champion", GOOD).promoted  # v1
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **{registry.FAULT_ENV: point})
+    proc = subprocess.run(
+        [sys.executable, "-c", _CRASH_WORKER, uri, model_name, f"{model_name}-new", json.dumps(evaluation)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == -9, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert champion(model_name, tracking_uri=uri) == 1  # a crash never promotes anything
+
+    key = f"{model_name}-new"
+    r = _register(uri, model_name, key, evaluation)  # the retry
+    assert r.version == 2 and r.created is (point == "after_create_run")
+    assert _live_versions(uri, model_name) == [1, 2]
+    assert [x.info.status for x in _active_runs(uri, key)] == ["FINISHED"]
+    assert r.aliases == (["challenger", "champion"] if champion_after == 2 else ["challenger"])
+    assert champion(model_name, tracking_uri=uri) == champion_after
+    tags = _client(uri).get_model_version(model_name, "2").tags
+    assert tags["ctrl.aliases_applied"] == "true" and tags["gate.passed"] == str(champion_after == 2).lower()
+    again = _register(uri, model_name, key, evaluation)  # and a further retry changes nothing
+    assert (again.version, again.created, again.aliases) == (2, False, r.aliases)
+
+
+# -------------------------------------------------------------- the gate never promotes a worse model
+
+_SAMPLERS = st.sampled_from(["sde", "ode"])
+_STEPS = st.sampled_from(["10", "20", "50"])
+_REWARD = st.floats(-10, 10, allow_nan=False)
+
+
+@st.composite
+def _evaluations(draw, min_cells: int = 1) -> dict:
+    cells = draw(st.dictionaries(st.tuples(_SAMPLERS, _STEPS), st.tuples(_REWARD, _REWARD), min_size=min_cells))
+    out: dict = {}
+    for (sampler, steps), (base, tuned) in cells.items():
+        cell = _cell(base, tuned)
+        if draw(st.integers(0, 20)) == 0:  # now and then a broken cell
+            cell["tuned"] = draw(st.sampled_from([float("nan"), None, "x"]))
+        out.setdefault(sampler, {})[steps] = cell
+    return out
+
+
+def _worse_than(candidate: dict, champ: dict, tolerance: float) -> bool:
+    """Independent oracle: a shared cell where the candidate is below the champion by more than tolerance
+    (or not comparable: non-numeric / NaN)."""
+    for sampler, cells in candidate.items():
+        for steps, cell in cells.items():
+            if steps in champ.get(sampler, {}):
+                try:
+                    mine, theirs = float(cell["tuned"]), float(champ[sampler][steps]["tuned"])
+                except (TypeError, ValueError):
+                    return True
+                if not mine >= theirs - tolerance:
+                    return True
+    return False
+
+
+@settings(max_examples=150, deadline=None)
+@given(candidate=_evaluations(), champ=_evaluations(), tolerance=st.floats(0, 1), min_gain=st.floats(-1, 1))
+def test_gate_never_passes_a_model_worse_than_the_champion(candidate, champ, tolerance, min_gain):
+    ok, reason = evaluation_gate(candidate, champ, GateConfig(min_gain=min_gain, tolerance=tolerance))
+    if _worse_than(candidate, champ, tolerance):
+        assert not ok, reason
+    if ok:
+        shared = {(s, k) for s, c in candidate.items() for k in c} & {(s, k) for s, c in champ.items() for k in c}
+        assert shared, reason  # never promoted blind
+        assert all(float(c["gain"]) >= min_gain for cells in candidate.values() for c in cells.values())
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sequence=st.lists(_evaluations(min_cells=2), min_size=3, max_size=5), tolerance=st.sampled_from([0.0, 0.1]))
+def test_registering_a_sequence_never_moves_champion_to_a_worse_model(sqlite_uri, sequence, tolerance):
+    uri = sqlite_uri
+    name = f"seq-{uuid.uuid4().hex[:6]}"
+    champ_eval = None
+    for i, evaluation in enumerate(sequence):
+        r = _register(uri, name, f"{name}-k{i}", evaluation, gate=GateConfig(tolerance=tolerance))
+        if r.promoted:
+            assert champ_eval is None or not _worse_than(evaluation, champ_eval, tolerance), r.gate_reason
+            champ_eval = evaluation
+        assert champion(name, tracking_uri=uri) == (r.version if r.promoted else champion(name, tracking_uri=uri))

@@ -1,0 +1,101 @@
+"""q-learning from data (ctrl_core/qlearning.py): the ratio estimator and the 1-D mixture with its reward tilt."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import ks_2samp
+
+from ctrl_core.models import GaussianScoreModel
+from ctrl_core.qlearning import (
+    QLearningConfig,
+    QLearningScoreModel,
+    QLearningTrainer,
+    RatioScoreModel,
+    ratio_score,
+    scratch_model,
+)
+from ctrl_core.schedule import LinearVPSchedule
+
+
+def test_ratio_estimator_error_falls_with_m():
+    """Gaussian data: the self-normalised estimator's error against the closed-form score falls as m grows."""
+    sch = LinearVPSchedule()
+    mean, std = torch.tensor([0.5, -1.0]), torch.tensor([1.0, 0.6])
+    exact = GaussianScoreModel(sch, mean, std)
+    g = torch.Generator().manual_seed(0)
+    errors = {}
+    for m in (10, 100, 1000):
+        rel = []
+        for s in (0.2, 0.5):
+            for _ in range(4):  # fresh data sets: the error is an average, not one lucky draw
+                data = mean + std * torch.randn(m, 2, generator=g, dtype=torch.float64)
+                s_vec = torch.full((2000,), s, dtype=torch.float64)
+                a, sg = sch.alpha(s), sch.sigma(s)
+                y = a * (mean + std * torch.randn(2000, 2, generator=g, dtype=torch.float64)) + sg * torch.randn(2000, 2, generator=g, dtype=torch.float64)
+                truth = exact.exact_score(s_vec, y)
+                est = ratio_score(sch, s_vec, y, data)
+                rel.append(float((est - truth).pow(2).sum(1).mean() / truth.pow(2).sum(1).mean()))
+        errors[m] = sum(rel) / len(rel)
+    assert errors[10] > 2 * errors[100] > 4 * errors[1000], errors
+    # subsampling m rows per estimate from a large data set behaves the same way
+    data = mean + std * torch.randn(5000, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(2000, 2, generator=g, dtype=torch.float64)
+    truth = exact.exact_score(torch.full((2000,), 0.5, dtype=torch.float64), y)
+    sub = {m: float((ratio_score(sch, 0.5, y, data, m, g) - truth).pow(2).mean()) for m in (1, 10, 100)}
+    assert sub[1] > sub[10] > sub[100], sub
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="optimize.beta"):
+        QLearningConfig(beta=-1.0)
+    with pytest.raises(ValueError, match="optimize.rollout_solver"):
+        QLearningConfig(rollout_solver="heun")
+
+
+def _mixture(m: int, g: torch.Generator) -> torch.Tensor:
+    """0.6 N(-2, 0.5^2) + 0.4 N(2, 0.5^2); the reward region is y > 0 (the right mode)."""
+    right = torch.rand(m, generator=g) < 0.4
+    return torch.where(right, 2 + 0.5 * torch.randn(m, generator=g), -2 + 0.5 * torch.randn(m, generator=g))[:, None]
+
+
+@pytest.mark.slow
+def test_gmm1d_beta0_reproduces_data_and_beta_tilts(tmp_path):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = _mixture(300, g)
+    sch = LinearVPSchedule()
+    model = scratch_model(sch, data, width=64)
+    trainer = QLearningTrainer(model, data, None, QLearningConfig(iterations=80, batch_size=256, train_steps=40))
+    trainer.train()
+    x0 = trainer.sample(500, steps=100, sampler="sde", seed=1)[:, 0]
+    p_model = ks_2samp(x0.numpy(), data[:, 0].numpy()).pvalue
+    # the same test rejects a clearly wrong sampler: one Gaussian with the data's mean and std
+    wrong = data.mean() + data.std() * torch.randn(500, generator=g)
+    p_wrong = ks_2samp(wrong.numpy(), data[:, 0].numpy()).pvalue
+    assert p_wrong < 1e-3, p_wrong
+    assert p_model > 0.01, p_model
+
+    # beta > 0 (the reward weight), starting from the beta = 0 model: mass moves into the reward region
+    def reward(x, c=None):
+        return (x[:, 0] > 0).float()
+
+    tuned = QLearningScoreModel.from_pretrained(model)
+    cfg = QLearningConfig(iterations=40, batch_size=256, train_steps=40, beta=2.0, critic_target="monte_carlo", lr=5e-4)
+    tilted = QLearningTrainer(tuned, data, reward, cfg)
+    tilted.train()
+    x2 = tilted.sample(1000, steps=100, sampler="sde", seed=1)[:, 0]
+    mass0, mass2 = float((x0 > 0).float().mean()), float((x2 > 0).float().mean())
+    optimum = 0.4 * math.exp(2.0) / (0.4 * math.exp(2.0) + 0.6)  # p* ∝ p_data exp(beta h): 0.83
+    assert abs(mass0 - 0.4) < 0.08, mass0
+    assert mass2 > mass0 + 0.2 and mass2 < optimum + 0.1, (mass0, mass2, optimum)
+
+    # weights round-trip through safetensors; the reference (the data's ratio score) is re-attached on load
+    tuned.save(tmp_path / "m")
+    loaded = QLearningScoreModel.load(tmp_path / "m", reference=RatioScoreModel(sch, data))
+    s, y = torch.full((8,), 0.3, dtype=torch.float64), torch.randn(8, 1)
+    torch.testing.assert_close(loaded.score(s, y), tuned.score(s, y))
+    with loaded.pretrained():
+        torch.testing.assert_close(loaded.score(s, y), ratio_score(sch, s, y, data))
