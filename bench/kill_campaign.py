@@ -178,9 +178,10 @@ def run_kill_campaign(quick: bool = False, seed: int = 0, launcher: str = "fork"
     from ctrl_core import steps
 
     if launcher == "fork":  # children inherit the imports: an attempt then starts in about a second
+        from diffusers import DDPMScheduler, UNet2DModel  # noqa: F401
+
         import ctrl_core.embedded  # noqa: F401
         import ctrl_core.recipes  # noqa: F401
-        from diffusers import DDPMScheduler, UNet2DModel  # noqa: F401
     optimize_kills = optimize_kills or ([5] if quick else [5, 5, 5])
     value_kills = value_kills or ([2] if quick else [3, 3])
     rng = random.Random(seed)

@@ -37,7 +37,7 @@ from .distributed import Dist
 from .policy import GaussianScorePolicy, Trajectory, gaussian_log_prob, kl_increment, sample, x_hat
 from .value import ValueDataset, ValueFunction, fit_value
 
-ALGORITHMS = ("ctrl", "ddpo")
+ALGORITHMS = ("ctrl", "ddpo", "qlearning")  # qlearning: settings in the qlearning block (ctrl_core/qlearning.py)
 ADVANTAGES = ("finite_difference", "temporal_difference")
 NORMALISATIONS = ("scale", "per_time", "center", "none")
 TIME_SAMPLING = ("random", "grid")
@@ -47,7 +47,7 @@ TIME_SAMPLING = ("random", "grid")
 class OptimConfig:
     """Policy-optimisation settings (one block of params.yaml)."""
 
-    algorithm: str = "ctrl"  # ctrl | ddpo
+    algorithm: str = "ctrl"  # ctrl | ddpo | qlearning (trains from data; its settings: the qlearning block)
     iterations: int = 30  # policy iterations
     batch_size: int = 64  # trajectories per iteration
     train_steps: int = 25  # step count of the rollout grid during training
@@ -444,7 +444,7 @@ class Trainer:
         t2 = time.perf_counter()
         for group in self.opt.param_groups:
             group["lr"] = self.learning_rate(self.iteration)
-        if not all(bool(torch.isfinite(a).all()) for a in adv.values()) or not math.isfinite(scale):
+        if self.dist.any(not all(bool(torch.isfinite(a).all()) for a in adv.values()) or not math.isfinite(scale)):
             raise FloatingPointError(f"non-finite advantages at iteration {self.iteration}")
         approx_kl, clipfrac = self.policy_update(ro, adv, scale)
         if not all(bool(torch.isfinite(p).all()) for p in self.params):

@@ -123,6 +123,27 @@ def _optimize_block() -> type[_Block]:
 OptimizeParams = _optimize_block()
 
 
+def _qlearning_block() -> type[_Block]:
+    """The q-learning settings (used when optimize.algorithm is qlearning), generated from QLearningConfig plus
+    where the actor and the data come from."""
+    from .qlearning import QLearningConfig
+
+    fields: dict[str, Any] = {
+        "start": (Literal["scratch", "pretrained"], Field("scratch", description="scratch: a new network trained "
+                  "from the data alone | pretrained: LoRA on the fetched checkpoint's model")),
+        "data": (str, Field("", description="data set: a .safetensors file with 'data' (N, ...) and optional "
+                 "'labels' (N,); empty: data.safetensors in the fetched checkpoint folder, or the built-in "
+                 "digits data for builtin:digits")),
+        "width": (int, Field(64, ge=4, description="width of the from-scratch network")),
+    }
+    for f in dataclasses.fields(QLearningConfig):
+        fields[f.name] = (f.type if not isinstance(f.type, str) else eval(f.type), f.default)  # noqa: S307
+    return create_model("QLearningParams", __base__=_Block, **fields)
+
+
+QLearningParams = _qlearning_block()
+
+
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
@@ -133,11 +154,18 @@ class Params(_Block):
     reward: RewardParams = Field(default_factory=RewardParams)
     value: ValueParams = Field(default_factory=ValueParams)
     optimize: OptimizeParams = Field(default_factory=OptimizeParams)  # type: ignore[valid-type]
+    qlearning: QLearningParams = Field(default_factory=QLearningParams)  # type: ignore[valid-type]
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     register: RegisterParams = Field(default_factory=RegisterParams)
 
     def optim_config(self) -> OptimConfig:
         return OptimConfig(**self.optimize.model_dump())
+
+    def qlearning_config(self):
+        from .qlearning import QLearningConfig
+
+        extra = ("start", "data", "width")
+        return QLearningConfig(**{k: v for k, v in self.qlearning.model_dump().items() if k not in extra})
 
     def digest(self) -> str:
         """A stable hash of the parameters (lineage, idempotent registration)."""
@@ -170,6 +198,11 @@ def validate(raw: dict) -> Params:
         params.optim_config()
     except ValueError as err:
         raise ParamsError(f"invalid parameters:\n  {err}".replace(" must be", ": must be", 1)) from None
+    try:
+        params.qlearning_config()
+    except ValueError as err:
+        msg = str(err).replace("optimize.", "qlearning.", 1).replace(" must be", ": must be", 1)
+        raise ParamsError(f"invalid parameters:\n  {msg}") from None
     _check_optimize_extras(params.optimize)
     _check_reward_options(params.reward)
     return params

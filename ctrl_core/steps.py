@@ -101,6 +101,11 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
     from .recipes import collect_value_data
     from .value import ValueDataset, ValueFunction, select_link
 
+    if params.optimize.algorithm == "qlearning":  # q-learning trains its own critic from the data
+        result = {"chosen": "none", "mse": {}, "seconds": 0.0, "skipped": "optimize.algorithm is qlearning"}
+        with staged_output(out_dir) as tmp:
+            atomic_write_json(result, tmp / "link.json")
+        return result
     _seed(params)
     t0 = time.perf_counter()
     store = checkpoint_store(params, "pretrain_value", ("checkpoint", "model", "reward", "value"), [checkpoint_dir])
@@ -157,16 +162,45 @@ def optimize(
     params: Params, checkpoint_dir: str | Path, value_dir: str | Path | None, out_dir: str | Path,
     progress: Callable[[dict], None] | None = None,
 ) -> dict:
+    """Policy optimisation (CTRL, DDPO or q-learning), resumable, data-parallel for CTRL/DDPO. Outputs: the
+    model under adapter/ (a LoRA adapter, or a from-scratch q-learning network), per-iteration metrics,
+    periodic snapshots under checkpoints/, and the value net / critic."""
     from .recipes import make_trainer
 
     _seed(params)
     cfg = params.optim_config()
-    problem, reward = load_problem(params, checkpoint_dir), make_reward_fn(params)
-    value = load_value(params, problem, reward, value_dir) if cfg.algorithm == "ctrl" else None
     dist = _dist()
-    trainer = make_trainer(problem, reward, cfg, value, dist)
-    store = checkpoint_store(params, "optimize", ("checkpoint", "model", "reward", "optimize"),
-                             [checkpoint_dir, value_dir if cfg.algorithm == "ctrl" else None])
+    inputs: list = [checkpoint_dir]
+    if cfg.algorithm == "qlearning":
+        from .qlearning import QLearningScoreModel, QLearningTrainer, make_critic
+
+        if dist.world > 1:
+            raise ValueError("optimize.algorithm qlearning runs in one process (data parallelism covers ctrl and ddpo)")
+        qcfg = params.qlearning_config()
+        model, problem, data, labels, num_classes = qlearning_setup(params, checkpoint_dir)
+        reward = make_reward_fn(params)
+        trainer = QLearningTrainer(model, data, reward, qcfg, x_shape=problem.x_shape,
+                                   critic=make_critic(problem.x_shape, num_classes),
+                                   condition_sampler=problem.condition_sampler, data_labels=labels)
+        iterations, blocks, timing = qcfg.iterations, ("qlearning",), ("sample", "critic", "actor")
+        save_model = model.save if isinstance(model, QLearningScoreModel) else model.save_adapter
+        extra_outputs = lambda tmp: atomic_save_weights(trainer.critic.state_dict(), tmp / "critic.safetensors")  # noqa: E731
+        if params.qlearning.data:
+            inputs.append(params.qlearning.data)
+    else:
+        problem, reward = load_problem(params, checkpoint_dir), make_reward_fn(params)
+        value = load_value(params, problem, reward, value_dir) if cfg.algorithm == "ctrl" else None
+        trainer = make_trainer(problem, reward, cfg, value, dist)
+        iterations, blocks, timing = cfg.iterations, (), ("sample", "value", "policy")
+        save_model = trainer.policy.model.save_adapter
+        inputs.append(value_dir if cfg.algorithm == "ctrl" else None)
+
+        def extra_outputs(tmp: Path) -> None:
+            if value is not None:
+                atomic_save_weights(value.residual.state_dict(), tmp / "value.safetensors")
+                atomic_write_json({"chosen": value.link_name}, tmp / "link.json")
+
+    store = checkpoint_store(params, "optimize", ("checkpoint", "model", "reward", "optimize", *blocks), inputs)
     found = store.latest()
     resumed_from = None
     if found is not None:
@@ -175,7 +209,7 @@ def optimize(
     row_of = lambda st: {k: v for k, v in st.__dict__.items() if k != "extra"}  # noqa: E731
     history: list[dict] = [row_of(st) for st in trainer.history]
     every = params.optimize.checkpoint_every
-    snapshots = store.dir / "snapshots"  # adapter snapshots survive restarts with the checkpoints
+    snapshots = store.dir / "snapshots"  # model snapshots survive restarts with the checkpoints
     if not dist.is_main:  # the other ranks train in lockstep; rank 0 writes checkpoints and outputs
         trainer.train()
         if not dist.identical(trainer.params):
@@ -191,9 +225,9 @@ def optimize(
             with open(tmp / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             n = st.iteration + 1
-            if every and (n % every == 0 or n == cfg.iterations):
-                if n < cfg.iterations:
-                    trainer.policy.model.save_adapter(snapshots / f"iter-{n:05d}")
+            if every and (n % every == 0 or n == iterations):
+                if n < iterations:
+                    save_model(snapshots / f"iter-{n:05d}")
                 store.save(n, trainer.state_dict())  # after the snapshot: a checkpoint at n implies snapshot n
             if progress is not None:
                 progress(row)
@@ -204,26 +238,68 @@ def optimize(
             raise RuntimeError("data-parallel ranks ended with different adapters (gradients not synchronised)")
         if snapshots.is_dir():
             shutil.copytree(snapshots, tmp / "checkpoints")
-        trainer.policy.model.save_adapter(tmp / "adapter")
-        if value is not None:
-            atomic_save_weights(value.residual.state_dict(), tmp / "value.safetensors")
-            atomic_write_json({"chosen": value.link_name}, tmp / "link.json")
+        save_model(tmp / "adapter")
+        extra_outputs(tmp)
         summary = {
             "algorithm": cfg.algorithm,
-            "iterations": cfg.iterations,
+            "iterations": iterations,
             "final_reward": history[-1]["reward_mean"] if history else None,
             "first_reward": history[0]["reward_mean"] if history else None,
-            "final_kl": history[-1]["kl"] if history else None,
+            "final_kl": history[-1].get("kl") if history else None,
             "seconds": round(time.perf_counter() - t0, 2),
-            "seconds_per_iteration": {k: sum(h[f"{k}_s"] for h in history) / max(len(history), 1) for k in ("sample", "value", "policy")},
+            "seconds_per_iteration": {k: sum(h[f"{k}_s"] for h in history) / max(len(history), 1) for k in timing},
             "resumed_from_iteration": resumed_from,
             "processes": dist.world,
             "ranks_identical": True,  # checked above: every rank holds bitwise this adapter
-            "skipped_iterations": trainer.skipped,
+            "skipped_iterations": getattr(trainer, "skipped", 0),
         }
         atomic_write_json({"summary": summary, "history": history}, tmp / "metrics.json")
     store.clear()  # the output is committed: the checkpoints have done their job
     return summary
+
+
+def load_dataset(params: Params, checkpoint_dir: str | Path):
+    """The q-learning data set: (data (N, ...), labels (N,) or None), from ``qlearning.data``, else the fetched
+    folder's data.safetensors, else the built-in digits data for the built-in digits checkpoint."""
+    src, d = params.qlearning.data, Path(checkpoint_dir)
+    if src:
+        path = Path(src)
+    elif (d / "data.safetensors").is_file():
+        path = d / "data.safetensors"
+    elif (d / "digits_config.json").is_file():
+        from .embedded import digits_dataset
+
+        return digits_dataset("all")
+    else:
+        raise ValueError(f"qlearning: no data set. Set qlearning.data to a .safetensors file, or put data.safetensors "
+                         f"(tensors 'data' and optional 'labels') in the checkpoint source ({d})")
+    tensors = load_weights(path)
+    if "data" not in tensors:
+        raise ValueError(f"{path}: no 'data' tensor (found {sorted(tensors)})")
+    labels = tensors.get("labels")
+    return tensors["data"].float(), None if labels is None else labels.long()
+
+
+def qlearning_setup(params: Params, checkpoint_dir: str | Path, model_dir: str | Path | None = None):
+    """(actor model, Problem, data, labels, num_classes) for q-learning. ``model_dir``: load a trained
+    from-scratch model (evaluation); its reference ("base") is the data's own ratio score."""
+    from .qlearning import QLearningScoreModel, RatioScoreModel, qlearning_problem, scratch_model
+    from .schedule import LinearVPSchedule
+
+    data, labels = load_dataset(params, checkpoint_dir)
+    num_classes = int(labels.max()) + 1 if labels is not None else 0
+    x_shape = tuple(data.shape[1:])
+    if params.qlearning.start == "pretrained":
+        problem = load_problem(params, checkpoint_dir)
+        if problem.x_shape != x_shape:
+            raise ValueError(f"qlearning: data of shape {x_shape} for a model of shape {problem.x_shape}")
+        return problem.policy.model, problem, data, labels, num_classes
+    if model_dir is not None:
+        model = QLearningScoreModel.load(model_dir)
+        model.reference = RatioScoreModel(model.schedule, data, labels)
+    else:
+        model = scratch_model(LinearVPSchedule(), data, labels, width=params.qlearning.width, num_classes=num_classes)
+    return model, qlearning_problem(model, x_shape, params.optimize.solver, num_classes), data, labels, num_classes
 
 
 # --- 4. evaluation -----------------------------------------------------------------------------------------
@@ -232,8 +308,12 @@ def evaluate(params: Params, checkpoint_dir: str | Path, adapter_dir: str | Path
     from .evaluate import robustness_ratio
 
     _seed(params)
-    problem, reward = load_problem(params, checkpoint_dir), make_reward_fn(params)
-    problem.policy.model.load_adapter(adapter_dir)
+    reward = make_reward_fn(params)
+    if (Path(adapter_dir) / "qlearning_config.json").is_file():  # a from-scratch q-learning model
+        problem = qlearning_setup(params, checkpoint_dir, model_dir=adapter_dir)[1]
+    else:
+        problem = load_problem(params, checkpoint_dir)
+        problem.policy.model.load_adapter(adapter_dir)
     ep = params.evaluate
     t0 = time.perf_counter()
     results, kept = run_eval(problem.policy, reward, problem.x_shape, ep.steps, ep.samplers, ep.num_samples,
@@ -246,7 +326,7 @@ def evaluate(params: Params, checkpoint_dir: str | Path, adapter_dir: str | Path
         atomic_write_json(out, tmp / "evaluation.json")
         plot_png = _reward_vs_steps_png(evaluation, params.optimize.train_steps)
         (tmp / "reward_vs_steps.png").write_bytes(plot_png)
-        grids = {f"{which}/{key}": _grid_png(x) for which, d in kept.items() for key, x in d.items()}
+        grids = {f"{which}/{key}": _grid_png(x) for which, d in kept.items() for key, x in d.items() if x.dim() == 4}
         (tmp / "report.html").write_text(_html_report(out, plot_png, grids))
         (tmp / "report.md").write_text(_markdown_report(out))
     return out

@@ -54,6 +54,8 @@ def _kind(annotation) -> str:
         return "list"
     if origin is dict or annotation is dict:
         return "dict"
+    if origin is typing.Literal:
+        return "str"
     return {bool: "bool", int: "int", float: "float", str: "str"}[annotation]
 
 
@@ -75,7 +77,15 @@ RANGES.update({
         "advantage_clip": ("ge", 0),
     }.items()
 })  # fmt: skip
+RANGES.update({
+    ("qlearning", k): v for k, v in {
+        "iterations": ("ge", 0), "batch_size": ("ge", 2), "train_steps": ("ge", 2), "beta": ("ge", 0),
+        "theta": ("gt", 0), "ratio_samples": ("ge", 0), "lr": ("gt", 0), "critic_lr": ("gt", 0),
+        "actor_epochs": ("ge", 1), "max_grad_norm": ("gt", 0), "delta_clip": ("ge", 0),
+    }.items()
+})  # fmt: skip
 ENUMS = {
+    ("qlearning", "start"), ("qlearning", "rollout_solver"), ("qlearning", "critic_target"), ("qlearning", "baseline"),
     ("optimize", "algorithm"), ("optimize", "advantage"), ("optimize", "advantage_norm"),
     ("optimize", "time_sampling"), ("optimize", "value_xhat"), ("optimize", "lr_decay"), ("optimize", "solver"),
     ("reward", "name"),

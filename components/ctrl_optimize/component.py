@@ -18,11 +18,13 @@ def ctrl_optimize(
 
     t0 = time.perf_counter()
     p = from_json(params)
-    total = p.optimize.iterations
+    total = p.qlearning.iterations if p.optimize.algorithm == "qlearning" else p.optimize.iterations
 
     def progress(row: dict) -> None:
-        print(f"[ctrl_optimize] iteration {row['iteration'] + 1}/{total} reward {row['reward_mean']:+.4f} "
-              f"kl {row['kl']:.4f} ({row['sample_s'] + row['value_s'] + row['policy_s']:.1f}s)", flush=True)
+        reward = "skipped" if row.get("reward_mean") is None else f"{row['reward_mean']:+.4f}"
+        kl = f" kl {row['kl']:.4f}" if row.get("kl") is not None else ""
+        secs = sum(v for k, v in row.items() if k.endswith("_s") and isinstance(v, float))
+        print(f"[ctrl_optimize] iteration {row['iteration'] + 1}/{total} reward {reward}{kl} ({secs:.1f}s)", flush=True)
 
     value_dir = value.path if p.optimize.algorithm == "ctrl" else None
     from pipelines.cli import num_processes, run_step_data_parallel
