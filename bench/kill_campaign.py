@@ -65,8 +65,9 @@ class Attempt:
             self.pid = self.proc.pid
         else:
             env = {**os.environ, "CTRL_CHECKPOINT_ROOT": str(ckpt_root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            value_arg = out_dir if step == "pretrain_value" else value_dir  # pretrain_value writes to --value
             cmd = [sys.executable, "-m", "pipelines.cli", "step", step, "--params", str(params_file), "--checkpoint",
-                   str(ckpt_dir), "--value", str(value_dir), "--optimize-dir", str(out_dir)]
+                   str(ckpt_dir), "--value", str(value_arg), "--optimize-dir", str(out_dir)]
             self.popen = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             self.pid = self.popen.pid
 

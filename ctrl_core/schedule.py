@@ -157,6 +157,8 @@ class DiscreteVPSchedule(VPSchedule):
         if s_start is not None or num_steps == 1:
             return super().time_grid(num_steps, s_start, s_end)
         first = self.default_s_start(num_steps)
+        if s_end >= 1.0 / self.num_train_timesteps:  # stopping early (e.g. q-learning's s_min): uniform to s_end
+            return super().time_grid(num_steps, first, s_end)
         body = torch.linspace(first, 1.0 / self.num_train_timesteps, num_steps, dtype=torch.float64)
         return torch.cat([body, torch.tensor([s_end], dtype=torch.float64)])
 

@@ -249,3 +249,15 @@ def test_last_step_into_data_is_deterministic_and_excluded():
     traj = sample(policy, torch.randn(8, 1), None, sch.time_grid(10))
     assert traj.stochastic[:-1].all() and not traj.stochastic[-1]
     assert torch.all(traj.log_probs[-1] == 0) and torch.all(torch.isfinite(traj.log_probs))
+
+
+def test_discrete_grids_stay_strictly_decreasing_when_stopping_early():
+    """A grid ending at s_end > 0 (q-learning's s_min) used to append s_end after timestep 0 (not monotone)."""
+    from diffusers import DDPMScheduler
+
+    sch = DiscreteVPSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"))
+    for s_end in (0.0, 0.0005, 0.001, 0.05):
+        assert bool((sch.time_grid(8, s_end=s_end).diff() < 0).all())
+        for seed in range(50):
+            grid = sch.random_time_grid(8, torch.Generator().manual_seed(seed), s_end=s_end)
+            assert bool((grid.diff() < 0).all()) and float(grid[-1]) == s_end, (s_end, seed, grid)
