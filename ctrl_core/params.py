@@ -52,6 +52,16 @@ class CheckpointParams(_Block):
 
 class ModelParams(_Block):
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank of the adapter on the UNet")
+    prompts: str = Field("", description="latent text-to-image checkpoints: prompt file, one prompt per line (empty: prompts.txt in the checkpoint folder)")
+    guidance_scale: float = Field(7.0, ge=0, le=100, description="latent text-to-image checkpoints: classifier-free guidance scale w (1: no guidance)")
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompt_file(cls, v: str) -> str:
+        v = v.strip()
+        if v and not v.endswith(".txt"):
+            raise ValueError("must be a .txt file (one prompt per line) or empty")
+        return v
 
 
 class RewardParams(_Block):

@@ -44,14 +44,21 @@ def digits_problem(lora_rank: int = 8, solver: str = "ddpm", weights_dir=None) -
     )
 
 
-def checkpoint_problem(checkpoint_dir, lora_rank: int = 8, solver: str = "ddpm") -> Problem:
-    """A fetched checkpoint folder: the built-in digits format (digits_config.json) or a diffusers pipeline
+def checkpoint_problem(checkpoint_dir, lora_rank: int = 8, solver: str = "ddpm", prompts: str = "",
+                       guidance_scale: float = 7.0) -> Problem:
+    """A fetched checkpoint folder: the built-in digits format (digits_config.json), a latent text-to-image
+    Stable Diffusion folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``; prompts from ``prompts`` or the
+    folder's prompts.txt, classifier-free guidance ``guidance_scale``; see latent.py) or a diffusers pipeline
     folder with ``unet/`` and ``scheduler/`` (a class-conditional or unconditional pixel UNet2DModel)."""
     from pathlib import Path
 
     d = Path(checkpoint_dir)
     if (d / "digits_config.json").is_file():
         return digits_problem(lora_rank, solver, weights_dir=d)
+    if (d / "vae").is_dir() and (d / "text_encoder").is_dir():
+        from .latent import sd_folder_problem
+
+        return sd_folder_problem(d, lora_rank, solver, prompts_file=prompts, guidance_scale=guidance_scale)
     if (d / "unet" / "config.json").is_file():
         from diffusers import DDPMScheduler, UNet2DModel
 

@@ -77,13 +77,16 @@ def _dist():
 def load_problem(params: Params, checkpoint_dir: str | Path):
     from .recipes import checkpoint_problem
 
-    return checkpoint_problem(checkpoint_dir, lora_rank=params.model.lora_rank, solver=params.optimize.solver)
+    return checkpoint_problem(checkpoint_dir, lora_rank=params.model.lora_rank, solver=params.optimize.solver,
+                              prompts=params.model.prompts, guidance_scale=params.model.guidance_scale)
 
 
-def make_reward_fn(params: Params):
+def make_reward_fn(params: Params, problem=None):
+    """The reward of params.reward; for a latent problem (Stable-Diffusion-class), composed with the VAE decode."""
     from .rewards import make_reward
 
-    return make_reward(params.reward.name, **params.reward.options)
+    reward = make_reward(params.reward.name, **params.reward.options)
+    return problem.wrap_reward(reward) if hasattr(problem, "wrap_reward") else reward
 
 
 # --- 1. fetch ---------------------------------------------------------------------------------------------
@@ -111,7 +114,8 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
     store = checkpoint_store(params, "pretrain_value", ("checkpoint", "model", "reward", "value"), [checkpoint_dir])
     found = store.latest()
     state = found[1] if found else {"collecting": None, "data": None, "fitted": {}}
-    problem, reward = load_problem(params, checkpoint_dir), make_reward_fn(params)
+    problem = load_problem(params, checkpoint_dir)
+    reward = make_reward_fn(params, problem)
     vp, seed = params.value, params.run.seed
     saves, dist = [found[0] if found else 0], _dist()
 
@@ -178,7 +182,7 @@ def optimize(
             raise ValueError("optimize.algorithm qlearning runs in one process (data parallelism covers ctrl and ddpo)")
         qcfg = params.qlearning_config()
         model, problem, data, labels, num_classes = qlearning_setup(params, checkpoint_dir)
-        reward = make_reward_fn(params)
+        reward = make_reward_fn(params, problem)
         trainer = QLearningTrainer(model, data, reward, qcfg, x_shape=problem.x_shape,
                                    critic=make_critic(problem.x_shape, num_classes),
                                    condition_sampler=problem.condition_sampler, data_labels=labels)
@@ -188,7 +192,8 @@ def optimize(
         if params.qlearning.data:
             inputs.append(params.qlearning.data)
     else:
-        problem, reward = load_problem(params, checkpoint_dir), make_reward_fn(params)
+        problem = load_problem(params, checkpoint_dir)
+        reward = make_reward_fn(params, problem)
         value = load_value(params, problem, reward, value_dir) if cfg.algorithm == "ctrl" else None
         trainer = make_trainer(problem, reward, cfg, value, dist)
         iterations, blocks, timing = cfg.iterations, (), ("sample", "value", "policy")
@@ -308,12 +313,12 @@ def evaluate(params: Params, checkpoint_dir: str | Path, adapter_dir: str | Path
     from .evaluate import robustness_ratio
 
     _seed(params)
-    reward = make_reward_fn(params)
     if (Path(adapter_dir) / "qlearning_config.json").is_file():  # a from-scratch q-learning model
         problem = qlearning_setup(params, checkpoint_dir, model_dir=adapter_dir)[1]
     else:
         problem = load_problem(params, checkpoint_dir)
         problem.policy.model.load_adapter(adapter_dir)
+    reward = make_reward_fn(params, problem)
     ep = params.evaluate
     t0 = time.perf_counter()
     results, kept = run_eval(problem.policy, reward, problem.x_shape, ep.steps, ep.samplers, ep.num_samples,
@@ -326,7 +331,8 @@ def evaluate(params: Params, checkpoint_dir: str | Path, adapter_dir: str | Path
         atomic_write_json(out, tmp / "evaluation.json")
         plot_png = _reward_vs_steps_png(evaluation, params.optimize.train_steps)
         (tmp / "reward_vs_steps.png").write_bytes(plot_png)
-        grids = {f"{which}/{key}": _grid_png(x) for which, d in kept.items() for key, x in d.items() if x.dim() == 4}
+        show = getattr(reward, "decode", lambda x: x)  # latents are shown decoded
+        grids = {f"{which}/{key}": _grid_png(show(x)) for which, d in kept.items() for key, x in d.items() if x.dim() == 4}
         (tmp / "report.html").write_text(_html_report(out, plot_png, grids))
         (tmp / "report.md").write_text(_markdown_report(out))
     return out

@@ -1,0 +1,439 @@
+"""Latent text-to-image backend: Stable-Diffusion-shaped UNet2DConditionModel + AutoencoderKL + CLIP text encoder.
+
+The engine (policy.py, algorithms.py, value.py) works unchanged: it only sees a ``ScoreModel`` over latents
+x in R^{4 x h x w} and conditions c. Here
+
+- ``c`` is a (B,) tensor of prompt *indices* into a fixed prompt list; the CLIP text embeddings of the list
+  (and of the empty prompt, for classifier-free guidance) are computed once with the frozen text encoder;
+- the score is classifier-free guided: eps = eps_uncond + w (eps_cond - eps_uncond), both halves in one batched
+  UNet call. eq. 31 maps eps to the score affinely with coefficients that do not depend on the prompt, so the
+  guided score is score_uncond + w (score_cond - score_uncond) as well;
+- mu_pre is the same UNet with its LoRA adapter (attention to_q/to_k/to_v/to_out.0) disabled;
+- rewards stay image rewards ``reward_fn(images, c) -> (B,)``: ``latent_reward`` decodes latents with the VAE
+  first (images in [-1, 1]), so the value net (eq. 19) and the terminal reward see images.
+
+Weights load from a local diffusers folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``), safetensors
+only; S3 prefixes and Hugging Face ids arrive as such folders through the fetch step (checkpoints.py).
+``tiny_sd_components`` builds an SD1.5-shaped model from config dicts for tests (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .models import DiffusersScoreModel
+from .recipes import Problem
+from .schedule import DiscreteVPSchedule, VPSchedule
+
+LATENT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+AUTOCAST_DTYPES = {
+    "": None,
+    "float32": None,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PROMPTS_FILE = "prompts.txt"
+
+
+# --- prompts -> frozen CLIP embeddings --------------------------------------------------------------------
+@torch.no_grad()
+def encode_prompts(text_encoder: nn.Module, tokenizer, prompts: Sequence[str]) -> Tensor:
+    """(P,) prompts -> (P, L, D) last hidden states of the frozen CLIP text encoder (SD's conditioning)."""
+    ids = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    device = next(text_encoder.parameters()).device
+    return text_encoder(ids.to(device))[0].float().cpu()
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (one prompt per line)")
+    return prompts
+
+
+# --- the score model ----------------------------------------------------------------------------------------
+class LatentScoreModel(DiffusersScoreModel):
+    """Classifier-free-guided latent score of a UNet2DConditionModel; c = prompt indices (B,) or None (uncond).
+
+    ``prompt_embeds`` (P, L, D) and ``uncond_embeds`` (1, L, D) are fixed buffers (frozen text encoder).
+    ``autocast_dtype`` (torch.bfloat16 / torch.float16 / None) runs the UNet under autocast; the score is
+    returned in the latents' dtype.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        schedule: VPSchedule,
+        prompt_embeds: Tensor,
+        uncond_embeds: Tensor,
+        guidance_scale: float = 7.0,
+        prediction_type: str = "epsilon",
+        lora_rank: int = 4,
+        lora_alpha: float | None = None,
+        lora_targets: tuple[str, ...] = LATENT_LORA_TARGETS,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        if type(unet).__name__ != "UNet2DConditionModel":
+            raise TypeError(f"the latent backend needs a UNet2DConditionModel, got {type(unet).__name__}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype}"
+            )
+        if prompt_embeds.ndim != 3 or uncond_embeds.shape != (1, *prompt_embeds.shape[1:]):
+            raise ValueError(
+                f"prompt embeddings (P, L, D) and uncond (1, L, D) expected, got "
+                f"{tuple(prompt_embeds.shape)} and {tuple(uncond_embeds.shape)}"
+            )
+        super().__init__(unet, schedule, prediction_type, lora_rank, lora_alpha, lora_targets)
+        self.register_buffer("prompt_embeds", prompt_embeds.detach().float(), persistent=False)
+        self.register_buffer("uncond_embeds", uncond_embeds.detach().float(), persistent=False)
+        self.guidance_scale = float(guidance_scale)
+        self.autocast_dtype = autocast_dtype
+
+    @property
+    def num_prompts(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute UNet activations in the backward pass (memory for time; the LoRA gradients are the same)."""
+        self.base_unet.enable_gradient_checkpointing()
+
+    def _autocast(self, x: Tensor):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
+
+    def conditional_output(self, s: Tensor, x: Tensor, c: Tensor | None) -> Tensor:
+        """Unguided network output: conditioned on prompts c, or on the empty prompt when c is None."""
+        B = x.shape[0]
+        ehs = (
+            self.uncond_embeds.expand(B, -1, -1)
+            if c is None
+            else self.prompt_embeds[c.long().to(self.prompt_embeds.device)]
+        )
+        with self._autocast(x):
+            out = super().model_output(s, x, ehs.to(x.device))
+        return out.to(x.dtype)
+
+    def model_output(self, s: Tensor, x: Tensor, c: Tensor | None) -> Tensor:
+        """Classifier-free guidance: out = out_uncond + w (out_cond - out_uncond), one batched UNet call."""
+        w = self.guidance_scale
+        if c is None or w == 1.0:
+            return self.conditional_output(s, x, c)
+        B = x.shape[0]
+        cond = self.prompt_embeds[c.long().to(self.prompt_embeds.device)]
+        ehs = torch.cat([self.uncond_embeds.expand(B, -1, -1), cond]).to(x.device)
+        s2 = s.reshape(-1).expand(B) if s.numel() == 1 else s
+        with self._autocast(x):
+            out = DiffusersScoreModel.model_output(self, torch.cat([s2, s2]), torch.cat([x, x]), ehs)
+        out_uncond, out_cond = out.to(x.dtype).chunk(2)
+        return out_uncond + w * (out_cond - out_uncond)
+
+
+# --- decode-then-reward -------------------------------------------------------------------------------------
+def latent_reward(
+    reward_fn: Callable, vae: nn.Module, scale: float | None = None, batch_size: int = 32
+) -> Callable:
+    """An image reward as a reward over latents: RM(decode(x / scale) clamped to [-1, 1], c) -> (B,).
+
+    ``scale`` defaults to the VAE's ``scaling_factor`` (0.18215 for SD1.5). The VAE is frozen and run without
+    gradients (CTRL only evaluates rewards)."""
+    scale = float(vae.config.scaling_factor if scale is None else scale)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+
+    @torch.no_grad()
+    def decode(latents: Tensor) -> Tensor:
+        p = next(vae.parameters())
+        parts = [
+            vae.decode((z / scale).to(p.device, p.dtype), return_dict=False)[0]
+            for z in latents.split(batch_size)
+        ]
+        return torch.cat(parts).float().clamp(-1, 1).to(latents.device)
+
+    def fn(latents: Tensor, conditions: Tensor | None = None) -> Tensor:
+        return reward_fn(decode(latents), conditions)
+
+    fn.decode = decode  # type: ignore[attr-defined]
+    return fn
+
+
+@dataclass
+class LatentProblem(Problem):
+    """A ``Problem`` over latents; ``wrap_reward`` turns an image reward into a latent one (VAE decode)."""
+
+    prompts: list[str]
+    wrap_reward: Callable[[Callable], Callable]
+
+
+def latent_problem(
+    unet: nn.Module,
+    vae: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer,
+    scheduler,
+    prompts: Sequence[str],
+    lora_rank: int = 4,
+    solver: str = "ddpm",
+    guidance_scale: float = 7.0,
+    autocast_dtype: torch.dtype | None = None,
+) -> LatentProblem:
+    """A latent text-to-image task: conditions are indices into ``prompts``, the state is the VAE latent."""
+    from .policy import GaussianScorePolicy
+    from .value import ConvResidual
+
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("the latent backend needs at least one prompt")
+    for m in (unet, vae, text_encoder):
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+    embeds = encode_prompts(text_encoder, tokenizer, prompts)
+    uncond = encode_prompts(text_encoder, tokenizer, [""])
+    if embeds.shape[-1] != unet.config.cross_attention_dim:
+        raise ValueError(
+            f"text encoder width {embeds.shape[-1]} != UNet cross_attention_dim {unet.config.cross_attention_dim}"
+        )
+    schedule = DiscreteVPSchedule.from_scheduler(scheduler)
+    model = LatentScoreModel(
+        unet,
+        schedule,
+        embeds,
+        uncond,
+        guidance_scale,
+        scheduler.config.prediction_type,
+        lora_rank=lora_rank,
+        autocast_dtype=autocast_dtype,
+    )
+    n, ch, size = len(prompts), unet.config.in_channels, unet.config.sample_size
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    return LatentProblem(
+        policy=GaussianScorePolicy(model, solver),
+        x_shape=(ch, *size),
+        condition_sampler=lambda b, g: torch.randint(0, n, (b,), generator=g),
+        eval_conditions=lambda b: torch.arange(b) % n,  # every prompt in turn, fixed
+        make_residual=lambda: ConvResidual(channels=ch, width=32, num_classes=n),
+        prompts=prompts,
+        wrap_reward=lambda reward_fn: latent_reward(reward_fn, vae),
+    )
+
+
+# --- loading a diffusers SD folder (safetensors only) -----------------------------------------------------
+def is_sd_folder(path: str | Path) -> bool:
+    d = Path(path)
+    return (d / "unet" / "config.json").is_file() and (d / "vae").is_dir() and (d / "text_encoder").is_dir()
+
+
+def load_sd_folder(path: str | Path) -> dict:
+    """Load ``unet/ vae/ text_encoder/ tokenizer/ scheduler/`` of a local diffusers SD folder, offline and
+    safetensors only. Returns {unet, vae, text_encoder, tokenizer, scheduler}. The scheduler is read as a
+    DDPMScheduler (only its noise schedule is used: the engine has its own solvers)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .checkpoints import UNSAFE_WEIGHT_SUFFIXES
+    from .io import UnsafeWeightsError, require_safetensors
+
+    d = Path(path)
+    missing = [s for s in SD_SUBFOLDERS if not (d / s).is_dir()]
+    if missing:
+        raise ValueError(f"{d}: not a diffusers SD folder (missing {missing})")
+    unsafe = sorted(str(f.relative_to(d)) for f in d.rglob("*") if f.suffix.lower() in UNSAFE_WEIGHT_SUFFIXES)
+    if unsafe:
+        raise UnsafeWeightsError(f"{d}: refusing non-safetensors weights {unsafe} (pickles can execute code)")
+    for sub, name in (
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+    ):
+        files = sorted((d / sub).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{d / sub}: no {name}.safetensors")
+        for f in files:
+            require_safetensors(f)
+    unet = UNet2DConditionModel.from_pretrained(
+        d / "unet", use_safetensors=True, local_files_only=True
+    ).eval()
+    vae = AutoencoderKL.from_pretrained(d / "vae", use_safetensors=True, local_files_only=True).eval()
+    text_encoder = CLIPTextModel.from_pretrained(
+        d / "text_encoder", use_safetensors=True, local_files_only=True
+    ).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(d / "tokenizer", local_files_only=True)
+    # offline, a tokenizer with missing files can load as a handful of special tokens: check its size
+    if len(tokenizer) != text_encoder.config.vocab_size:
+        raise ValueError(
+            f"{d / 'tokenizer'}: vocabulary of {len(tokenizer)} tokens, the text encoder expects "
+            f"{text_encoder.config.vocab_size} (incomplete tokenizer files?)"
+        )
+    scheduler = DDPMScheduler.from_pretrained(d / "scheduler", local_files_only=True)
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def sd_folder_problem(
+    path: str | Path,
+    lora_rank: int = 4,
+    solver: str = "ddpm",
+    prompts_file: str | Path = "",
+    guidance_scale: float = 7.0,
+) -> LatentProblem:
+    """``latent_problem`` for a local SD folder; prompts from ``prompts_file`` or the folder's prompts.txt."""
+    d = Path(path)
+    pf = Path(prompts_file) if str(prompts_file) else d / PROMPTS_FILE
+    if not pf.is_file():
+        raise FileNotFoundError(
+            f"no prompt file {pf}: put prompts.txt in the checkpoint folder or set model.prompts"
+        )
+    parts = load_sd_folder(d)
+    return latent_problem(
+        **parts, prompts=read_prompts(pf), lora_rank=lora_rank, solver=solver, guidance_scale=guidance_scale
+    )
+
+
+# --- a tiny SD1.5-shaped model for tests (config dicts, nothing downloaded) -----------------------------------
+TINY_PROMPTS = ("a red circle", "a blue square", "a green tree")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode map (the BPE alphabet)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def write_tiny_clip_tokenizer_files(folder: str | Path, max_length: int = 77) -> Path:
+    """A tiny CLIP BPE vocabulary (bytes, bytes + '</w>', a few merges) as vocab.json + merges.txt."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = list(_bytes_to_unicode().values())
+    merges = [("r", "e"), ("e", "d</w>"), ("a", "r"), ("t", "r"), ("e", "e</w>")]
+    vocab_list = ["<|startoftext|>", "<|endoftext|>"] + alphabet + [a + "</w>" for a in alphabet]
+    vocab_list += ["".join(m) for m in merges if "".join(m) not in vocab_list]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab_list)}), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": max_length}), encoding="utf-8"
+    )
+    return folder
+
+
+def tiny_sd_components(seed: int = 0, latent_size: int = 8) -> dict:
+    """SD1.5-shaped but tiny: UNet2DConditionModel (cross-attention on CLIP states), AutoencoderKL with 4 latent
+    channels (image = 2 x latent size), CLIPTextModel + CLIPTokenizer from a local tiny vocabulary, and a
+    DDPMScheduler with SD's scaled_linear betas. Built from config dicts; nothing is downloaded."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(
+            write_tiny_clip_tokenizer_files(tmp, max_length=77), local_files_only=True
+        )
+    vocab_size = len(tokenizer)
+    if vocab_size < 512:  # 2 x 256 byte tokens + specials: a smaller one means the files were not read
+        raise RuntimeError(f"tiny CLIP tokenizer loaded with {vocab_size} tokens")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=32,
+        )
+    ).eval()
+    unet = UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=2 * latent_size,
+        scaling_factor=0.18215,
+    ).eval()
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def save_tiny_sd(folder: str | Path, seed: int = 0, prompts: Sequence[str] = TINY_PROMPTS) -> Path:
+    """Write ``tiny_sd_components`` as a diffusers SD folder (safetensors) with a prompts.txt."""
+    folder = Path(folder)
+    parts = tiny_sd_components(seed)
+    for name in ("unet", "vae", "text_encoder"):
+        parts[name].save_pretrained(folder / name, safe_serialization=True)
+    parts["tokenizer"].save_pretrained(folder / "tokenizer")
+    parts["scheduler"].save_pretrained(folder / "scheduler")
+    (folder / PROMPTS_FILE).write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    return folder

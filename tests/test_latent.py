@@ -1,0 +1,251 @@
+"""Latent text-to-image backend (ctrl_core/latent.py) on a tiny SD1.5-shaped model built from config dicts."""
+
+from __future__ import annotations
+
+import torch
+
+from ctrl_core import params as params_mod
+from ctrl_core.algorithms import OptimConfig
+from ctrl_core.checkpoints import fetch_checkpoint
+from ctrl_core.io import UnsafeWeightsError
+from ctrl_core.latent import (
+    LatentProblem,
+    LatentScoreModel,
+    latent_problem,
+    load_sd_folder,
+    save_tiny_sd,
+    tiny_sd_components,
+)
+from ctrl_core.policy import sample
+from ctrl_core.recipes import checkpoint_problem, make_trainer
+from ctrl_core.rewards import make_reward
+from ctrl_core.schedule import score_from_model_output
+from ctrl_core.steps import load_problem
+from ctrl_core.value import ConvResidual, ValueFunction
+
+torch.set_num_threads(1)
+
+
+def _problem(seed: int = 0, guidance_scale: float = 3.0, lora_rank: int = 2) -> LatentProblem:
+    return latent_problem(
+        **tiny_sd_components(seed),
+        prompts=["a red circle", "a blue square"],
+        lora_rank=lora_rank,
+        guidance_scale=guidance_scale,
+    )
+
+
+def _inputs(problem: LatentProblem, n: int = 3, s: float = 0.6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *problem.x_shape), generator=g)
+    return torch.full((n,), s, dtype=torch.float64), x, problem.condition_sampler(n, g)
+
+
+def _lora(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _base(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+
+
+def test_sd_folder_to_problem_samples_guided_latents_and_decoded_reward(tmp_path):
+    # through the fetch step (local folder here; S3 prefixes and HF ids land in the same kind of folder)
+    manifest = fetch_checkpoint(str(save_tiny_sd(tmp_path / "src")), tmp_path / "sd")
+    assert "unet/diffusion_pytorch_model.safetensors" in manifest.files and "prompts.txt" in manifest.files
+    ckpt = tmp_path / "sd"
+    parts = load_sd_folder(ckpt)
+    # the tokenizer files were really read (offline loaders can silently return a few special tokens)
+    assert len(parts["tokenizer"]) == parts["text_encoder"].config.vocab_size == 519
+    assert parts["scheduler"].config.beta_schedule == "scaled_linear"
+
+    problem = checkpoint_problem(ckpt, lora_rank=2, guidance_scale=5.0)
+    assert isinstance(problem, LatentProblem) and isinstance(problem.policy.model, LatentScoreModel)
+    assert problem.x_shape == (4, 8, 8) and problem.prompts == [
+        "a red circle",
+        "a blue square",
+        "a green tree",
+    ]
+    assert problem.eval_conditions(5).tolist() == [0, 1, 2, 0, 1]
+
+    batches = []  # CFG: one UNet call per step on [uncond; cond], i.e. 2B rows
+    hook = problem.policy.model.base_unet.register_forward_hook(
+        lambda m, a, k, out: batches.append(k["encoder_hidden_states"].shape[0]), with_kwargs=True
+    )
+    g = torch.Generator().manual_seed(0)
+    c = problem.condition_sampler(4, g)
+    traj = sample(
+        problem.policy,
+        torch.randn((4, *problem.x_shape), generator=g),
+        c,
+        problem.policy.schedule.time_grid(4),
+        g,
+    )
+    hook.remove()
+    assert traj.sample.shape == (4, 4, 8, 8) and torch.isfinite(traj.states).all()
+    assert batches == [8] * 4
+
+    reward = problem.wrap_reward(make_reward("jpeg_compressibility"))
+    images = reward.decode(traj.sample)
+    assert images.shape == (4, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+    r = reward(traj.sample, c)
+    assert r.shape == (4,) and torch.isfinite(r).all()
+
+    # through the pipeline's parameters: model.prompts overrides the folder's prompts.txt
+    (tmp_path / "mine.txt").write_text("one prompt\n\n# a comment\nanother prompt\n")
+    p = params_mod.validate(
+        {"model": {"lora_rank": 2, "prompts": str(tmp_path / "mine.txt"), "guidance_scale": 1.5}}
+    )
+    from_params = load_problem(p, ckpt)
+    assert from_params.prompts == ["one prompt", "another prompt"]
+    assert from_params.policy.model.guidance_scale == 1.5
+
+
+def test_adapter_starts_at_identity_and_one_ctrl_step_moves_only_the_adapter():
+    problem = _problem()
+    model = problem.policy.model
+    s, x, c = _inputs(problem)
+    with torch.no_grad():
+        before = model.score(s, x, c)
+        with model.pretrained():
+            base_before = model.score(s, x, c)
+    # LoRA B = 0 at initialisation: exactly the pretrained score
+    torch.testing.assert_close(before, base_before, rtol=0, atol=0)
+    lora0, base0 = _lora(model), _base(model)
+    assert lora0 and all("to_" in n for n in lora0)  # LoRA on the attention projections only
+
+    reward = problem.wrap_reward(make_reward("jpeg_compressibility"))
+    value = ValueFunction(reward, problem.make_residual(), "cos_sin")
+    assert isinstance(value.residual, ConvResidual)
+    cfg = OptimConfig(
+        iterations=1,
+        batch_size=4,
+        train_steps=4,
+        train_timesteps=2,
+        minibatch_size=4,
+        lr=1e-2,
+        value_epochs=1,
+        lr_decay="none",
+    )
+    stats = make_trainer(problem, reward, cfg, value).step()
+    assert torch.isfinite(torch.tensor([stats.reward_mean, stats.objective])).all()
+
+    assert any(not torch.equal(lora0[n], p) for n, p in _lora(model).items()), "the adapter did not move"
+    assert all(torch.equal(base0[n], p) for n, p in _base(model).items()), "the base weights moved"
+    with torch.no_grad():
+        after = model.score(s, x, c)
+        with model.pretrained():
+            base_after = model.score(s, x, c)
+    torch.testing.assert_close(base_after, base_before, rtol=0, atol=0)
+    assert not torch.allclose(after, before)
+
+
+def test_classifier_free_guidance_is_uncond_plus_w_times_difference():
+    problem = _problem(guidance_scale=1.0)
+    model = problem.policy.model
+    s, x, c = _inputs(problem)
+    with torch.no_grad():
+        cond = model.score(s, x, c)  # w = 1: the conditional score
+        uncond = model.score(s, x, None)
+        torch.testing.assert_close(
+            cond,
+            score_from_model_output(
+                model.conditional_output(s, x, c),
+                x,
+                model.schedule.alpha(s),
+                model.schedule.sigma(s),
+                "epsilon",
+            ),
+        )
+        assert not torch.allclose(cond, uncond)  # the prompt matters
+        for w in (0.0, 4.0):
+            model.guidance_scale = w
+            torch.testing.assert_close(
+                model.score(s, x, c), uncond + w * (cond - uncond), rtol=1e-4, atol=1e-4
+            )
+
+
+def test_autocast_and_gradient_checkpointing_keep_the_score():
+    problem = _problem()
+    model = problem.policy.model
+    s, x, c = _inputs(problem)
+    with torch.no_grad():
+        ref = model.score(s, x, c)
+        model.autocast_dtype = torch.bfloat16
+        low = model.score(s, x, c)
+        model.autocast_dtype = None
+    assert low.dtype == torch.float32
+    assert (low - ref).norm() <= 0.05 * ref.norm()
+
+    def grads():
+        model.zero_grad()
+        model.score(s, x, c).square().mean().backward()
+        return [p.grad.clone() for p in model.trainable_parameters()]
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    assert model.base_unet.is_gradient_checkpointing
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_adapter_round_trip(tmp_path):
+    problem = _problem(seed=0)
+    model = problem.policy.model
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    s, x, c = _inputs(problem)
+    with torch.no_grad():
+        tuned = model.score(s, x, c)
+    model.save_adapter(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    fresh = _problem(seed=0).policy.model
+    with torch.no_grad():
+        assert not torch.allclose(fresh.score(s, x, c), tuned)
+        fresh.load_adapter(str(tmp_path / "adapter"))
+        torch.testing.assert_close(fresh.score(s, x, c), tuned, rtol=0, atol=0)
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    import pytest
+
+    ckpt = save_tiny_sd(tmp_path / "sd")
+    torch.save({"w": torch.zeros(1)}, ckpt / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(UnsafeWeightsError, match="diffusion_pytorch_model.bin"):
+        load_sd_folder(ckpt)
+    with pytest.raises(UnsafeWeightsError):
+        checkpoint_problem(ckpt, lora_rank=2)
+    (ckpt / "unet" / "diffusion_pytorch_model.bin").unlink()
+    # a pickle renamed to .safetensors is caught by its header
+    torch.save({"w": torch.zeros(1)}, ckpt / "vae" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(UnsafeWeightsError):
+        load_sd_folder(ckpt)
+
+
+def test_pipeline_steps_run_on_a_latent_checkpoint(tmp_path, monkeypatch):
+    """fetch -> value pretraining -> CTRL -> evaluation on a tiny SD-shaped folder: the image reward is applied
+    to VAE-decoded latents in every step, and the report shows decoded samples."""
+    from ctrl_core import steps
+    from ctrl_core.latent import save_tiny_sd
+
+    monkeypatch.setenv("CTRL_CHECKPOINT_ROOT", str(tmp_path / "ckpt"))
+    save_tiny_sd(tmp_path / "sd")
+    p = params_mod.load(None, [
+        f"checkpoint.source={tmp_path / 'sd'}", "model.lora_rank=2", "model.guidance_scale=2.0",
+        "value.candidates=[rm_only, linear]", "value.num_paths=8", "value.steps=4", "value.points_per_path=1",
+        "value.epochs=1", "value.batch_size=8", "optimize.iterations=1", "optimize.batch_size=4",
+        "optimize.train_steps=4", "optimize.train_timesteps=2", "optimize.minibatch_size=4",
+        "evaluate.steps=[4]", "evaluate.samplers=[sde]", "evaluate.num_samples=4",
+    ])  # fmt: skip
+    steps.fetch(p, tmp_path / "checkpoint")
+    link = steps.pretrain_value(p, tmp_path / "checkpoint", tmp_path / "value")
+    assert all(torch.isfinite(torch.tensor(list(link["mse"].values()))))
+    summary = steps.optimize(p, tmp_path / "checkpoint", tmp_path / "value", tmp_path / "optimize")
+    assert summary["final_reward"] is not None and torch.isfinite(torch.tensor(summary["final_reward"]))
+    ev = steps.evaluate(p, tmp_path / "checkpoint", tmp_path / "optimize" / "adapter", tmp_path / "evaluate")
+    cell = ev["evaluation"]["sde"]["4"]
+    assert torch.isfinite(torch.tensor([cell["base"], cell["tuned"]])).all()
+    assert "<figure><img src='data:image/png" in (tmp_path / "evaluate" / "report.html").read_text()  # sample grids
