@@ -34,9 +34,12 @@ class Dist:
         if world <= 1:
             return cls()
         if not tdist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if backend == "nccl":
+            # gloo for CPU tensors (counters, flags, fingerprints) and NCCL for CUDA tensors: a bare "nccl" group
+            # has no backend for the CPU tensors the trainer also reduces
+            backend = "gloo"
+            if torch.cuda.is_available():
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                backend = "cpu:gloo,cuda:nccl"
             tdist.init_process_group(backend=backend)
         return cls(tdist.get_rank(), tdist.get_world_size())
 
@@ -84,12 +87,14 @@ class Dist:
         if self.world == 1:
             return
         params = list(params)
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float64)
+        tdist.all_reduce(present)  # a parameter no rank has a gradient for keeps grad None (no optimiser step)
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
         tdist.all_reduce(flat)
         i = 0
-        for p in params:
+        for p, seen in zip(params, present.tolist(), strict=True):
             n = p.numel()
-            p.grad = flat[i : i + n].view_as(p).clone()
+            p.grad = flat[i : i + n].view_as(p).clone() if seen > 0 else None
             i += n
 
     def identical(self, tensors: Iterable[Tensor]) -> bool:
@@ -100,7 +105,7 @@ class Dist:
 
         h = hashlib.sha256()
         for t in tensors:
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         mine = torch.tensor(list(h.digest()[:16]), dtype=torch.int64)
         return bool((self.gather_rows(mine[None]) == mine).all())
 

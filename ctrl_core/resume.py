@@ -95,6 +95,10 @@ def run_key(step: str, config: Any, inputs: Iterable[str] = ()) -> str:
 def dir_digest(directory: str | os.PathLike) -> str:
     """Digest of a step input folder: the fetch manifest's tree hash when there is one, else every file's hash."""
     d = Path(directory)
+    if d.is_file():
+        return "file:" + sha256_file(d)
+    if not d.is_dir():
+        raise FileNotFoundError(f"step input not found: {d}")
     manifest = d / "manifest.json"
     if manifest.is_file():
         try:

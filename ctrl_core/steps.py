@@ -36,11 +36,13 @@ def staged_output(out_dir: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _fsync_tree(tmp)  # the data is on disk before the rename makes it the output (and checkpoints go)
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
         os.replace(tmp, out)
+        _fsync_path(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -48,18 +50,34 @@ def staged_output(out_dir: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for f in files:
+            _fsync_path(Path(folder) / f)
+        _fsync_path(Path(folder))
+
+
 def _seed(params: Params) -> None:
     torch.manual_seed(params.run.seed)
 
 
-def checkpoint_store(params: Params, step: str, blocks: tuple[str, ...], input_dirs: list[str | Path | None]):
+def checkpoint_store(params: Params, step: str, blocks: tuple[str, ...], input_dirs: list[str | Path | None],
+                     extra: dict | None = None):
     """The resumable-checkpoint store of this step of this run: keyed by the step's parameter blocks (run's
     seed, not its resume settings) and the digests of its input folders. With ``run.resume: false`` any earlier
     checkpoints of the same run are discarded."""
     from .resume import CheckpointStore, default_root, dir_digest, run_key
 
     dump = params.model_dump()
-    config = {b: dump[b] for b in blocks} | {"seed": params.run.seed}
+    config = {b: dump[b] for b in blocks} | {"seed": params.run.seed} | (extra or {})
     key = run_key(step, config, [dir_digest(d) for d in input_dirs if d is not None])
     store = CheckpointStore(default_root(params.run.checkpoint_root), step, key)
     if not params.run.resume and _dist().is_main:
@@ -106,13 +124,15 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
 
     if params.optimize.algorithm == "qlearning":  # q-learning trains its own critic from the data
         result = {"chosen": "none", "mse": {}, "seconds": 0.0, "skipped": "optimize.algorithm is qlearning"}
-        with staged_output(out_dir) as tmp:
-            atomic_write_json(result, tmp / "link.json")
+        if _dist().is_main:
+            with staged_output(out_dir) as tmp:
+                atomic_write_json(result, tmp / "link.json")
         return result
     _seed(params)
     t0 = time.perf_counter()
-    store = checkpoint_store(params, "pretrain_value", ("checkpoint", "model", "reward", "value"), [checkpoint_dir])
-    found = store.latest()
+    store = checkpoint_store(params, "pretrain_value", ("checkpoint", "model", "reward", "value"),
+                             [checkpoint_dir, params.model.prompts or None], extra={"solver": params.optimize.solver})
+    found = store.latest() if params.run.resume else None  # (rank 0 may not have cleared it yet)
     state = found[1] if found else {"collecting": None, "data": None, "fitted": {}}
     problem = load_problem(params, checkpoint_dir)
     reward = make_reward_fn(params, problem)
@@ -174,7 +194,8 @@ def optimize(
     _seed(params)
     cfg = params.optim_config()
     dist = _dist()
-    inputs: list = [checkpoint_dir]
+    inputs: list = [checkpoint_dir, params.model.prompts or None]
+    key_extra: dict = {}
     if cfg.algorithm == "qlearning":
         from .qlearning import QLearningScoreModel, QLearningTrainer, make_critic
 
@@ -198,15 +219,17 @@ def optimize(
         trainer = make_trainer(problem, reward, cfg, value, dist)
         iterations, blocks, timing = cfg.iterations, (), ("sample", "value", "policy")
         save_model = trainer.policy.model.save_adapter
-        inputs.append(value_dir if cfg.algorithm == "ctrl" else None)
+        if cfg.algorithm == "ctrl":  # the value net's weights and link (not link.json's timing)
+            inputs.append(Path(value_dir) / "value.safetensors")
+            key_extra["link"] = value.link_name
 
         def extra_outputs(tmp: Path) -> None:
             if value is not None:
                 atomic_save_weights(value.residual.state_dict(), tmp / "value.safetensors")
                 atomic_write_json({"chosen": value.link_name}, tmp / "link.json")
 
-    store = checkpoint_store(params, "optimize", ("checkpoint", "model", "reward", "optimize", *blocks), inputs)
-    found = store.latest()
+    store = checkpoint_store(params, "optimize", ("checkpoint", "model", "reward", "optimize", *blocks), inputs, key_extra)
+    found = store.latest() if params.run.resume else None  # (rank 0 may not have cleared it yet)
     resumed_from = None
     if found is not None:
         trainer.load_state_dict(found[1])

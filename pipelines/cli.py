@@ -354,8 +354,12 @@ def step(name, params_path, overrides, checkpoint, value_dir, optimize_dir, eval
 
     params = _load_params(params_path, overrides)  # validated before any process is started
     n = num_processes or int(os.environ.get("CTRL_NUM_PROCESSES", "1") or 1)
-    if n > 1 and name in ("pretrain_value", "optimize") and "WORLD_SIZE" not in os.environ:
-        sys.exit(_launch_data_parallel(n, sys.argv[sys.argv.index("step"):]))
+    data_parallel = name in ("pretrain_value", "optimize") and params.optimize.algorithm != "qlearning"
+    if n > 1 and data_parallel and "WORLD_SIZE" not in os.environ:
+        argv = ["step", name, *(["--params", params_path] if params_path else []),
+                *[a for o in overrides for a in ("--set", o)], "--checkpoint", checkpoint, "--value", value_dir,
+                "--optimize-dir", optimize_dir, "--evaluate-dir", evaluate_dir]
+        sys.exit(_launch_data_parallel(n, argv))
     if name == "fetch":
         out = steps.fetch(params, checkpoint)
     elif name == "pretrain_value":
@@ -385,8 +389,10 @@ def run_step_data_parallel(name: str, params_json: str, checkpoint: str, out_dir
     result (read back from the outputs rank 0 wrote)."""
     import tempfile
 
+    import yaml
+
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        fh.write(params_json)  # JSON is YAML
+        fh.write(yaml.safe_dump(json.loads(params_json)))  # (PyYAML reads JSON's 1e-05 as a string)
     argv = ["step", name, "--params", fh.name, "--checkpoint", checkpoint, "--num-processes", str(num_processes())]
     argv += ["--value", value_dir or out_dir] if name == "pretrain_value" else ["--value", value_dir or "", "--optimize-dir", out_dir]
     if name == "pretrain_value":

@@ -140,3 +140,15 @@ def test_sigkill_campaign_resumes_to_the_same_weights(tmp_path):
     assert out["lost_iterations"] == 0
     assert series["optimize"]["iterations_completed"] == 12 and series["optimize"]["bitwise_equal"]
     assert all(s["partial_outputs"] == 0 and not s["leftover_temp_dirs"] and s["checkpoints_cleared"] for s in out["series"])
+
+
+def test_run_key_inputs_hash_file_contents(tmp_path):
+    from ctrl_core.resume import dir_digest
+
+    f = tmp_path / "data.safetensors"
+    f.write_bytes(b"one")
+    first = dir_digest(f)
+    f.write_bytes(b"two")  # edited in place: a checkpoint of the old data must not be resumed
+    assert dir_digest(f) != first and dir_digest(f).startswith("file:")
+    with pytest.raises(FileNotFoundError, match="step input not found"):
+        dir_digest(tmp_path / "missing")

@@ -16,10 +16,11 @@ def pretrain_value(params: str, checkpoint: Input[Model], value: Output[Model], 
     t0 = time.perf_counter()
     from pipelines.cli import num_processes, run_step_data_parallel
 
-    if num_processes() > 1:  # one process per GPU of this step (CTRL_NUM_PROCESSES from the placement)
+    p = from_json(params)
+    if num_processes() > 1 and p.optimize.algorithm != "qlearning":  # one process per GPU (CTRL_NUM_PROCESSES)
         out = run_step_data_parallel("pretrain_value", params, checkpoint.path, value.path)
     else:
-        out = steps.pretrain_value(from_json(params), checkpoint.path, value.path)
+        out = steps.pretrain_value(p, checkpoint.path, value.path)
     for link, mse in out["mse"].items():
         link_metrics.log_metric(f"value/mse/{link}", mse)
     value.metadata["link"] = out["chosen"]
