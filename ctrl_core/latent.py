@@ -121,7 +121,7 @@ class LatentScoreModel(DiffusersScoreModel):
     def _autocast(self, x: Tensor):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)  # where the UNet runs
 
     def conditional_output(self, s: Tensor, x: Tensor, c: Tensor | None) -> Tensor:
         """Unguided network output: conditioned on prompts c, or on the empty prompt when c is None."""
@@ -132,7 +132,7 @@ class LatentScoreModel(DiffusersScoreModel):
             else self.prompt_embeds[c.long().to(self.prompt_embeds.device)]
         )
         with self._autocast(x):
-            out = super().model_output(s, x, ehs.to(x.device))
+            out = super().model_output(s, x, ehs)  # embeddings stay on the UNet's device
         return out.to(x.dtype)
 
     def model_output(self, s: Tensor, x: Tensor, c: Tensor | None) -> Tensor:
@@ -142,7 +142,7 @@ class LatentScoreModel(DiffusersScoreModel):
             return self.conditional_output(s, x, c)
         B = x.shape[0]
         cond = self.prompt_embeds[c.long().to(self.prompt_embeds.device)]
-        ehs = torch.cat([self.uncond_embeds.expand(B, -1, -1), cond]).to(x.device)
+        ehs = torch.cat([self.uncond_embeds.expand(B, -1, -1), cond])
         s2 = s.reshape(-1).expand(B) if s.numel() == 1 else s
         with self._autocast(x):
             out = DiffusersScoreModel.model_output(self, torch.cat([s2, s2]), torch.cat([x, x]), ehs)
@@ -216,6 +216,9 @@ def latent_problem(
             f"text encoder width {embeds.shape[-1]} != UNet cross_attention_dim {unet.config.cross_attention_dim}"
         )
     schedule = DiscreteVPSchedule.from_scheduler(scheduler)
+    from .models import compute_device
+
+    vae.to(compute_device())  # the decode for the reward runs where the UNet does
     model = LatentScoreModel(
         unet,
         schedule,
@@ -225,7 +228,7 @@ def latent_problem(
         scheduler.config.prediction_type,
         lora_rank=lora_rank,
         autocast_dtype=autocast_dtype,
-    )
+    ).to(compute_device())
     n, ch, size = len(prompts), unet.config.in_channels, unet.config.sample_size
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     return LatentProblem(

@@ -114,6 +114,19 @@ class GaussianScoreModel(ScoreModel):
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
 
 
+def compute_device() -> torch.device:
+    """Where networks run: $CTRL_DEVICE (cpu, cuda, cuda:N) if set, else this process's GPU when CUDA is available
+    (after ``distributed.Dist.from_env`` picked LOCAL_RANK's), else the CPU."""
+    import os
+
+    name = os.environ.get("CTRL_DEVICE", "")
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class DiffusersScoreModel(ScoreModel):
     """A diffusers UNet as a score model; LoRA through peft, disabled for mu_pre (one copy of the weights).
 
@@ -157,13 +170,22 @@ class DiffusersScoreModel(ScoreModel):
     def base_unet(self) -> nn.Module:
         return self.net.get_base_model() if self.has_adapter else self.net
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
     def model_output(self, s: Tensor, x: Tensor, c: Tensor | None) -> Tensor:
-        t_in = self.schedule.model_time(s).to(device=x.device, dtype=torch.float32)
+        """The network runs on its own device (a GPU when there is one, see ``compute_device``); its inputs go
+        there and its output comes back, so the rest of the engine (schedules, solvers, log-probs, RNG) works on
+        host tensors. Autograd follows the transfers."""
+        dev = self.device
+        t_in = self.schedule.model_time(s).to(device=dev, dtype=torch.float32)
+        c_in = c.to(dev) if isinstance(c, Tensor) else c
         if self.conditional_2d:
-            out = self.net(x, t_in, encoder_hidden_states=c, return_dict=False)[0]
+            out = self.net(x.to(dev), t_in, encoder_hidden_states=c_in, return_dict=False)[0]
         else:
-            out = self.net(x, t_in, class_labels=c, return_dict=False)[0]
-        return out
+            out = self.net(x.to(dev), t_in, class_labels=c_in, return_dict=False)[0]
+        return out.to(x.device)
 
     def score(self, s: Tensor, x: Tensor, c: Tensor | None) -> Tensor:
         out = self.model_output(s, x, c)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .algorithms import OptimConfig, Trainer
 from .distributed import Dist
-from .models import AffineCorrection, DiffusersScoreModel, GaussianScoreModel
+from .models import AffineCorrection, DiffusersScoreModel, GaussianScoreModel, compute_device
 from .policy import GaussianScorePolicy, sample, x_hat
 from .schedule import DiscreteVPSchedule, LinearVPSchedule
 from .value import ConvResidual, LinkSelection, MLPResidual, ValueDataset, ValueFunction, select_link
@@ -35,6 +35,7 @@ def digits_problem(lora_rank: int = 8, solver: str = "ddpm", weights_dir=None) -
     unet, scheduler = load_builtin_unet(WEIGHTS_DIR if weights_dir is None else weights_dir)
     schedule = DiscreteVPSchedule.from_scheduler(scheduler)
     model = DiffusersScoreModel(unet, schedule, scheduler.config.prediction_type, lora_rank=lora_rank)
+    model.to(compute_device())
     return Problem(
         policy=GaussianScorePolicy(model, solver),
         x_shape=(1, IMAGE_SIZE, IMAGE_SIZE),
@@ -72,6 +73,7 @@ def checkpoint_problem(checkpoint_dir, lora_rank: int = 8, solver: str = "ddpm",
         scheduler = DDPMScheduler.from_pretrained(d / "scheduler")
         schedule = DiscreteVPSchedule.from_scheduler(scheduler)
         model = DiffusersScoreModel(unet, schedule, scheduler.config.prediction_type, lora_rank=lora_rank)
+        model.to(compute_device())
         n_cls = unet.config.num_class_embeds or 0
         size, ch = unet.config.sample_size, unet.config.in_channels
         return Problem(

@@ -130,6 +130,7 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
         return result
     _seed(params)
     t0 = time.perf_counter()
+    dist = _dist()  # first: it picks this rank's GPU before any model is built
     store = checkpoint_store(params, "pretrain_value", ("checkpoint", "model", "reward", "value"),
                              [checkpoint_dir, params.model.prompts or None], extra={"solver": params.optimize.solver})
     found = store.latest() if params.run.resume else None  # (rank 0 may not have cleared it yet)
@@ -137,7 +138,7 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
     problem = load_problem(params, checkpoint_dir)
     reward = make_reward_fn(params, problem)
     vp, seed = params.value, params.run.seed
-    saves, dist = [found[0] if found else 0], _dist()
+    saves = [found[0] if found else 0]
 
     def save(new_state: dict) -> None:
         saves[0] += 1
