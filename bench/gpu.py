@@ -1,0 +1,309 @@
+"""GPU cost benchmark (issue 7 item 5): SD1.5-shaped latent backend with random weights (weights do not change cost).
+
+One run measures: a bf16 matmul peak (8192^3; --tiny: float32 512^3), the UNet's FLOPs per classifier-free-guided
+forward (torch.utils.flop_counter) and its MFU against that peak, images/s for sampling at --steps steps with CFG
+(VAE decode timed separately), seconds per CTRL and per DDPO iteration (ctrl_core Trainer, same batch, steps,
+train_timesteps and minibatch; per-phase times from IterationStats) and peak memory.
+
+    python -m bench.gpu --batch 32 --steps 50 --json bench/results/gpu.json      # on an H100/H200
+    python -m bench.gpu --tiny --batch 2 --steps 4 --json /tmp/gpu_tiny.json     # CPU smoke test of the harness
+
+The reward is "ImageReward-shaped": a CLIP ViT-L/14 image tower at 224^2 + an MLP head on VAE-decoded images
+(it ignores the prompt: ImageReward's text cross-attention is not modelled, a slight cost under-estimate).
+--tiny numbers are not performance results: writing them to bench/results/gpu.json is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctrl_core.algorithms import OptimConfig
+from ctrl_core.latent import latent_problem, tiny_sd_components, write_tiny_clip_tokenizer_files
+from ctrl_core.models import compute_device
+from ctrl_core.policy import sample
+from ctrl_core.recipes import make_trainer
+from ctrl_core.value import ValueFunction
+
+DEFAULT_JSON = Path("bench/results/gpu.json")
+PROMPTS = ("a photo of a cat", "a red sports car", "a mountain lake at dawn", "a bowl of fruit",
+           "an astronaut riding a horse", "a watercolor of a city", "a dog on a beach", "a medieval castle")
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
+)  # fmt: skip
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    sample_size=512, scaling_factor=0.18215,
+)  # fmt: skip
+CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+VIT_L14_224 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+VIT_TINY = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                patch_size=8, projection_dim=32)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def sd15_components(seed: int, device: torch.device) -> dict:
+    """SD1.5-shaped UNet / VAE / CLIP-L text encoder from config dicts (random weights, built on ``device``)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:  # byte-level BPE (no CLIP vocabulary offline; cost is the same)
+        tok = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer_files(tmp), local_files_only=True)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        text = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT, bos_token_id=tok.bos_token_id,
+                                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+        unet = UNet2DConditionModel(**SD15_UNET).eval()
+        vae = AutoencoderKL(**SD15_VAE).eval()
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          prediction_type="epsilon", clip_sample=False)
+    return {"unet": unet, "vae": vae, "text_encoder": text, "tokenizer": tok, "scheduler": sched}
+
+
+class ImageScorer(nn.Module):
+    """ImageReward-shaped scorer: CLIP vision tower + ImageReward's MLP head (hidden -> 1024-128-64-16-1)."""
+
+    def __init__(self, vision: dict, autocast_dtype: torch.dtype | None, chunk: int = 64):
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        self.vision = CLIPVisionModel(CLIPVisionConfig(**vision)).eval()
+        h = vision["hidden_size"]
+        self.head = nn.Sequential(nn.Linear(h, 1024), nn.Linear(1024, 128), nn.Linear(128, 64), nn.Linear(64, 16),
+                                  nn.Linear(16, 1))
+        self.size, self.amp, self.chunk = vision["image_size"], autocast_dtype, chunk
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, conditions=None) -> torch.Tensor:
+        dev = self.mean.device
+        out = []
+        for im in images.split(self.chunk):
+            x = F.interpolate(im.to(dev, torch.float32), size=(self.size, self.size), mode="bilinear",
+                              align_corners=False)
+            x = ((x + 1) / 2 - self.mean) / self.std
+            with torch.autocast(dev.type, dtype=self.amp, enabled=self.amp is not None):
+                pooled = self.vision(pixel_values=x).pooler_output
+                out.append(self.head(pooled).float().squeeze(1))
+        return torch.cat(out).to(images.device)
+
+
+class Clock:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux (process RSS)
+
+
+def matmul_peak_tflops(device: torch.device, tiny: bool, clock: Clock) -> dict:
+    n, dtype, reps = (512, torch.float32, 5) if tiny or device.type != "cuda" else (8192, torch.bfloat16, 50)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t0 = clock.now()
+    for _ in range(reps):
+        a @ b
+    dt = clock.now() - t0
+    return {"tflops": 2 * n**3 * reps / dt / 1e12, "n": n, "dtype": str(dtype).replace("torch.", ""), "reps": reps}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny SD-shaped model on any device (harness smoke test)")
+    p.add_argument("--batch", type=int, default=32, help="images per batch (the UNet batch is 2x with CFG)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (and the trainers' train_steps)")
+    p.add_argument("--train-timesteps", type=int, default=8, help="K: training steps per trajectory (both)")
+    p.add_argument("--minibatch", type=int, default=16, help="paths per PPO optimiser step (both)")
+    p.add_argument("--iterations", type=int, default=2, help="timed iterations per algorithm (after 1 warm-up)")
+    p.add_argument("--link", default="cos_sin", help="CTRL value link (cos_sin | rm_only | ...)")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--forward-reps", type=int, default=0, help="timed UNet forwards (0: 10 on CUDA, 2 otherwise)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    import diffusers
+    import transformers
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dev = compute_device()
+    cuda = dev.type == "cuda"
+    if (args.tiny or not cuda) and args.json.resolve() == DEFAULT_JSON.resolve():
+        raise SystemExit(f"refusing to write non-GPU / --tiny numbers to {DEFAULT_JSON}: pass --json elsewhere")
+    clock, amp = Clock(dev), (torch.bfloat16 if cuda else None)
+    phase_peak: dict[str, float] = {}
+    B, N = args.batch, args.steps
+
+    clock.reset_peak()
+    peak = matmul_peak_tflops(dev, args.tiny, clock)
+    torch.manual_seed(args.seed)
+    parts = tiny_sd_components(args.seed) if args.tiny else sd15_components(args.seed, dev)
+    if cuda:
+        parts["vae"].to(dtype=torch.bfloat16)
+    parts["text_encoder"].to(dev)
+    problem = latent_problem(**parts, prompts=list(PROMPTS), lora_rank=args.lora_rank, solver="ddpm",
+                             guidance_scale=args.guidance, autocast_dtype=amp)
+    parts["text_encoder"].to("cpu")
+    del parts
+    scorer = ImageScorer(VIT_TINY if args.tiny else VIT_L14_224, amp).to(dev)
+    reward = problem.wrap_reward(scorer)
+    model, policy = problem.policy.model, problem.policy
+    if cuda:
+        torch.cuda.empty_cache()
+    phase_peak["build"] = clock.peak_gb()
+
+    # -- UNet forward: FLOPs (CFG = one batched call at 2B) and MFU ------------------------------------------
+    clock.reset_peak()
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn((B, *problem.x_shape), generator=g)
+    s = torch.full((B,), 0.5, dtype=torch.float64)
+    c = torch.arange(B) % len(PROMPTS)
+    with torch.no_grad():
+        for _ in range(2):
+            model.model_output(s, x, c)
+        with FlopCounterMode(display=False) as counter:
+            model.model_output(s, x, c)
+        flops = counter.get_total_flops()
+        reps = args.forward_reps or (10 if cuda else 2)
+        t0 = clock.now()
+        for _ in range(reps):
+            model.model_output(s, x, c)
+        fwd_s = (clock.now() - t0) / reps
+    phase_peak["unet_forward"] = clock.peak_gb()
+    achieved = flops / fwd_s / 1e12
+
+    # -- sampling N steps with CFG, decode and scoring timed apart --------------------------------------------
+    clock.reset_peak()
+    grid = policy.schedule.time_grid(N)
+    x0 = torch.randn((B, *problem.x_shape), generator=g)
+    t0 = clock.now()
+    traj = sample(policy, x0, c, grid, g)
+    t1 = clock.now()
+    images = reward.decode(traj.sample)
+    t2 = clock.now()
+    scores = scorer(images)
+    t3 = clock.now()
+    sample_s, decode_s, score_s = t1 - t0, t2 - t1, t3 - t2
+    if not bool(torch.isfinite(scores).all()):
+        raise FloatingPointError("the scorer returned non-finite rewards")
+    phase_peak["sampling"] = clock.peak_gb()
+
+    # -- CTRL vs DDPO iterations ------------------------------------------------------------------------------
+    per_iteration = {}
+    for alg in ("ddpo", "ctrl"):
+        clock.reset_peak()
+        value = ValueFunction(reward, problem.make_residual(), args.link) if alg == "ctrl" else None
+        cfg = OptimConfig(algorithm=alg, iterations=1 + args.iterations, batch_size=B, train_steps=N,
+                          train_timesteps=min(args.train_timesteps, N), minibatch_size=min(args.minibatch, B),
+                          seed=args.seed)
+        trainer = make_trainer(problem, reward, cfg, value)
+        totals, stats = [], []
+        for i in range(1 + args.iterations):
+            t0 = clock.now()
+            st = trainer.step()
+            dt = clock.now() - t0
+            if i > 0:  # the first iteration is the warm-up
+                totals.append(dt)
+                stats.append(st)
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        per_iteration[alg] = {"total": mean(totals), "sample": mean([st.sample_s for st in stats]),
+                              "value": mean([st.value_s for st in stats]),
+                              "policy": mean([st.policy_s for st in stats])}
+        phase_peak[alg] = clock.peak_gb()
+        del trainer, value
+
+    if cuda:
+        device_name = torch.cuda.get_device_name(dev)
+    else:
+        device_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {
+        "device": device_name,
+        "tiny": bool(args.tiny),
+        "performance_claim": bool(cuda and not args.tiny),
+        "ctrl_over_ddpo": per_iteration["ctrl"]["total"] / per_iteration["ddpo"]["total"],
+        "unet_mfu": achieved / peak["tflops"],
+        "images_per_s": B / sample_s,
+        "images_per_s_with_decode": B / (sample_s + decode_s),
+        "matmul_peak_tflops": peak["tflops"],
+        "matmul": peak,
+        "unet_tflops_per_forward": flops / 1e12,
+        "unet_forward_s": fwd_s,
+        "unet_achieved_tflops": achieved,
+        "unet_forward_batch": 2 * B if args.guidance != 1.0 else B,
+        "decode_s_per_image": decode_s / B,
+        "score_s_per_image": score_s / B,
+        "seconds_per_iteration": per_iteration,
+        "peak_memory_gb": max(phase_peak.values()),
+        "peak_memory_gb_by_phase": phase_peak,
+        "peak_memory_kind": "torch.cuda.max_memory_allocated" if cuda else "process max RSS (ru_maxrss)",
+        "setting": {"batch": B, "steps": N, "train_timesteps": min(args.train_timesteps, N),
+                    "minibatch": min(args.minibatch, B), "timed_iterations": args.iterations, "warmup_iterations": 1,
+                    "link": args.link, "guidance_scale": args.guidance, "lora_rank": args.lora_rank,
+                    "solver": "ddpm", "autocast": "bfloat16" if amp else "float32",
+                    "vae_dtype": "bfloat16" if cuda else "float32", "x_shape": list(problem.x_shape),
+                    "reward": "CLIP ViT " + ("tiny" if args.tiny else "L/14 @224") + " + MLP head on VAE decode",
+                    "weights": "random (config dicts)"},
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "cuda": torch.version.cuda},
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = run(args)
+    bad = [k for k in ("ctrl_over_ddpo", "unet_mfu", "images_per_s", "matmul_peak_tflops", "peak_memory_gb")
+           if not (math.isfinite(out[k]) and out[k] > 0)]
+    if bad:
+        raise FloatingPointError(f"non-finite or non-positive measurements: {bad}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    it = out["seconds_per_iteration"]
+    print(f"{out['device']}{' [TINY: harness smoke test, not a performance result]' if out['tiny'] else ''}")
+    print(f"matmul peak {out['matmul_peak_tflops']:.3g} TFLOP/s | UNet {out['unet_tflops_per_forward']:.3g} TFLOP/fwd "
+          f"in {out['unet_forward_s'] * 1e3:.1f} ms = {out['unet_achieved_tflops']:.3g} TFLOP/s, MFU {out['unet_mfu']:.1%}")
+    print(f"sampling {out['images_per_s']:.3f} img/s ({out['images_per_s_with_decode']:.3f} with decode)")
+    for alg in ("ctrl", "ddpo"):
+        t = it[alg]
+        print(f"{alg}: {t['total']:.2f} s/it (sample {t['sample']:.2f}, value {t['value']:.2f}, policy {t['policy']:.2f})")
+    print(f"CTRL/DDPO = {out['ctrl_over_ddpo']:.2f} | peak memory {out['peak_memory_gb']:.2f} GB -> {args.json}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

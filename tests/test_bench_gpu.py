@@ -1,0 +1,44 @@
+"""SMOKE TEST of the GPU benchmark harness (bench/gpu.py) on the CPU with a tiny model.
+
+It checks that the harness runs end to end and writes every key as a finite positive number. The numbers it
+produces are NOT performance results (random tiny weights on a CPU); the real run is on an H100/H200.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bench import gpu
+
+torch.set_num_threads(1)
+
+KEYS = ("device", "ctrl_over_ddpo", "unet_mfu", "images_per_s", "matmul_peak_tflops", "unet_tflops_per_forward",
+        "seconds_per_iteration", "peak_memory_gb", "setting", "versions", "tiny")
+
+
+def test_gpu_bench_harness_smoke_tiny_cpu(tmp_path, monkeypatch):
+    """Harness smoke test only: not a performance claim."""
+    monkeypatch.setenv("CTRL_DEVICE", "cpu")
+    out_path = tmp_path / "gpu_tiny.json"
+    gpu.main(["--tiny", "--batch", "2", "--steps", "4", "--train-timesteps", "2", "--minibatch", "2",
+              "--iterations", "1", "--json", str(out_path)])
+    out = json.loads(out_path.read_text())
+    assert all(k in out for k in KEYS)
+    assert out["tiny"] is True and out["performance_claim"] is False and out["device"].startswith("cpu")
+    for k in ("ctrl_over_ddpo", "unet_mfu", "images_per_s", "matmul_peak_tflops", "unet_tflops_per_forward",
+              "peak_memory_gb"):
+        assert math.isfinite(out[k]) and out[k] > 0, k
+    for alg in ("ctrl", "ddpo"):
+        t = out["seconds_per_iteration"][alg]
+        assert all(math.isfinite(t[p]) and t[p] >= 0 for p in ("total", "sample", "value", "policy"))
+        assert t["total"] > 0
+    assert out["unet_forward_batch"] == 4  # CFG: both halves in one UNet call
+
+
+def test_tiny_numbers_are_not_written_as_gpu_results():
+    with pytest.raises(SystemExit, match="refusing"):
+        gpu.main(["--tiny", "--json", str(gpu.DEFAULT_JSON)])
