@@ -390,11 +390,7 @@ class Trainer:
         return self.dist.sum(kl_sum) / count, self.dist.sum(clip_sum) / count
 
     def learning_rate(self, iteration: int) -> float:
-        """Cosine decay to 10%: stochastic-approximation steps must shrink for the iterates to settle."""
-        if self.cfg.lr_decay == "none" or self.cfg.iterations <= 1:
-            return self.cfg.lr
-        frac = iteration / (self.cfg.iterations - 1)
-        return self.cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        return self.cfg.lr * lr_factor(self.cfg.lr_decay, iteration, self.cfg.iterations)
 
     # -- one iteration --------------------------------------------------------------------------------------
     def step(self) -> IterationStats:
@@ -476,6 +472,15 @@ class Trainer:
             if callback is not None:
                 callback(stats)
         return self.history
+
+
+def lr_factor(decay: str, iteration: int, iterations: int) -> float:
+    """Cosine decay to 10% of the learning rate at the last iteration (``decay="cosine"``), else 1:
+    stochastic-approximation steps must shrink for the iterates to settle. Shared by every trainer."""
+    if decay == "none" or iterations <= 1:
+        return 1.0
+    frac = min(iteration / (iterations - 1), 1.0)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 def _clone_state(x):

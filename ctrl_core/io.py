@@ -73,6 +73,15 @@ def atomic_write_json(obj, path: str | os.PathLike) -> None:
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's entries to disk (a folder: so that a rename inside it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -77,6 +77,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .algorithms import lr_factor
 from .models import ScoreModel, sinusoidal_time_features
 from .policy import GaussianScorePolicy, canonical_solver, sample, step_coefficients
 from .schedule import DiscreteVPSchedule, LinearVPSchedule, VPSchedule, score_from_model_output
@@ -448,12 +449,7 @@ class QLearningTrainer:
         cfg, sch = self.cfg, self.schedule
         s_end = max(cfg.s_min, sch.min_model_time_s)
         if cfg.time_sampling == "random":
-            grid = sch.random_time_grid(cfg.train_steps, self.generator, s_end=s_end)
-            # schedule.random_time_grid lets the last interior point of a discrete schedule move down to
-            # min_model_time_s, which can fall below an s_end above it: keep the grid strictly decreasing
-            half_cell = 0.5 * (float(grid[0]) - s_end) / cfg.train_steps
-            grid[1:-1] = grid[1:-1].clamp(min=s_end + half_cell)
-            return grid
+            return sch.random_time_grid(cfg.train_steps, self.generator, s_end=s_end)
         return sch.time_grid(cfg.train_steps, s_end=s_end)
 
     def score_hat(self, s: Tensor, y: Tensor, c: Tensor | None) -> Tensor:
@@ -609,12 +605,6 @@ class QLearningTrainer:
                 losses.append(float(loss.detach()))
         return sum(losses) / len(losses)
 
-    def learning_rate_factor(self) -> float:
-        if self.cfg.lr_decay == "none" or self.cfg.iterations <= 1:
-            return 1.0
-        frac = min(self.iteration / (self.cfg.iterations - 1), 1.0)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
-
     # -- one iteration ---------------------------------------------------------------------------------------
     def step(self) -> QStats:
         cfg = self.cfg
@@ -624,7 +614,7 @@ class QLearningTrainer:
         inc = self.increments(ro)
         for opt, lr in ((self.opt, cfg.lr), (self.critic_opt, cfg.critic_lr)):
             for group in opt.param_groups:
-                group["lr"] = lr * self.learning_rate_factor()
+                group["lr"] = lr * lr_factor(cfg.lr_decay, self.iteration, cfg.iterations)
         critic_loss = 0.0
         if cfg.value_terms == "full" or cfg.beta > 0:  # else J = 0 exactly (no reward to carry)
             critic_loss = self.critic_update(ro, inc["target"])

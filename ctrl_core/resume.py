@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import sha256_file
+from .io import fsync_path, sha256_file
 
 DEFAULT_ROOT_ENV = "CTRL_CHECKPOINT_ROOT"
 DEFAULT_ROOT = ".ctrl-checkpoints"
@@ -115,14 +115,6 @@ def default_root(configured: str = "") -> Path:
     return Path(configured or os.environ.get(DEFAULT_ROOT_ENV) or DEFAULT_ROOT)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class CheckpointStore:
     """The checkpoints of one run of one step."""
 
@@ -155,11 +147,11 @@ class CheckpointStore:
                     "sha256": sha256_file(tmp / "state.safetensors")}
             (tmp / "meta.json").write_text(json.dumps(meta))
             for f in (tmp / "state.safetensors", tmp / "meta.json", tmp):
-                _fsync(f)
+                fsync_path(f)
             if final.exists():  # re-saving the same iteration (a resumed run that reached it again)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync(self.dir)
+            fsync_path(self.dir)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_save_weights, atomic_write_json, load_weights
+from .io import atomic_save_weights, atomic_write_json, fsync_path, load_weights
 from .params import Params
 
 
@@ -42,7 +42,7 @@ def staged_output(out_dir: str | Path) -> Iterator[Path]:
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
         os.replace(tmp, out)
-        _fsync_path(out.parent)
+        fsync_path(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -50,19 +50,11 @@ def staged_output(out_dir: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for f in files:
-            _fsync_path(Path(folder) / f)
-        _fsync_path(Path(folder))
+            fsync_path(Path(folder) / f)
+        fsync_path(folder)
 
 
 def _seed(params: Params) -> None:
