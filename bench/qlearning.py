@@ -71,7 +71,7 @@ def gmm_data(m: int, g: torch.Generator) -> torch.Tensor:
     return torch.where(right, 2 + 0.5 * torch.randn(m, generator=g), -2 + 0.5 * torch.randn(m, generator=g))[:, None]
 
 
-def run_gmm1d(quick: bool, seed: int, png: Path | None) -> dict:
+def run_gmm1d(quick: bool, seed: int, png: Path | None, critic: str = "free") -> dict:
     from scipy.stats import ks_2samp
 
     torch.manual_seed(seed)
@@ -86,13 +86,13 @@ def run_gmm1d(quick: bool, seed: int, png: Path | None) -> dict:
     samples = {0.0: {s: tr.sample(2000, 100, s, seed=seed + 1)[:, 0] for s in ("sde", "ode")}}
     for beta in (1.0, 2.0, 4.0):
         tuned = QLearningScoreModel.from_pretrained(model)
-        cfg = QLearningConfig(iterations=it1, beta=beta, critic_target="monte_carlo", lr=5e-4, **base_cfg)
+        cfg = QLearningConfig(iterations=it1, beta=beta, critic_target="monte_carlo", critic=critic, lr=5e-4, **base_cfg)
         trb = QLearningTrainer(tuned, data, h, cfg)
         trb.train()
         samples[beta] = {s: trb.sample(2000, 100, s, seed=seed + 1)[:, 0] for s in ("sde", "ode")}
     x0 = samples[0.0]["sde"][:500]
     out = {
-        "task": "gmm1d", "m": 300, "quick": quick, "seed": seed,
+        "task": "gmm1d", "m": 300, "quick": quick, "seed": seed, "critic": critic,
         "beta_convention": "paper: beta weights the reward h; beta = 0 reproduces the data; optimum p* ∝ p_data exp(beta h)",
         "data": "0.6 N(-2, 0.5^2) + 0.4 N(2, 0.5^2)", "reward": "h(y) = 1{y > 0}",
         "iterations": {"beta0_from_scratch": it0, "beta_gt0_finetune_from_beta0": it1},
@@ -150,7 +150,7 @@ def train_dsm(data: torch.Tensor, steps: int, seed: int, batch: int = 256, lr: f
     return QLearningScoreModel(net.eval(), sch)
 
 
-def run_swissroll(quick: bool, seed: int, png: Path | None) -> dict:
+def run_swissroll(quick: bool, seed: int, png: Path | None, critic: str = "free") -> dict:
     from ctrl_core.algorithms import OptimConfig
     from ctrl_core.policy import GaussianScorePolicy
     from ctrl_core.recipes import Problem, make_trainer, pretrain_value
@@ -179,7 +179,7 @@ def run_swissroll(quick: bool, seed: int, png: Path | None) -> dict:
     t0 = time.perf_counter()
     it_q = 60 if quick else 200
     qcfg = QLearningConfig(iterations=it_q, batch_size=256, train_steps=40, beta=beta, critic_target="monte_carlo",
-                           critic_warmup=it_q // 2, seed=seed)  # fmt: skip
+                           critic=critic, critic_warmup=it_q // 2, seed=seed)  # fmt: skip
     model = scratch_model(sch, data, width=128)
     QLearningTrainer(model, data, h, qcfg).train()
     samples["qlearning"] = sample_model(model, n_eval, (2,), eval_steps, "sde", seed=seed + 1)
@@ -209,7 +209,7 @@ def run_swissroll(quick: bool, seed: int, png: Path | None) -> dict:
         results[f"qlearning_from_{quality}"] = {**metrics(samples[f"qlearning_from_{quality}"]),
                                                 "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     out = {
-        "task": "swissroll", "m": 120, "quick": quick, "seed": seed, "beta": beta, "ctrl_beta_kl": 1.0 / beta,
+        "task": "swissroll", "m": 120, "quick": quick, "seed": seed, "critic": critic, "beta": beta, "ctrl_beta_kl": 1.0 / beta,
         "reward": f"h(y) = 1{{y_0 > {thr}}}", "target": "p* ∝ p_data exp(beta h) (Swiss roll resampled)",
         "pretraining": "denoising score matching of an MLP: good = 4000 steps on 5000 fresh samples, poor = 150 steps on the 120",
         "iterations": {"qlearning": it_q, "ctrl": it_c, "qlearning_finetune": it_q // 2},
@@ -234,7 +234,7 @@ def run_swissroll(quick: bool, seed: int, png: Path | None) -> dict:
 
 
 # --- digits ---------------------------------------------------------------------------------------------------
-def run_digits(quick: bool, seed: int, png: Path | None) -> dict:
+def run_digits(quick: bool, seed: int, png: Path | None, critic: str = "linked", beta: float | None = None) -> dict:
     from ctrl_core.embedded import NUM_CLASSES, digits_dataset
     from ctrl_core.evaluate import evaluate
     from ctrl_core.recipes import digits_problem
@@ -245,11 +245,12 @@ def run_digits(quick: bool, seed: int, png: Path | None) -> dict:
     model = problem.policy.model
     data, labels = digits_dataset("all")
     reward = make_reward("jpeg_compressibility")
-    beta = 2.0
+    beta = 10.0 if beta is None else beta
     cfg = QLearningConfig(iterations=6 if quick else 40, batch_size=32, train_steps=20, train_timesteps=4, beta=beta,
                           ratio_samples=1, critic_target="monte_carlo", minibatch_size=64, lr=3e-4, critic_lr=1e-3,
-                          s_min=2e-3, seed=seed)  # fmt: skip
-    trainer = QLearningTrainer(model, data, reward, cfg, problem.x_shape, make_critic(problem.x_shape, NUM_CLASSES),
+                          s_min=2e-3, critic=critic, seed=seed)  # fmt: skip
+    crit = make_critic(problem.x_shape, NUM_CLASSES, critic, model, reward, beta)
+    trainer = QLearningTrainer(model, data, reward, cfg, problem.x_shape, crit,
                                problem.condition_sampler, labels)  # fmt: skip
     t0 = time.perf_counter()
     trainer.train()
@@ -287,6 +288,33 @@ def run_digits(quick: bool, seed: int, png: Path | None) -> dict:
     return out
 
 
+def _over_seeds(first: dict, rest: list[dict]) -> dict:
+    """Per-seed results plus, per method and metric, the mean and standard deviation over seeds; and the
+    paper's claim checked per seed: q-learning from scratch vs CTRL of the poor and of the good model, by the
+    energy distance to the target p* (lower is better)."""
+    runs = [first, *rest]
+    per_seed = {str(r["seed"]): r["results"] for r in runs}
+    summary: dict[str, dict] = {}
+    for method in first["results"]:
+        summary[method] = {}
+        for metric in ("reward_region_mass", "nn_distance_to_data", "energy_distance_to_target"):
+            vals = torch.tensor([r["results"][method][metric] for r in runs], dtype=torch.float64)
+            summary[method][metric] = {"mean": float(vals.mean()), "sd": float(vals.std()) if len(vals) > 1 else 0.0}
+
+    def wins(a: str, b: str, metric: str = "energy_distance_to_target") -> int:
+        return sum(r["results"][a][metric] < r["results"][b][metric] for r in runs)
+
+    claim = {
+        "seeds": len(runs),
+        "qlearning_beats_ctrl_poor_energy": wins("qlearning_from_scratch", "ctrl_poor"),
+        "qlearning_beats_ctrl_poor_nn": wins("qlearning_from_scratch", "ctrl_poor", "nn_distance_to_data"),
+        "qlearning_beats_ctrl_good_energy": wins("qlearning_from_scratch", "ctrl_good"),
+        "qlearning_beats_ctrl_good_nn": wins("qlearning_from_scratch", "ctrl_good", "nn_distance_to_data"),
+    }
+    return {**first, "seed": [r["seed"] for r in runs], "results_per_seed": per_seed, "summary": summary,
+            "claim": claim, "seconds": round(sum(r["seconds"] for r in runs), 1)}  # fmt: skip
+
+
 TASKS = {"gmm1d": run_gmm1d, "swissroll": run_swissroll, "digits": run_digits}
 
 
@@ -296,11 +324,27 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="a few iterations (smoke test)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--critic", choices=["linked", "free"], default=None,
+                    help="q-learning critic: CTRL's value net beta h(x_hat) + F (linked) or a free residual net; "
+                    "default: linked for digits (JPEG size varies smoothly with the image), free for the indicator "
+                    "rewards of gmm1d and swissroll (h(x_hat) is flat almost everywhere)")
+    ap.add_argument("--beta", type=float, default=None, help="digits: the reward weight (default 10)")
+    ap.add_argument("--seeds", type=int, default=1, help="swissroll: repeat over this many seeds (data, models, "
+                    "sampling) and summarise each method's metrics as mean and standard deviation")
     args = ap.parse_args(argv)
     png = args.json.with_suffix(".png") if args.json else None
     if png is not None:
         png.parent.mkdir(parents=True, exist_ok=True)
-    out = TASKS[args.task](args.quick, args.seed, png)
+    extra = {} if args.beta is None else {"beta": args.beta}
+    if args.critic is not None:
+        extra["critic"] = args.critic
+    if args.beta is not None and args.task != "digits":
+        ap.error("--beta applies to the digits task (gmm1d sweeps beta; swissroll uses 2)")
+    if args.seeds > 1 and args.task != "swissroll":
+        ap.error("--seeds applies to the swissroll task")
+    out = TASKS[args.task](args.quick, args.seed, png, **extra)
+    if args.seeds > 1:
+        out = _over_seeds(out, [TASKS[args.task](args.quick, args.seed + i, None, **extra) for i in range(1, args.seeds)])
     text = json.dumps(out, indent=2)
     if args.json:
         args.json.write_text(text + "\n")

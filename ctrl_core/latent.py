@@ -152,12 +152,20 @@ class LatentScoreModel(DiffusersScoreModel):
 
 # --- decode-then-reward -------------------------------------------------------------------------------------
 def latent_reward(
-    reward_fn: Callable, vae: nn.Module, scale: float | None = None, batch_size: int = 32
+    reward_fn: Callable,
+    vae: nn.Module,
+    scale: float | None = None,
+    batch_size: int = 32,
+    prompts: Sequence[str] | None = None,
 ) -> Callable:
     """An image reward as a reward over latents: RM(decode(x / scale) clamped to [-1, 1], c) -> (B,).
 
     ``scale`` defaults to the VAE's ``scaling_factor`` (0.18215 for SD1.5). The VAE is frozen and run without
-    gradients (CTRL only evaluates rewards)."""
+    gradients (CTRL only evaluates rewards). A reward that reads prompt text (``rewards.bind_prompts``) gets
+    ``prompts`` bound, so the conditions it sees (prompt indices) map to their texts."""
+    from .rewards import bind_prompts
+
+    reward_fn = bind_prompts(reward_fn, prompts)
     scale = float(vae.config.scaling_factor if scale is None else scale)
     for p in vae.parameters():
         p.requires_grad_(False)
@@ -238,7 +246,7 @@ def latent_problem(
         eval_conditions=lambda b: torch.arange(b) % n,  # every prompt in turn, fixed
         make_residual=lambda: ConvResidual(channels=ch, width=32, num_classes=n),
         prompts=prompts,
-        wrap_reward=lambda reward_fn: latent_reward(reward_fn, vae),
+        wrap_reward=lambda reward_fn: latent_reward(reward_fn, vae, prompts=prompts),
     )
 
 
@@ -305,8 +313,13 @@ def sd_folder_problem(
     solver: str = "ddpm",
     prompts_file: str | Path = "",
     guidance_scale: float = 7.0,
+    autocast: str = "",
+    gradient_checkpointing: bool = False,
 ) -> LatentProblem:
-    """``latent_problem`` for a local SD folder; prompts from ``prompts_file`` or the folder's prompts.txt."""
+    """``latent_problem`` for a local SD folder; prompts from ``prompts_file`` or the folder's prompts.txt;
+    ``autocast`` one of AUTOCAST_DTYPES' names ("", "bf16", "fp16")."""
+    if autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"model.autocast: {autocast!r} is not one of {sorted(k for k in AUTOCAST_DTYPES if k)}")
     d = Path(path)
     pf = Path(prompts_file) if str(prompts_file) else d / PROMPTS_FILE
     if not pf.is_file():
@@ -314,9 +327,11 @@ def sd_folder_problem(
             f"no prompt file {pf}: put prompts.txt in the checkpoint folder or set model.prompts"
         )
     parts = load_sd_folder(d)
-    return latent_problem(
-        **parts, prompts=read_prompts(pf), lora_rank=lora_rank, solver=solver, guidance_scale=guidance_scale
-    )
+    problem = latent_problem(**parts, prompts=read_prompts(pf), lora_rank=lora_rank, solver=solver,
+                             guidance_scale=guidance_scale, autocast_dtype=AUTOCAST_DTYPES[autocast])  # fmt: skip
+    if gradient_checkpointing:
+        problem.policy.model.enable_gradient_checkpointing()
+    return problem
 
 
 # --- a tiny SD1.5-shaped model for tests (config dicts, nothing downloaded) -----------------------------------

@@ -54,6 +54,8 @@ class ModelParams(_Block):
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank of the adapter on the UNet")
     prompts: str = Field("", description="latent text-to-image checkpoints: prompt file, one prompt per line (empty: prompts.txt in the checkpoint folder)")
     guidance_scale: float = Field(7.0, ge=0, le=100, description="latent text-to-image checkpoints: classifier-free guidance scale w (1: no guidance)")
+    autocast: Literal["", "bf16", "fp16"] = Field("", description="latent text-to-image checkpoints: run the UNet under bf16/fp16 autocast (empty: float32)")
+    gradient_checkpointing: bool = Field(False, description="latent text-to-image checkpoints: recompute UNet activations in the backward pass (memory for time)")
 
     @field_validator("prompts")
     @classmethod

@@ -46,7 +46,7 @@ def digits_problem(lora_rank: int = 8, solver: str = "ddpm", weights_dir=None) -
 
 
 def checkpoint_problem(checkpoint_dir, lora_rank: int = 8, solver: str = "ddpm", prompts: str = "",
-                       guidance_scale: float = 7.0) -> Problem:
+                       guidance_scale: float = 7.0, autocast: str = "", gradient_checkpointing: bool = False) -> Problem:
     """A fetched checkpoint folder: the built-in digits format (digits_config.json), a latent text-to-image
     Stable Diffusion folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``; prompts from ``prompts`` or the
     folder's prompts.txt, classifier-free guidance ``guidance_scale``; see latent.py) or a diffusers pipeline
@@ -54,12 +54,17 @@ def checkpoint_problem(checkpoint_dir, lora_rank: int = 8, solver: str = "ddpm",
     from pathlib import Path
 
     d = Path(checkpoint_dir)
+    latent = (d / "vae").is_dir() and (d / "text_encoder").is_dir()
+    if (autocast or gradient_checkpointing) and not latent:
+        raise ValueError("model.autocast and model.gradient_checkpointing apply to latent text-to-image (Stable "
+                         f"Diffusion) checkpoints; {d} is not one: leave them at their defaults")  # fmt: skip
     if (d / "digits_config.json").is_file():
         return digits_problem(lora_rank, solver, weights_dir=d)
-    if (d / "vae").is_dir() and (d / "text_encoder").is_dir():
+    if latent:
         from .latent import sd_folder_problem
 
-        return sd_folder_problem(d, lora_rank, solver, prompts_file=prompts, guidance_scale=guidance_scale)
+        return sd_folder_problem(d, lora_rank, solver, prompts_file=prompts, guidance_scale=guidance_scale,
+                                 autocast=autocast, gradient_checkpointing=gradient_checkpointing)
     if (d / "unet" / "config.json").is_file():
         from diffusers import DDPMScheduler, UNet2DModel
 

@@ -35,6 +35,18 @@ def make_reward(name: str, **options) -> RewardFn:
     return REWARDS[name](**options)
 
 
+def bind_prompts(reward_fn: RewardFn, prompts) -> RewardFn:
+    """Text-conditioned rewards (ImageReward, say) expose ``bind_prompts(prompts) -> RewardFn``: the bound
+    function maps conditions (prompt indices, as the latent backend uses) to the prompt texts. Other rewards are
+    returned unchanged; a text reward with no prompt list is an error, not a silent mis-score."""
+    bind = getattr(reward_fn, "bind_prompts", None)
+    if bind is None:
+        return reward_fn
+    if not prompts:
+        raise ValueError("this reward reads prompt text: use it with a text-to-image model (a prompt list)")
+    return bind(list(prompts))
+
+
 def to_uint8(images: Tensor) -> np.ndarray:
     """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -113,4 +125,13 @@ def _weighted_sum(terms: dict[str, dict] | None = None) -> RewardFn:
         opts = dict(opts)
         w = float(opts.pop("weight", 1.0))
         parts.append((w, make_reward(name, **opts)))
-    return lambda images, conditions=None: sum(w * f(images, conditions) for w, f in parts)
+    return _weighted(parts)
+
+
+def _weighted(parts: list[tuple[float, RewardFn]]) -> RewardFn:
+    def fn(images: Tensor, conditions: Tensor | None = None) -> Tensor:
+        return sum(w * f(images, conditions) for w, f in parts)
+
+    if any(hasattr(f, "bind_prompts") for _, f in parts):  # text terms get the prompt list too
+        fn.bind_prompts = lambda prompts: _weighted([(w, bind_prompts(f, prompts)) for w, f in parts])
+    return fn

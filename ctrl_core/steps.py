@@ -87,8 +87,10 @@ def _dist():
 def load_problem(params: Params, checkpoint_dir: str | Path):
     from .recipes import checkpoint_problem
 
-    return checkpoint_problem(checkpoint_dir, lora_rank=params.model.lora_rank, solver=params.optimize.solver,
-                              prompts=params.model.prompts, guidance_scale=params.model.guidance_scale)
+    m = params.model
+    return checkpoint_problem(checkpoint_dir, lora_rank=m.lora_rank, solver=params.optimize.solver, prompts=m.prompts,
+                              guidance_scale=m.guidance_scale, autocast=m.autocast,
+                              gradient_checkpointing=m.gradient_checkpointing)  # fmt: skip
 
 
 def make_reward_fn(params: Params, problem=None):
@@ -198,7 +200,7 @@ def optimize(
         model, problem, data, labels, num_classes = qlearning_setup(params, checkpoint_dir)
         reward = make_reward_fn(params, problem)
         trainer = QLearningTrainer(model, data, reward, qcfg, x_shape=problem.x_shape,
-                                   critic=make_critic(problem.x_shape, num_classes),
+                                   critic=make_critic(problem.x_shape, num_classes, qcfg.critic, model, reward, qcfg.beta),
                                    condition_sampler=problem.condition_sampler, data_labels=labels)
         iterations, blocks, timing = qcfg.iterations, ("qlearning",), ("sample", "critic", "actor")
         save_model = model.save if isinstance(model, QLearningScoreModel) else model.save_adapter

@@ -249,3 +249,23 @@ def test_pipeline_steps_run_on_a_latent_checkpoint(tmp_path, monkeypatch):
     cell = ev["evaluation"]["sde"]["4"]
     assert torch.isfinite(torch.tensor([cell["base"], cell["tuned"]])).all()
     assert "<figure><img src='data:image/png" in (tmp_path / "evaluate" / "report.html").read_text()  # sample grids
+
+
+def test_params_choose_autocast_and_gradient_checkpointing(tmp_path):
+    """model.autocast / model.gradient_checkpointing reach the latent model from params; on a checkpoint that
+    is not latent text-to-image they are an error, not silently ignored."""
+    import pytest
+
+    from ctrl_core.embedded import WEIGHTS_DIR
+
+    save_tiny_sd(tmp_path / "sd")
+    p = params_mod.load(None, [f"checkpoint.source={tmp_path / 'sd'}", "model.lora_rank=2",
+                               "model.autocast=bf16", "model.gradient_checkpointing=true"])  # fmt: skip
+    model = load_problem(p, tmp_path / "sd").policy.model
+    assert model.autocast_dtype == torch.bfloat16 and model.base_unet.is_gradient_checkpointing
+    plain = load_problem(params_mod.load(None, [f"checkpoint.source={tmp_path / 'sd'}"]), tmp_path / "sd").policy.model
+    assert plain.autocast_dtype is None and not plain.base_unet.is_gradient_checkpointing
+    with pytest.raises(params_mod.ParamsError, match="model.autocast"):
+        params_mod.load(None, ["model.autocast=int8"])
+    with pytest.raises(ValueError, match="apply to latent text-to-image"):
+        checkpoint_problem(WEIGHTS_DIR, autocast="bf16")

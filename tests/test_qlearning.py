@@ -99,3 +99,46 @@ def test_gmm1d_beta0_reproduces_data_and_beta_tilts(tmp_path):
     torch.testing.assert_close(loaded.score(s, y), tuned.score(s, y))
     with loaded.pretrained():
         torch.testing.assert_close(loaded.score(s, y), ratio_score(sch, s, y, data))
+
+
+def test_linked_critic_is_ctrl_value_net_on_reference_tweedie():
+    """The linked critic is eq. 19 with RM = beta h at the *reference* model's Tweedie prediction; it owns only
+    its residual's weights (an optimiser over the critic never touches the actor), and it is exact at s = 0."""
+    from ctrl_core.models import GaussianScoreModel
+    from ctrl_core.qlearning import EpsMLP, LinkedCritic, make_critic
+
+    sch = LinearVPSchedule()
+    ref = GaussianScoreModel(sch, torch.tensor([1.0, -0.5]), torch.tensor([0.7, 1.3]))
+    model = QLearningScoreModel(EpsMLP(2, hidden=16), sch, reference=ref)
+
+    def h(x, c=None):
+        return x[:, 0] - x[:, 1].pow(2)
+
+    critic = make_critic((2,), kind="linked", model=model, reward_fn=h, beta=3.0)
+    assert isinstance(critic, LinkedCritic)
+    assert set(critic.state_dict()) and all(k.startswith("value.residual.") for k in critic.state_dict())
+    actor = {id(p) for p in model.parameters()}
+    assert not any(id(p) in actor for p in critic.parameters())
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(64, 2, generator=g)
+    for s in (0.0, 0.3, 0.9):
+        s_vec = torch.full((64,), s, dtype=torch.float64)
+        alpha, sigma = sch.alpha(s_vec)[:, None], sch.sigma(s_vec)[:, None]
+        xh = ((y.double() + sigma**2 * ref.score(s_vec, y)) / alpha).float()  # Tweedie under the reference
+        c_skip, c_out = math.cos(math.pi * s / 2), math.sin(math.pi * s / 2)
+        expected = c_skip * 3.0 * h(xh) + c_out * critic.value.residual(s_vec.float(), y).float()
+        torch.testing.assert_close(critic(s_vec, y), expected, rtol=1e-4, atol=1e-4)
+    # the actor's adapter moving does not move the critic's x_hat (it reads the frozen reference)
+    s_vec = torch.full((64,), 0.3, dtype=torch.float64)
+    before = critic(s_vec, y)
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(1.0)
+    assert not torch.allclose(model.score(s_vec, y), ref.score(s_vec, y))
+    torch.testing.assert_close(critic(s_vec, y), before)
+    # beta = 0 has no reward term: a plain residual critic
+    assert not isinstance(make_critic((2,), kind="linked", model=model, reward_fn=h, beta=0.0), LinkedCritic)
+    with pytest.raises(ValueError, match="needs the model"):
+        make_critic((2,), kind="linked", reward_fn=h, beta=1.0)
+    with pytest.raises(ValueError, match="optimize.critic"):
+        QLearningConfig(critic="deep")
