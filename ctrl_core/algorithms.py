@@ -74,6 +74,7 @@ class OptimConfig:
     checkpoint_every: int = 0  # resumable checkpoint (+ adapter snapshot) every N iterations (0: only at the end)
     on_nonfinite: str = "error"  # a NaN/inf reward, loss or gradient: error (stop the step) | skip (drop the iteration)
     max_skipped: int = 3  # with on_nonfinite=skip: stop after this many dropped iterations
+    reward_chunks: int = 1  # sample each rank's rows in this many blocks, scoring one while the next samples
     seed: int = 0  # seed of the trainer's generator (rollouts, grids, minibatches)
 
     def __post_init__(self):
@@ -103,6 +104,7 @@ class OptimConfig:
             ("lr", self.lr > 0, "> 0"),
             ("value_lr", self.value_lr > 0, "> 0"),
             ("value_batch_size", self.value_batch_size >= 1, ">= 1"),
+            ("reward_chunks", 1 <= self.reward_chunks <= self.batch_size, "between 1 and optimize.batch_size"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -228,9 +230,8 @@ class Trainer:
         c = self.condition_sampler(cfg.batch_size, self.generator)
         c = None if c is None else c[rows]
         x0 = torch.randn((cfg.batch_size, *self.x_shape), generator=self.generator)[rows]
-        traj = sample(self.policy, x0, c, grid, self.generator, reference_steps=steps,
-                      noise_rows=None if self.dist.world == 1 else (cfg.batch_size, rows))
-        reward = self.reward_fn(traj.sample, c).float()
+        traj, reward = sample_and_score(self.policy, self.reward_fn, x0, c, grid, self.generator, steps,
+                                        (cfg.batch_size, rows), cfg.reward_chunks)  # fmt: skip
         if self.dist.any(not bool(torch.all(torch.isfinite(reward)))):
             raise FloatingPointError(f"the reward model returned a non-finite reward at iteration {self.iteration}")
         kl_terms = {}
@@ -481,6 +482,58 @@ def lr_factor(decay: str, iteration: int, iterations: int) -> float:
         return 1.0
     frac = min(iteration / (iterations - 1), 1.0)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def sample_and_score(
+    policy,
+    reward_fn: Callable,
+    x0: Tensor,
+    c: Tensor | None,
+    grid: Tensor,
+    generator: torch.Generator,
+    reference_steps: list[int],
+    noise_rows: tuple[int, slice],
+    chunks: int = 1,
+) -> tuple[Trajectory, Tensor]:
+    """Roll out x0 (rows ``noise_rows[1]`` of a global batch of ``noise_rows[0]``) and score the samples.
+
+    With ``chunks > 1`` the rows are sampled in that many blocks and each block's reward is computed in a worker
+    thread while the next block samples (DDPO's asynchronous scoring: a CPU reward such as JPEG, or a reward
+    model on another device, overlaps the UNet). The paths do not change: every block starts from the same
+    generator state, draws the whole batch's noise and keeps its rows (the data-parallel mechanism of
+    ``policy.sample``), and the generator ends where one full-batch rollout leaves it.
+    """
+    total, rows = noise_rows
+    n = x0.shape[0]
+    chunks = max(1, min(chunks, n))
+    if chunks == 1:
+        traj = sample(policy, x0, c, grid, generator, reference_steps=reference_steps,
+                      noise_rows=None if n == total else (total, rows))  # fmt: skip
+        return traj, reward_fn(traj.sample, c).float()
+    from concurrent.futures import ThreadPoolExecutor
+
+    start_state = generator.get_state()
+    bounds = [round(i * n / chunks) for i in range(chunks + 1)]
+    parts, futures = [], []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") as pool:
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            generator.set_state(start_state)
+            cc = None if c is None else c[a:b]
+            t = sample(policy, x0[a:b], cc, grid, generator, reference_steps=reference_steps,
+                       noise_rows=(total, slice(rows.start + a, rows.start + b)))  # fmt: skip
+            parts.append(t)
+            futures.append(pool.submit(reward_fn, t.sample, cc))
+        reward = torch.cat([f.result().float() for f in futures])
+    traj = Trajectory(
+        parts[0].grid,
+        torch.cat([t.states for t in parts], dim=1),
+        torch.cat([t.means for t in parts], dim=1),
+        torch.cat([t.log_probs for t in parts], dim=1),
+        parts[0].stochastic,
+        c,
+        {k: torch.cat([t.ref_means[k] for t in parts]) for k in parts[0].ref_means},
+    )
+    return traj, reward
 
 
 def _clone_state(x):

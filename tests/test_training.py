@@ -47,3 +47,37 @@ def test_ctrl_raises_reward_on_the_embedded_default_at_several_step_counts():
 
 
 DIGITS_ITERS = 25
+
+
+def test_chunked_rollout_scores_in_a_worker_thread_and_changes_no_path():
+    """optimize.reward_chunks: blocks of rows are sampled one after another while a worker thread scores the
+    previous block; the paths, rewards and the generator's next draws equal one full-batch rollout."""
+    import threading
+
+    from ctrl_core.algorithms import sample_and_score
+
+    problem = digits_problem(lora_rank=2)
+    scorer_threads: list[str] = []
+    jpeg = make_reward("jpeg_compressibility")
+
+    def reward(x, c):
+        scorer_threads.append(threading.current_thread().name)
+        return jpeg(x, c)
+
+    grid = problem.policy.schedule.time_grid(6)
+    out = {}
+    for chunks in (1, 3):
+        g = torch.Generator().manual_seed(5)
+        x0, c = torch.randn((7, *problem.x_shape), generator=g), problem.condition_sampler(7, g)
+        traj, r = sample_and_score(problem.policy, reward, x0, c, grid, g, [1, 4], (7, slice(0, 7)), chunks)
+        out[chunks] = (traj, r, torch.rand(3, generator=g))
+    (t1, r1, next1), (t3, r3, next3) = out[1], out[3]
+    torch.testing.assert_close(t3.states, t1.states, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(t3.log_probs, t1.log_probs, atol=1e-3, rtol=1e-4)
+    assert set(t3.ref_means) == {1, 4} and t3.ref_means[4].shape == t1.ref_means[4].shape
+    torch.testing.assert_close(r3, r1)
+    assert torch.equal(next3, next1)  # the generator ends where the full-batch rollout leaves it
+    assert scorer_threads[0] == threading.current_thread().name  # chunks = 1: scored in place
+    assert len(scorer_threads) == 4 and all(n.startswith("reward") for n in scorer_threads[1:])
+    with pytest.raises(ValueError, match="optimize.reward_chunks"):
+        OptimConfig(batch_size=4, reward_chunks=5)
