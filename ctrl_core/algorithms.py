@@ -120,6 +120,7 @@ class Rollout:
     reward: Tensor  # (B,) terminal reward h
     kl_terms: dict[int, Tensor]  # per step: 1/2 g^2 ||mu - mu_pre||^2 Delta (unscaled), (B,)
     kl_scale: float  # N_stochastic / K: rescales subset sums to the whole integral
+    rm_xhat: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # k -> (x_hat, RM(x_hat)), shared
 
 
 @dataclass
@@ -246,8 +247,10 @@ class Trainer:
         return traj.ref_means[k] if self.cfg.value_xhat == "pretrained" else traj.means[k]
 
     @torch.no_grad()
-    def _value_at(self, s: float, x: Tensor, mu: Tensor | None, c) -> Tensor:
-        """V(s, x) with x_hat from the score mu (computed when None); V(0, x) = RM(x)."""
+    def _value_at(self, s: float, x: Tensor, mu: Tensor | None, c, keep: dict | None = None, k: int = -1) -> Tensor:
+        """V(s, x) with x_hat from the score mu (computed when None); V(0, x) = RM(x). With ``keep``, x_hat and
+        RM(x_hat) are stored under k, so the value data set of the same states reuses them (one decode and one
+        reward-model call fewer per training step for a latent model)."""
         B = x.shape[0]
         s_vec = torch.full((B,), s, dtype=torch.float64)
         if s <= 0:
@@ -255,7 +258,12 @@ class Trainer:
         if mu is None:
             pretrained = self.cfg.value_xhat == "pretrained"
             mu = self.policy.reference_mean(s_vec, x, c) if pretrained else self.policy.mean(s_vec, x, c)
-        return self.value(s_vec, x, c, x_hat(self.policy.schedule, s_vec, x, mu))
+        xh = x_hat(self.policy.schedule, s_vec, x, mu)
+        rm = None
+        if keep is not None and torch.any(self.value.link(s_vec.float())[0] != 0):
+            rm = self.reward_fn(xh, c).float()
+            keep[k] = (xh, rm)
+        return self.value(s_vec, x, c, xh, rm)
 
     @torch.no_grad()
     def advantages(self, ro: Rollout) -> dict[int, Tensor]:
@@ -269,7 +277,7 @@ class Trainer:
         for k in ro.steps:
             s, s_next = float(grid[k]), float(grid[k + 1])
             x, x_next, mu = traj.states[k], traj.states[k + 1], self._xhat_score(traj, k)
-            v_here = self._value_at(s, x, mu, traj.conditions)
+            v_here = self._value_at(s, x, mu, traj.conditions, keep=ro.rm_xhat, k=k)
             if cfg.advantage == "finite_difference":
                 coef = self.policy.coefficients(s, s_next)
                 lam = cfg.fd_scale
@@ -325,12 +333,16 @@ class Trainer:
             future_kl = ro.kl_terms[k] + w_later * sum((ro.kl_terms[j] for j in ro.steps if j > k), torch.zeros(()))
             s_vec = torch.full((traj.states.shape[1],), float(traj.grid[k]), dtype=torch.float64)
             xk = traj.states[k]
-            xhat_k = x_hat(sch, s_vec, xk, self._xhat_score(traj, k))
+            if k in ro.rm_xhat:  # computed for the advantage at the same state (same x_hat)
+                xhat_k, rm_k = ro.rm_xhat[k]
+            else:
+                xhat_k = x_hat(sch, s_vec, xk, self._xhat_score(traj, k))
+                rm_k = self.reward_fn(xhat_k, traj.conditions).float()
             ss.append(s_vec)
             xs.append(xk)
             cs.append(traj.conditions)
             xh.append(xhat_k)
-            rm.append(self.reward_fn(xhat_k, traj.conditions).float())
+            rm.append(rm_k)
             gs.append(ro.reward - self.cfg.beta * future_kl)
         c = None if traj.conditions is None else torch.cat(cs)
         n = len(ro.steps)

@@ -81,3 +81,36 @@ def test_chunked_rollout_scores_in_a_worker_thread_and_changes_no_path():
     assert len(scorer_threads) == 4 and all(n.startswith("reward") for n in scorer_threads[1:])
     with pytest.raises(ValueError, match="optimize.reward_chunks"):
         OptimConfig(batch_size=4, reward_chunks=5)
+
+
+def test_value_data_reuses_the_advantages_reward_calls():
+    """CTRL evaluates RM(x_hat) at each training step's state for the advantage and again for the value data
+    set; the second is shared: per iteration 1 terminal + 2 K reward batches (finite difference), not 1 + 3 K,
+    and the data set is the one computed from scratch."""
+    from ctrl_core.recipes import gaussian_problem
+    from ctrl_core.value import MLPResidual
+
+    problem = gaussian_problem(torch.zeros(2), torch.ones(2))
+    calls = []
+    quad = make_reward("quadratic", target=[1.0, 0.0])
+
+    def reward(x, c=None):
+        calls.append(len(x))
+        return quad(x, c)
+
+    from ctrl_core.value import ValueFunction
+
+    value = ValueFunction(reward, MLPResidual(2), "cos_sin")
+    cfg = OptimConfig(iterations=1, batch_size=16, train_steps=10, train_timesteps=4, minibatch_size=16, seed=3)
+    trainer = make_trainer(problem, reward, cfg, value)
+    ro = trainer.rollout()
+    calls.clear()
+    trainer.advantages(ro)
+    assert len(calls) == 2 * 4 and set(ro.rm_xhat) == set(ro.steps)
+    shared = trainer.value_dataset(ro)
+    assert len(calls) == 2 * 4  # no reward call for the value data set
+    ro.rm_xhat.clear()
+    fresh = trainer.value_dataset(ro)
+    assert len(calls) == 3 * 4
+    for name in ("s", "x", "x_hat", "rm_x_hat", "returns"):
+        torch.testing.assert_close(getattr(shared, name), getattr(fresh, name))
