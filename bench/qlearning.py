@@ -14,9 +14,11 @@ beta is the paper's *reward weight*: beta = 0 reproduces the data, beta > 0 targ
   5000 fresh samples, poor = 150 steps on the 120 samples. Metrics: reward-region mass, mean distance to the
   nearest point of the clean roll (on-manifold error), energy distance to the target p* (data resampled with
   weights e^{beta h}).
+  ``--seeds N`` repeats everything over N seeds and adds per-method means/sds and per-seed win counts.
 - digits: the embedded default (shipped 8x8 class-conditional DDPM with a LoRA adapter), JPEG-compressibility
   reward, ratio estimator with m = 1 sample of the conditioning class per estimate (the paper's CIFAR setting),
-  q-learning started from the pretrained model. Reduced setting on 2 CPU cores (recorded in the JSON).
+  q-learning started from the pretrained model, beta = 10 (``--beta``), the linked critic (``--critic``).
+  Reduced setting on 2 CPU cores (recorded in the JSON).
 """
 
 from __future__ import annotations
