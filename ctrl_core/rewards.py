@@ -135,3 +135,7 @@ def _weighted(parts: list[tuple[float, RewardFn]]) -> RewardFn:
     if any(hasattr(f, "bind_prompts") for _, f in parts):  # text terms get the prompt list too
         fn.bind_prompts = lambda prompts: _weighted([(w, bind_prompts(f, prompts)) for w, f in parts])
     return fn
+
+
+# reward models that live in their own modules register themselves on import (transformers loads lazily)
+from . import aesthetic as _aesthetic_reward  # noqa: E402,F401  registers "aesthetic"
