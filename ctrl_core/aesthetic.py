@@ -32,18 +32,15 @@ import json
 import math
 import pickle
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .imageprep import CLIP_MEAN, CLIP_STD, pil_bicubic_resize
 from .io import UnsafeWeightsError, load_weights, require_safetensors
 from .rewards import RewardFn, register_reward
 
-# transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD (CLIPImageProcessor's defaults)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, "resample" in preprocessor_config.json
 HEAD_WIDTHS = (1024, 128, 64, 16, 1)  # hidden widths of the original head; only its input width varies
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
@@ -135,59 +132,6 @@ def clip_pixel_values(images: Tensor, pre: ClipPreprocess) -> Tensor:
     mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
     return (x / 255.0 - mean) / std
-
-
-PIL_PRECISION_BITS = 22  # Pillow's Resample.c: 32 - 8 - 2 bits for its fixed-point 8-bit filter weights
-
-
-def _pil_bicubic(t: Tensor) -> Tensor:
-    """Pillow's bicubic_filter (a = -0.5, support 2)."""
-    a, t = -0.5, t.abs()
-    near = ((a + 2) * t - (a + 3)) * t * t + 1
-    far = (((t - 5) * t + 8) * t - 4) * a
-    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
-
-
-@lru_cache(maxsize=32)
-def pil_resample_weights(in_size: int, out_size: int) -> Tensor:
-    """(out_size, in_size) float64 matrix of Pillow's integer filter weights for one axis (precompute_coeffs +
-    normalize_coeffs_8bpc): the kernel is widened by the downscale factor, each row renormalised to sum 1 over
-    the pixels it covers, then rounded (half away from zero) to multiples of 2^-22, stored times 2^22."""
-    scale = in_size / out_size
-    filter_scale = max(scale, 1.0)
-    support = 2.0 * filter_scale
-    weights = torch.zeros(out_size, in_size, dtype=torch.float64)
-    for i in range(out_size):
-        center = (i + 0.5) * scale
-        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size)
-        k = _pil_bicubic((torch.arange(lo, hi, dtype=torch.float64) - center + 0.5) / filter_scale)
-        if k.sum() != 0:
-            k = k / k.sum()
-        weights[i, lo:hi] = torch.trunc(k * 2**PIL_PRECISION_BITS + torch.where(k < 0, -0.5, 0.5))
-    return weights
-
-
-def pil_bicubic_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Pillow's ``Image.resize(size[::-1], BICUBIC)`` of uint8 images, on float tensors (B, C, H, W) of levels
-    0..255 -> (B, C, *size).
-
-    Pillow (src/libImaging/Resample.c) filters width then height, each pass a fixed-point sum
-    ``(2^21 + sum_j v_j K_ij) >> 22`` clipped to 0..255, so the intermediate is uint8 too. Here each pass is a
-    float64 matmul by ``pil_resample_weights`` (integers below 2^53: exact) and the same shift and clip: equal
-    to Pillow's output bit for bit. Pillow 13 (python-pillow/Pillow#9549) filters height first for some tall
-    images it shrinks; there the intermediate rounding differs (measured: <= 2 levels on smooth images, up to
-    ~25 on pixel noise). Square and landscape inputs are exact on all versions. torch's one-pass antialiased
-    bicubic (same filter, float) differs by up to ~13 levels on noisy images.
-    """
-    out = x.double()
-    for dim, new in ((-1, size[1]), (-2, size[0])):  # width first, as Pillow
-        old = out.shape[dim]
-        if old == new:
-            continue
-        weights = pil_resample_weights(old, new).to(out.device)
-        out = (out.movedim(dim, -1) @ weights.T).movedim(-1, dim)
-        out = torch.floor((out + 2 ** (PIL_PRECISION_BITS - 1)) / 2**PIL_PRECISION_BITS).clamp(0, 255)
-    return out.to(x.dtype)
 
 
 def read_preprocess(clip_dir: str | Path, image_size: int) -> ClipPreprocess:

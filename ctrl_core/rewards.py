@@ -139,3 +139,4 @@ def _weighted(parts: list[tuple[float, RewardFn]]) -> RewardFn:
 
 # reward models that live in their own modules register themselves on import (transformers loads lazily)
 from . import aesthetic as _aesthetic_reward  # noqa: E402,F401  registers "aesthetic"
+from . import imagereward as _imagereward_reward  # noqa: E402,F401  registers "imagereward"
