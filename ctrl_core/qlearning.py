@@ -303,8 +303,8 @@ class Critic(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, s: Tensor, y: Tensor, c: Tensor | None = None) -> Tensor:
-        return self.net(s, y, c).float()
+    def forward(self, s: Tensor, y: Tensor, c: Tensor | None = None, terms: None = None) -> Tensor:
+        return self.net(s, y, c).float()  # terms: a linked critic's precomputed reward terms (none here)
 
 
 class LinkedCritic(nn.Module):
@@ -351,11 +351,11 @@ def make_critic(x_shape: tuple[int, ...], num_classes: int = 0, kind: str = "fre
     the reward at the reference model's Tweedie prediction (needs model, reward_fn and beta > 0)."""
     from .value import ConvResidual, MLPResidual
 
+    if kind not in CRITICS:
+        raise ValueError(f"unknown critic {kind!r}: choose one of {CRITICS}")
     residual = MLPResidual(x_shape[0]) if len(x_shape) == 1 else ConvResidual(channels=x_shape[0], width=32, num_classes=num_classes)
     if kind == "free" or beta == 0:
         return Critic(residual)
-    if kind != "linked":
-        raise ValueError(f"unknown critic {kind!r}: choose one of {CRITICS}")
     if model is None or reward_fn is None:
         raise ValueError("a linked critic needs the model (its reference score gives x_hat) and the reward")
 
@@ -364,6 +364,11 @@ def make_critic(x_shape: tuple[int, ...], num_classes: int = 0, kind: str = "fre
             return model.score(s, y, c)
 
     return LinkedCritic(residual, reward_fn, beta, reference_score, model.schedule, link)
+
+
+def _rows(terms: tuple[Tensor, Tensor] | None, idx) -> tuple[Tensor, Tensor] | None:
+    """The rows ``idx`` of a linked critic's (x_hat, beta h(x_hat)), or None (a free critic)."""
+    return None if terms is None else (terms[0][idx], terms[1][idx])
 
 
 # --- 3. configuration -------------------------------------------------------------------------------------------
@@ -576,12 +581,15 @@ class QLearningTrainer:
         s_all = torch.cat([grid[:K].repeat_interleave(B), grid[1:K].repeat_interleave(B)])
         y_all = torch.cat([ro.states[:K].reshape(K * B, *self.x_shape), ro.counterfactual[: K - 1].reshape((K - 1) * B, *self.x_shape)])
         c_all = None if c is None else c.repeat(2 * K - 1)
-        v = torch.cat([self.critic(s_all[j : j + 4096], y_all[j : j + 4096], None if c is None else c_all[j : j + 4096])
-                       for j in range(0, len(s_all), 4096)])  # fmt: skip
+        terms = self._reward_terms(s_all, y_all, c_all)  # a linked critic's beta h(x_hat): once per state
+        chunks = [slice(j, j + 4096) for j in range(0, len(s_all), 4096)]
+        v = torch.cat([self.critic(s_all[i], y_all[i], None if c is None else c_all[i], terms=_rows(terms, i))
+                       for i in chunks])  # fmt: skip
         J[:K] = v[: K * B].view(K, B)
         J_cf = torch.empty(K, B)  # J(t_{k+1}, Y'_{k+1})
         J_cf[: K - 1] = v[K * B :].view(K - 1, B)
-        J[K] = self.terminal(ro.states[K], c)
+        h = self.reward(ro.states[K], c)  # the samples' reward: J(T, .) = beta h, and the iteration's statistic
+        J[K] = cfg.beta * h if cfg.beta != 0 else torch.zeros(B)
         J_cf[K - 1] = self.terminal(ro.counterfactual[K - 1], c)
         rq = torch.empty(K, B, dtype=torch.float64)
         rq_mean = torch.empty(K, B, dtype=torch.float64)
@@ -603,7 +611,18 @@ class QLearningTrainer:
         mc_target = J[K].double()[None] + torch.flip(torch.cumsum(torch.flip(rq_critic, [0]), 0), [0])
         full_return = J[K].double() + rq.sum(0)
         return {"delta": delta, "delta_actor": delta_actor, "rq": rq, "J": J,
-                "target": td_target if cfg.critic_target == "td" else mc_target, "return": full_return}  # fmt: skip
+                "target": td_target if cfg.critic_target == "td" else mc_target, "return": full_return, "reward": h,
+                # the critic update's states are the first K * B here (step-major, as _flat orders them)
+                "terms": _rows(terms, slice(0, K * B))}  # fmt: skip
+
+    @torch.no_grad()
+    def _reward_terms(self, s: Tensor, y: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """(x_hat, beta h(x_hat)) of a linked critic at these states (None for a free critic), in chunks."""
+        if not hasattr(self.critic, "reward_terms"):
+            return None
+        parts = [self.critic.reward_terms(s[j : j + 4096], y[j : j + 4096], None if c is None else c[j : j + 4096])
+                 for j in range(0, len(s), 4096)]  # fmt: skip
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     # -- critic: E int dJ/dTheta dM = 0 ----------------------------------------------------------------------
     def _flat(self, ro: QRollout, steps: list[int]) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -614,24 +633,23 @@ class QLearningTrainer:
         c = None if ro.conditions is None else ro.conditions.repeat(len(steps))
         return s, y, c
 
-    def critic_update(self, ro: QRollout, target: Tensor) -> float:
+    def critic_update(self, ro: QRollout, target: Tensor, terms: tuple[Tensor, Tensor] | None = None) -> float:
+        """``terms``: a linked critic's (x_hat, beta h(x_hat)) at these states, as ``increments`` computed them
+        (computed here when not given)."""
         cfg, K = self.cfg, self.cfg.train_steps
         s, y, c = self._flat(ro, list(range(K)))
         tgt = target.reshape(-1).float()
         n, mb = len(tgt), cfg.minibatch_size or len(tgt)
-        terms = None
-        if hasattr(self.critic, "reward_terms"):  # a linked critic: beta h(x_hat) once per state, not per epoch
-            parts = [self.critic.reward_terms(s[j : j + 4096], y[j : j + 4096], None if c is None else c[j : j + 4096])
-                     for j in range(0, n, 4096)]  # fmt: skip
-            terms = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        if terms is None:
+            terms = self._reward_terms(s, y, c)
         losses = []
         for _ in range(cfg.critic_epochs):
             perm = torch.randperm(n, generator=self.generator)
             for j in range(0, n, mb):
                 i = perm[j : j + mb]
-                extra = {} if terms is None else {"terms": (terms[0][i], terms[1][i])}
                 # semi-gradient: the gradient of 1/2 (J - sg(target))^2 is -dJ/dTheta * delta (test function xi)
-                loss = 0.5 * (self.critic(s[i], y[i], None if c is None else c[i], **extra) - tgt[i]).pow(2).mean()
+                J = self.critic(s[i], y[i], None if c is None else c[i], terms=_rows(terms, i))
+                loss = 0.5 * (J - tgt[i]).pow(2).mean()
                 self.critic_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
@@ -688,7 +706,7 @@ class QLearningTrainer:
                 group["lr"] = lr * lr_factor(cfg.lr_decay, self.iteration, cfg.iterations)
         critic_loss = 0.0
         if cfg.value_terms == "full" or cfg.beta > 0:  # else J = 0 exactly (no reward to carry)
-            critic_loss = self.critic_update(ro, inc["target"])
+            critic_loss = self.critic_update(ro, inc["target"], inc["terms"])
         t2 = time.perf_counter()
         actor_loss = self.actor_update(ro, inc["delta_actor"])
         t3 = time.perf_counter()
@@ -696,7 +714,7 @@ class QLearningTrainer:
         score_err = float((sig2 * (ro.means - ro.score_hat).pow(2)).mean())
         stats = QStats(
             iteration=self.iteration,
-            reward_mean=float(self.reward(ro.states[-1], ro.conditions).mean()),
+            reward_mean=float(inc["reward"].mean()),
             objective=float(inc["return"].mean()),
             running=float(inc["rq"].sum(0).mean()),
             score_error=score_err,

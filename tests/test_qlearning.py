@@ -142,3 +142,21 @@ def test_linked_critic_is_ctrl_value_net_on_reference_tweedie():
         make_critic((2,), kind="linked", reward_fn=h, beta=1.0)
     with pytest.raises(ValueError, match="optimize.critic"):
         QLearningConfig(critic="deep")
+
+
+def test_linked_critic_reward_terms_are_computed_once_per_iteration():
+    """The critic update reuses the x_hat and beta h(x_hat) that the increments computed at the same states:
+    per iteration the reward runs on the terminal states, the counterfactual terminal states and once on the
+    (2K - 1) B critic states -- not a second time for the critic update."""
+    g = torch.Generator().manual_seed(0)
+    data = _mixture(64, g)
+    calls = []
+
+    def reward(x, c=None):
+        calls.append(len(x))
+        return (x[:, 0] > 0).float()
+
+    model = QLearningScoreModel.from_pretrained(scratch_model(LinearVPSchedule(), data, width=16))
+    cfg = QLearningConfig(iterations=1, batch_size=8, train_steps=5, beta=1.0, critic="linked", critic_epochs=2)
+    QLearningTrainer(model, data, reward, cfg).train()
+    assert sorted(calls) == [8, 8, (2 * 5 - 1) * 8], calls
