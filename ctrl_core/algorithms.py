@@ -75,6 +75,8 @@ class OptimConfig:
     on_nonfinite: str = "error"  # a NaN/inf reward, loss or gradient: error (stop the step) | skip (drop the iteration)
     max_skipped: int = 3  # with on_nonfinite=skip: stop after this many dropped iterations
     reward_chunks: int = 1  # sample each rank's rows in this many blocks, scoring one while the next samples
+    stat_buffer: int = 0  # DDPO: whiten by each condition's last N rewards across iterations (ddpo-pytorch: 16); 0: within the batch
+    stat_min_count: int = 16  # DDPO with stat_buffer > 0: batch statistics until a condition has this many rewards
     seed: int = 0  # seed of the trainer's generator (rollouts, grids, minibatches)
 
     def __post_init__(self):
@@ -105,6 +107,10 @@ class OptimConfig:
             ("value_lr", self.value_lr > 0, "> 0"),
             ("value_batch_size", self.value_batch_size >= 1, ">= 1"),
             ("reward_chunks", 1 <= self.reward_chunks <= self.batch_size, "between 1 and optimize.batch_size"),
+            ("stat_buffer", self.stat_buffer >= 0, ">= 0"),
+            ("stat_min_count", self.stat_min_count >= 2, ">= 2"),
+            ("stat_min_count", self.stat_buffer == 0 or self.stat_min_count <= self.stat_buffer,
+             "<= optimize.stat_buffer (otherwise the per-prompt statistics are never used)"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -172,6 +178,11 @@ class Trainer:
             else None
         )
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.stat_tracker = (
+            PromptStatTracker(config.stat_buffer, config.stat_min_count)
+            if config.algorithm == "ddpo" and config.stat_buffer > 0
+            else None
+        )
         self.iteration = 0
         self.skipped = 0
         self.history: list[IterationStats] = []
@@ -192,6 +203,8 @@ class Trainer:
         if self.value is not None:
             state["value"] = dict(self.value.residual.state_dict())
             state["value_opt"] = self.value_opt.state_dict()
+        if self.stat_tracker is not None:
+            state["stat_tracker"] = self.stat_tracker.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -208,6 +221,8 @@ class Trainer:
                 raise ValueError("the checkpoint holds no value network, this CTRL run needs one")
             self.value.residual.load_state_dict(state["value"])
             self.value_opt.load_state_dict(state["value_opt"])
+        if self.stat_tracker is not None:
+            self.stat_tracker.load_state_dict(state.get("stat_tracker", {}))
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.iteration, self.skipped = int(state["iteration"]), int(state["skipped"])
@@ -271,7 +286,12 @@ class Trainer:
         cfg, traj, grid = self.cfg, ro.traj, ro.traj.grid
         if cfg.algorithm == "ddpo":
             conds = None if traj.conditions is None else self.dist.gather_rows(traj.conditions)
-            adv = per_condition_whiten(self.dist.gather_rows(ro.reward), conds)[self.dist.shard(cfg.batch_size)]
+            rewards = self.dist.gather_rows(ro.reward)  # every rank sees (and tracks) the global batch
+            if self.stat_tracker is not None:
+                adv = self.stat_tracker.update(rewards, conds)
+            else:
+                adv = per_condition_whiten(rewards, conds)
+            adv = adv[self.dist.shard(cfg.batch_size)]
             return {k: adv for k in ro.steps}
         out = {}
         for k in ro.steps:
@@ -434,6 +454,8 @@ class Trainer:
         if self.value is not None:
             self.value.residual.load_state_dict(snapshot["value"])
             self.value_opt.load_state_dict(snapshot["value_opt"])
+        if self.stat_tracker is not None:  # a dropped iteration's rewards are not kept either
+            self.stat_tracker.load_state_dict(snapshot["stat_tracker"])
 
     def _iterate(self) -> IterationStats:
         cfg = self.cfg
@@ -571,3 +593,42 @@ def per_condition_whiten(reward: Tensor, conditions: Tensor | None) -> Tensor:
             out[m] = (r - r.mean()) / (r.std() + 1e-8)
     return out
 
+
+
+class PromptStatTracker:
+    """DDPO's per-prompt reward statistics across iterations (ddpo-pytorch's ``PerPromptStatTracker``).
+
+    Each condition keeps its last ``buffer_size`` rewards. A batch's rewards are first appended to their
+    condition's buffer; a condition whose buffer then holds at least ``min_count`` rewards is whitened by the
+    buffer's mean and (population) standard deviation, one with fewer by the whole batch's. With one condition per
+    prompt index this is DDPO's advantage: a prompt that is easy for the model does not dominate the update, and
+    a few samples of a prompt in one batch do not make a noisy baseline. Conditions that are not one label per row
+    (``None``, embeddings) fall back to the batch statistics. The buffers are part of the trainer's checkpoint."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        if buffer_size < 1 or not 1 <= min_count <= buffer_size:
+            raise ValueError(f"need buffer_size >= 1 and 1 <= min_count <= buffer_size, got {buffer_size}, {min_count}")
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.buffers: dict[int, Tensor] = {}
+
+    def update(self, reward: Tensor, conditions: Tensor | None) -> Tensor:
+        r = reward.double()
+        batch = (r - r.mean()) / (r.std(unbiased=False) + 1e-6)
+        if conditions is None or conditions.ndim != 1 or conditions.is_floating_point():
+            return batch.to(reward.dtype)
+        out = torch.empty_like(r)
+        for c in conditions.unique().tolist():
+            m = conditions == c
+            buf = torch.cat([self.buffers.get(c, r.new_empty(0)), r[m]])[-self.buffer_size :]
+            self.buffers[c] = buf
+            if buf.numel() < self.min_count:
+                out[m] = batch[m]
+            else:
+                out[m] = (r[m] - buf.mean()) / (buf.std(unbiased=False) + 1e-6)
+        return out.to(reward.dtype)
+
+    def state_dict(self) -> dict:
+        return {"buffers": {int(c): b.clone() for c, b in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffers = {int(c): b.double().clone() for c, b in state.get("buffers", {}).items()}
