@@ -6,6 +6,7 @@ forward (torch.utils.flop_counter) and its MFU against that peak, images/s for s
 train_timesteps and minibatch; per-phase times from IterationStats) and peak memory.
 
     python -m bench.gpu --batch 32 --steps 50 --json bench/results/gpu.json      # on an H100/H200
+    python -m bench.gpu --batch 32 --steps 50 --compile max-autotune-no-cudagraphs --json bench/results/gpu_compiled.json
     python -m bench.gpu --tiny --batch 2 --steps 4 --json /tmp/gpu_tiny.json     # CPU smoke test of the harness
 
 The reward is "ImageReward-shaped": a CLIP ViT-L/14 image tower at 224^2 + an MLP head on VAE-decoded images
@@ -152,6 +153,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--forward-reps", type=int, default=0, help="timed UNet forwards (0: 10 on CUDA, 2 otherwise)")
+    p.add_argument("--compile", default="", help="torch.compile mode for the UNet (default | reduce-overhead | "
+                   "max-autotune ...; empty: eager). FLOPs are counted on the eager model first")
+    p.add_argument("--channels-last", action="store_true", help="NHWC UNet")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
     return p.parse_args(argv)
@@ -195,11 +199,17 @@ def run(args: argparse.Namespace) -> dict:
     s = torch.full((B,), 0.5, dtype=torch.float64)
     c = torch.arange(B) % len(PROMPTS)
     with torch.no_grad():
-        for _ in range(2):
-            model.model_output(s, x, c)
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter:  # on the eager model: the FLOPs are the UNet's either way
             model.model_output(s, x, c)
         flops = counter.get_total_flops()
+        if args.channels_last:
+            model.use_channels_last()
+        if args.compile:
+            model.compile_unet(args.compile)
+        t0 = clock.now()
+        for _ in range(2):  # warm-up (and, compiled, the compilation of this shape)
+            model.model_output(s, x, c)
+        warmup_s = clock.now() - t0
         reps = args.forward_reps or (10 if cuda else 2)
         t0 = clock.now()
         for _ in range(reps):
@@ -266,6 +276,7 @@ def run(args: argparse.Namespace) -> dict:
         "unet_forward_s": fwd_s,
         "unet_achieved_tflops": achieved,
         "unet_forward_batch": 2 * B if args.guidance != 1.0 else B,
+        "unet_warmup_s": warmup_s,
         "decode_s_per_image": decode_s / B,
         "score_s_per_image": score_s / B,
         "seconds_per_iteration": per_iteration,
@@ -276,6 +287,7 @@ def run(args: argparse.Namespace) -> dict:
                     "minibatch": min(args.minibatch, B), "timed_iterations": args.iterations, "warmup_iterations": 1,
                     "link": args.link, "guidance_scale": args.guidance, "lora_rank": args.lora_rank,
                     "solver": "ddpm", "autocast": "bfloat16" if amp else "float32",
+                    "compile": args.compile or "eager", "channels_last": bool(args.channels_last),
                     "vae_dtype": "bfloat16" if cuda else "float32", "x_shape": list(problem.x_shape),
                     "reward": "CLIP ViT " + ("tiny" if args.tiny else "L/14 @224") + " + MLP head on VAE decode",
                     "weights": "random (config dicts)"},

@@ -171,7 +171,9 @@ class Trainer:
         self.params = policy.model.trainable_parameters()
         if not self.params:
             raise ValueError("the policy has no trainable parameters (no LoRA adapter / correction)")
-        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        # one fused kernel for the adapter's update on a GPU (the CPU keeps the default, and its committed numbers)
+        fused = True if all(p.is_cuda for p in self.params) else None
+        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
         self.value_opt = (
             torch.optim.AdamW([p for p in value.residual.parameters() if p.requires_grad] or [torch.zeros(1, requires_grad=True)], lr=config.value_lr, weight_decay=1e-4)
             if value is not None

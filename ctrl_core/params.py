@@ -56,6 +56,8 @@ class ModelParams(_Block):
     guidance_scale: float = Field(7.0, ge=0, le=100, description="latent text-to-image checkpoints: classifier-free guidance scale w (1: no guidance)")
     autocast: Literal["", "bf16", "fp16"] = Field("", description="latent text-to-image checkpoints: run the UNet under bf16/fp16 autocast (empty: float32)")
     gradient_checkpointing: bool = Field(False, description="latent text-to-image checkpoints: recompute UNet activations in the backward pass (memory for time)")
+    compile: Literal["", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field("", description="torch.compile the UNet with this mode (reduce-overhead: CUDA graphs); empty: eager. Compiling takes minutes per batch shape")
+    channels_last: bool = Field(False, description="NHWC memory format for the UNet (measure first: slower for SD1.5 in eager mode on an H100)")
 
     @field_validator("prompts")
     @classmethod

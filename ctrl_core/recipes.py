@@ -46,7 +46,22 @@ def digits_problem(lora_rank: int = 8, solver: str = "ddpm", weights_dir=None) -
 
 
 def checkpoint_problem(checkpoint_dir, lora_rank: int = 8, solver: str = "ddpm", prompts: str = "",
-                       guidance_scale: float = 7.0, autocast: str = "", gradient_checkpointing: bool = False) -> Problem:
+                       guidance_scale: float = 7.0, autocast: str = "", gradient_checkpointing: bool = False,
+                       compile: str = "", channels_last: bool = False) -> Problem:
+    """See ``_load_checkpoint_problem``; ``compile`` (a torch.compile mode, "" for eager) and ``channels_last``
+    apply to the UNet of any of these checkpoints."""
+    problem = _load_checkpoint_problem(checkpoint_dir, lora_rank, solver, prompts, guidance_scale, autocast,
+                                       gradient_checkpointing)
+    model = problem.policy.model
+    if channels_last:
+        model.use_channels_last()
+    if compile:
+        model.compile_unet(compile)
+    return problem
+
+
+def _load_checkpoint_problem(checkpoint_dir, lora_rank: int, solver: str, prompts: str, guidance_scale: float,
+                             autocast: str, gradient_checkpointing: bool) -> Problem:
     """A fetched checkpoint folder: the built-in digits format (digits_config.json), a latent text-to-image
     Stable Diffusion folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``; prompts from ``prompts`` or the
     folder's prompts.txt, classifier-free guidance ``guidance_scale``; see latent.py) or a diffusers pipeline

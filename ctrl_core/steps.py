@@ -90,7 +90,8 @@ def load_problem(params: Params, checkpoint_dir: str | Path):
     m = params.model
     return checkpoint_problem(checkpoint_dir, lora_rank=m.lora_rank, solver=params.optimize.solver, prompts=m.prompts,
                               guidance_scale=m.guidance_scale, autocast=m.autocast,
-                              gradient_checkpointing=m.gradient_checkpointing)  # fmt: skip
+                              gradient_checkpointing=m.gradient_checkpointing, compile=m.compile,
+                              channels_last=m.channels_last)  # fmt: skip
 
 
 def make_reward_fn(params: Params, problem=None):
