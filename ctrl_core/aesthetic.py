@@ -106,6 +106,28 @@ class AestheticScorer(nn.Module):
         return self.head(e).squeeze(1).float()
 
 
+class AestheticCopy(nn.Module):
+    """A trainable copy of an ``AestheticScorer`` (float32), its leading ``frozen_fraction`` of weights frozen:
+    the paper's value residual design with the aesthetic predictor. ``forward(images, conditions)`` has
+    gradients to the trainable weights (conditions are ignored, as by the reward)."""
+
+    def __init__(self, scorer: AestheticScorer, frozen_fraction: float = 0.7):
+        super().__init__()
+        import copy
+
+        from .value import freeze_leading
+
+        self.scorer = copy.deepcopy(scorer).float().train(False)
+        freeze_leading(self.scorer, frozen_fraction)
+
+    def forward(self, images: Tensor, conditions: Tensor | None = None) -> Tensor:
+        sc = self.scorer
+        p = next(sc.parameters())
+        e = sc.embed(clip_pixel_values(images.to(p.device), sc.pre))
+        e = e / torch.linalg.vector_norm(e, dim=-1, keepdim=True)
+        return sc.head(e).squeeze(1)
+
+
 # --- preprocessing ------------------------------------------------------------------------------------------
 def clip_pixel_values(images: Tensor, pre: ClipPreprocess) -> Tensor:
     """(B, C, H, W) in [-1, 1], C in {1, 3} -> CLIP pixel values (B, 3, crop_height, crop_width).
@@ -284,6 +306,7 @@ def _aesthetic(clip_dir: str = "", head: str = "", batch_size: int = 32, device:
         scores = [scorer(part) for part in images.split(batch_size)]
         return torch.cat(scores).to(images.device)
 
+    fn.trainable_copy = lambda prompts, frozen_fraction: AestheticCopy(scorer, frozen_fraction)  # type: ignore[attr-defined]
     return fn
 
 

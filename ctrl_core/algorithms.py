@@ -278,7 +278,7 @@ class Trainer:
         xh = x_hat(self.policy.schedule, s_vec, x, mu)
         rm = None
         if keep is not None and torch.any(self.value.link(s_vec.float())[0] != 0):
-            rm = self.reward_fn(xh, c).float()
+            rm = self.value.reward_fn(xh, c).float()  # the value's reward model (a cheaper decoder, say)
             keep[k] = (xh, rm)
         return self.value(s_vec, x, c, xh, rm)
 
@@ -359,7 +359,7 @@ class Trainer:
                 xhat_k, rm_k = ro.rm_xhat[k]
             else:
                 xhat_k = x_hat(sch, s_vec, xk, self._xhat_score(traj, k))
-                rm_k = self.reward_fn(xhat_k, traj.conditions).float()
+                rm_k = self.value.reward_fn(xhat_k, traj.conditions).float()
             ss.append(s_vec)
             xs.append(xk)
             cs.append(traj.conditions)

@@ -388,6 +388,33 @@ class ImageRewardScorer:
         return fn
 
 
+class ImageRewardCopy(nn.Module):
+    """A trainable copy of a loaded ImageReward (float32): the paper's value residual F_phi for SD1.5. The
+    leading ``frozen_fraction`` of its weights (the ViT, then the first text layers) stay frozen, the rest
+    trains. ``forward(images, conditions)`` scores images in [-1, 1] against the prompts ``conditions`` index,
+    with gradients to the trainable weights."""
+
+    def __init__(self, scorer: ImageRewardScorer, prompts: Sequence[str], frozen_fraction: float = 0.7):
+        super().__init__()
+        import copy
+
+        from .value import freeze_leading
+
+        self.model = copy.deepcopy(scorer.model).float().train(False)
+        freeze_leading(self.model, frozen_fraction)
+        ids, mask = scorer.tokenize(list(prompts))
+        self.register_buffer("input_ids", ids, persistent=False)
+        self.register_buffer("attention_mask", mask, persistent=False)
+
+    def forward(self, images: Tensor, conditions: Tensor | None) -> Tensor:
+        if conditions is None:
+            raise ValueError("the ImageReward value copy needs conditions: the prompt index of each image")
+        dev = self.input_ids.device
+        idx = torch.as_tensor(conditions).long().reshape(-1).to(dev)
+        pixels = preprocess_images(images.to(dev), self.model.image_size)
+        return self.model(pixels, self.input_ids[idx], self.attention_mask[idx])
+
+
 def load_imagereward(
     checkpoint: str | os.PathLike,
     med_config: str | os.PathLike,
@@ -465,5 +492,6 @@ def _imagereward(
         )
 
     unbound.bind_prompts = scorer.reward_for_prompts  # type: ignore[attr-defined]
+    unbound.trainable_copy = lambda prompts, frozen_fraction: ImageRewardCopy(scorer, prompts, frozen_fraction)  # type: ignore[attr-defined]
     unbound.scorer = scorer  # type: ignore[attr-defined]
     return unbound

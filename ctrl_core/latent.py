@@ -188,10 +188,71 @@ def latent_reward(
 
 @dataclass
 class LatentProblem(Problem):
-    """A ``Problem`` over latents; ``wrap_reward`` turns an image reward into a latent one (VAE decode)."""
+    """A ``Problem`` over latents; ``wrap_reward`` turns an image reward into a latent one (VAE decode).
+
+    ``tiny_decoder_dir``: where ``wrap_value_reward(reward, "tiny")`` finds a tiny autoencoder for the value's
+    x_hat decodes (the checkpoint folder's ``vae_tiny/``)."""
 
     prompts: list[str]
     wrap_reward: Callable[[Callable], Callable]
+    tiny_decoder_dir: Path | None = None
+
+    def wrap_value_reward(self, reward_fn: Callable, decoder: str = "vae") -> Callable:
+        """The reward the value's skip term c_skip RM(x_hat) uses: through the full VAE ("vae": the same as the
+        terminal reward) or through a tiny distilled decoder ("tiny": TAESD, ~18x fewer FLOPs than SD's VAE
+        decoder at 512^2). The terminal reward RM(X_T), the returns and V(T, x) = RM(x) keep the full VAE."""
+        if decoder == "vae":
+            return self.wrap_reward(reward_fn)
+        if decoder != "tiny":
+            raise ValueError(f"value.xhat_decoder must be vae or tiny, got {decoder!r}")
+        if self.tiny_decoder_dir is None:
+            raise ValueError("value.xhat_decoder=tiny needs a tiny decoder folder (vae_tiny/ in the checkpoint)")
+        from .models import compute_device
+
+        tiny = load_tiny_decoder(self.tiny_decoder_dir).to(compute_device())
+        return latent_reward(reward_fn, tiny, prompts=self.prompts)
+
+
+TINY_DECODER_SUBFOLDER = "vae_tiny"
+
+
+def load_tiny_decoder(folder: str | Path) -> nn.Module:
+    """A diffusers ``AutoencoderTiny`` (TAESD) from a local folder, safetensors only, frozen. For SD1.x/2.x
+    latents that is madebyollin/taesd (taesdxl for SDXL): put its files in the checkpoint's vae_tiny/. Its
+    ``scaling_factor`` (1.0) makes ``latent_reward`` feed it the UNet's latents as they are."""
+    from diffusers import AutoencoderTiny
+
+    from .io import require_safetensors
+
+    d = Path(folder)
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no tiny decoder at {d}: put an AutoencoderTiny folder there (config.json + "
+            "diffusion_pytorch_model.safetensors; madebyollin/taesd for SD1.x/2.x) or use value.xhat_decoder=vae"
+        )
+    for f in d.iterdir():
+        if f.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+            raise ValueError(f"{f}: refusing non-safetensors weights for the tiny decoder")
+    require_safetensors(d / "diffusion_pytorch_model.safetensors")
+    model = AutoencoderTiny.from_pretrained(d, use_safetensors=True, local_files_only=True).eval()
+    if type(model).__name__ != "AutoencoderTiny":
+        raise TypeError(f"{d}: expected an AutoencoderTiny, got {type(model).__name__}")
+    return model.requires_grad_(False)
+
+
+def tiny_decoder_for(latent_channels: int = 4, seed: int = 0, width: int = 8) -> nn.Module:
+    """A tiny AutoencoderTiny with one upsampling stage (image = 2 x latent size, as ``tiny_sd_components``'s
+    VAE), random weights: for tests of the decoder plumbing, not a distilled decoder."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    return AutoencoderTiny(
+        encoder_block_out_channels=(width, width),
+        decoder_block_out_channels=(width, width),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=latent_channels,
+    ).eval()
 
 
 def latent_problem(
@@ -329,6 +390,7 @@ def sd_folder_problem(
     parts = load_sd_folder(d)
     problem = latent_problem(**parts, prompts=read_prompts(pf), lora_rank=lora_rank, solver=solver,
                              guidance_scale=guidance_scale, autocast_dtype=AUTOCAST_DTYPES[autocast])  # fmt: skip
+    problem.tiny_decoder_dir = d / TINY_DECODER_SUBFOLDER
     if gradient_checkpointing:
         problem.policy.model.enable_gradient_checkpointing()
     return problem

@@ -90,6 +90,9 @@ class ValueParams(_Block):
     batch_size: int = Field(128, ge=1, description="paths sampled per batch (the data are checkpointed per batch)")
     epochs: int = Field(10, ge=1, description="value pretraining epochs per candidate")
     lr: float = Field(1e-3, gt=0, description="value pretraining learning rate")
+    residual: Literal["conv", "reward_copy"] = Field("conv", description="F_phi: conv (a small CNN on the state and x_hat; latents for SD, no decode) | reward_copy (the paper's SD design: a copy of the reward model, partly frozen, on the decoded state)")
+    frozen_fraction: float = Field(0.7, ge=0, lt=1, description="reward_copy: leading share of the copy's weights kept frozen (the authors: 70%)")
+    xhat_decoder: Literal["vae", "tiny"] = Field("vae", description="latent checkpoints: decode x_hat for the value's RM(x_hat) with the full VAE or a tiny one (TAESD in the checkpoint's vae_tiny/); the terminal reward keeps the VAE")
 
     @field_validator("candidates")
     @classmethod

@@ -124,9 +124,12 @@ def gaussian_problem(data_mean: Tensor, data_std: Tensor, solver: str = "euler_m
 def collect_value_data(
     problem: Problem, reward_fn: Callable, num_paths: int, steps: int, points_per_path: int, seed: int = 0,
     batch_size: int = 128, resume: dict | None = None, on_batch: Callable[[dict], None] | None = None,
-    dist: Dist | None = None,
+    dist: Dist | None = None, value_reward_fn: Callable | None = None,
 ) -> ValueDataset:
     """Monte-Carlo returns of the current policy at random times: (s, x_s, c, x_hat, RM(x_hat), RM(X_T)).
+
+    ``value_reward_fn`` computes RM(x_hat), the value's skip term (default ``reward_fn``; a latent model may
+    decode x_hat with a cheaper decoder there, see value.xhat_decoder); the returns always use ``reward_fn``.
 
     The returns carry no KL term: the data come from the policy that the value net will first serve, whose
     KL to itself is zero (CTRL's own iterations then add the KL running reward).
@@ -158,7 +161,7 @@ def collect_value_data(
         for k in ks:
             s_vec = torch.full((len(x0),), float(grid[k]), dtype=torch.float64)
             xh = x_hat(pol.schedule, s_vec, traj.states[k], traj.means[k])
-            part = (s_vec, traj.states[k], c, xh, reward_fn(xh, c).float(), h)
+            part = (s_vec, traj.states[k], c, xh, (value_reward_fn or reward_fn)(xh, c).float(), h)
             parts.append(ValueDataset(*(None if t is None else dist.gather_rows(t) for t in part)))
         if on_batch is not None:
             on_batch({"parts": [p.state() for p in parts], "generator": g.get_state(), "next": j + n})

@@ -99,7 +99,34 @@ def make_reward_fn(params: Params, problem=None):
     from .rewards import make_reward
 
     reward = make_reward(params.reward.name, **params.reward.options)
-    return problem.wrap_reward(reward) if hasattr(problem, "wrap_reward") else reward
+    if not hasattr(problem, "wrap_reward"):
+        return reward
+    wrapped = problem.wrap_reward(reward)
+    wrapped.raw = reward  # the image reward itself (value_parts builds the value's variants from it)
+    return wrapped
+
+
+def value_parts(params: Params, problem, reward) -> tuple[Callable, Callable]:
+    """(the value's reward for its skip term RM(x_hat), a factory of its residual F_phi) from params.value:
+    ``xhat_decoder`` picks the decoder of x_hat on latent checkpoints, ``residual`` the design of F_phi (a small
+    CNN on the state, or the paper's partly frozen copy of the reward model on the decoded state)."""
+    from .value import RewardCopyResidual
+
+    vp = params.value
+    raw = getattr(reward, "raw", reward)
+    latent = hasattr(problem, "wrap_value_reward")
+    if vp.xhat_decoder != "vae" and not latent:
+        raise ValueError(f"value.xhat_decoder={vp.xhat_decoder} applies to latent text-to-image checkpoints; this "
+                         "checkpoint has no VAE: use vae")  # fmt: skip
+    value_reward = problem.wrap_value_reward(raw, vp.xhat_decoder) if latent and vp.xhat_decoder != "vae" else reward
+    if vp.residual == "conv":
+        return value_reward, problem.make_residual
+    copy_of = getattr(raw, "trainable_copy", None)
+    if copy_of is None:
+        raise ValueError(f"value.residual=reward_copy copies the reward model's network; the {params.reward.name!r} "
+                         "reward has none (imagereward and aesthetic do): use value.residual=conv")  # fmt: skip
+    prompts, decode = getattr(problem, "prompts", None), getattr(value_reward, "decode", None)
+    return value_reward, lambda: RewardCopyResidual(copy_of(prompts, vp.frozen_fraction), decode)
 
 
 # --- 1. fetch ---------------------------------------------------------------------------------------------
@@ -132,6 +159,7 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
     state = found[1] if found else {"collecting": None, "data": None, "fitted": {}}
     problem = load_problem(params, checkpoint_dir)
     reward = make_reward_fn(params, problem)
+    value_reward, make_residual = value_parts(params, problem, reward)
     vp, seed = params.value, params.run.seed
     saves = [found[0] if found else 0]
 
@@ -143,7 +171,8 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
     if state["data"] is None:
         data = collect_value_data(problem, reward, vp.num_paths, vp.steps, vp.points_per_path, seed, vp.batch_size,
                                   resume=state["collecting"],
-                                  on_batch=lambda c: save({"collecting": c, "data": None, "fitted": {}}), dist=dist)
+                                  on_batch=lambda c: save({"collecting": c, "data": None, "fitted": {}}), dist=dist,
+                                  value_reward_fn=value_reward)
         state = {"collecting": None, "data": data.state(), "fitted": {}}
         save(state)
     data = ValueDataset(**state["data"])
@@ -153,7 +182,7 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
         save(state)
 
     done = {name: (f["weights"], f["mse"]) for name, f in state["fitted"].items()}
-    sel = select_link(lambda link: ValueFunction(reward, problem.make_residual(), link), data, vp.candidates, vp.epochs,
+    sel = select_link(lambda link: ValueFunction(value_reward, make_residual(), link), data, vp.candidates, vp.epochs,
                       vp.lr, seed=seed, done=done, on_fitted=on_fitted, dist=dist)
     result = {"chosen": sel.chosen, "mse": sel.val_mse, "seconds": round(time.perf_counter() - t0, 2),
               "resumed_candidates": sorted(done), "processes": dist.world}
@@ -172,7 +201,8 @@ def load_value(params: Params, problem, reward, value_dir: str | Path):
     from .value import ValueFunction
 
     link = json.loads((Path(value_dir) / "link.json").read_text())["chosen"]
-    value = ValueFunction(reward, problem.make_residual(), link)
+    value_reward, make_residual = value_parts(params, problem, reward)
+    value = ValueFunction(value_reward, make_residual(), link)
     value.residual.load_state_dict(load_weights(Path(value_dir) / "value.safetensors"))
     return value
 
@@ -218,6 +248,7 @@ def optimize(
         if cfg.algorithm == "ctrl":  # the value net's weights and link (not link.json's timing)
             inputs.append(Path(value_dir) / "value.safetensors")
             key_extra["link"] = value.link_name
+            key_extra["value_design"] = {k: getattr(params.value, k) for k in ("residual", "frozen_fraction", "xhat_decoder")}
 
         def extra_outputs(tmp: Path) -> None:
             if value is not None:

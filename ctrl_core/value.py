@@ -97,6 +97,62 @@ class ConvResidual(nn.Module):
         return self.head(torch.cat([h, sinusoidal_time_features(s, self.time_features)], dim=1)).squeeze(1)
 
 
+def freeze_leading(module: nn.Module, fraction: float) -> list[str]:
+    """Freeze the leading ``fraction`` of ``module``'s weights (by element count, in registration order: the
+    embeddings and first blocks of a transformer) and leave the rest trainable; returns the trainable names.
+    The authors froze the first 70% of the BLIP copy's layers in their SD1.5 value net."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"frozen fraction must be in [0, 1), got {fraction}")
+    named = list(module.named_parameters())
+    total = sum(p.numel() for _, p in named)
+    seen, trainable = 0, []
+    for name, p in named:
+        seen += p.numel()
+        frozen = seen <= fraction * total
+        p.requires_grad_(not frozen)
+        if not frozen:
+            trainable.append(name)
+    return trainable
+
+
+class RewardCopyResidual(nn.Module):
+    """F_phi as the paper builds it at scale: a *copy* of the reward model, its leading ``frozen_fraction`` of
+    weights frozen and the rest trained, scoring the decoded state decode(x_t) (the authors' SD1.5 value net:
+    cos * ImageReward(decode(x_hat)) + sin * ImageReward_copy(decode(x_t)), 70% of the copy frozen).
+
+    ``copy(images, conditions) -> (B,)`` must be differentiable in its trainable weights (the reward models of
+    this package build one with ``reward_fn.trainable_copy(prompts, frozen_fraction)``); ``decode`` maps states
+    to images without gradients (a latent model's VAE; None for pixel-space models). The state dict holds only
+    the trainable weights: the frozen ones are the reward model's own and are not saved again."""
+
+    def __init__(self, copy: nn.Module, decode: Callable | None = None):
+        super().__init__()
+        self.copy = copy
+        self.decode = decode
+        self._trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        if not self._trainable:
+            raise ValueError("the reward copy has no trainable weights (frozen fraction too high?)")
+
+    def forward(self, s: Tensor, x: Tensor, c: Tensor | None = None) -> Tensor:
+        with torch.no_grad():
+            images = x if self.decode is None else self.decode(x)
+        return self.copy(images, c).float().to(x.device)
+
+    def state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False):
+        full = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for k in [k for k in full if k[len(prefix):] not in self._trainable]:
+            del full[k]
+        return full
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        keys = set(state_dict)
+        if strict and keys != self._trainable:
+            missing, unexpected = sorted(self._trainable - keys), sorted(keys - self._trainable)
+            raise ValueError(f"reward-copy value weights do not match: missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]} (another reward model or frozen fraction?)")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+
 class ValueFunction(nn.Module):
     """eq. 19 with a named link function. ``reward_fn(x, c) -> (B,)`` need not be differentiable."""
 

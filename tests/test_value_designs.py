@@ -1,0 +1,133 @@
+"""Value-network designs at scale (issue 7 item 3): the paper's F_phi (a partly frozen copy of the reward model
+on the decoded state), a tiny decoder for the value's RM(x_hat), and the trainer keeping the terminal reward on
+the full VAE. Tiny SD-shaped model and the tiny ImageReward fixture (written by the original code)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctrl_core import params as params_mod
+from ctrl_core.algorithms import OptimConfig
+from ctrl_core.latent import TINY_DECODER_SUBFOLDER, latent_reward, save_tiny_sd, tiny_decoder_for
+from ctrl_core.recipes import gaussian_problem, make_trainer
+from ctrl_core.rewards import make_reward
+from ctrl_core.value import MLPResidual, RewardCopyResidual, ValueFunction, freeze_leading
+
+torch.set_num_threads(1)
+FIXTURE = Path(__file__).parent / "fixtures" / "imagereward_tiny"
+PROMPTS = json.loads((FIXTURE / "reference.json").read_text())["prompts"]
+IR_OPTIONS = {"checkpoint": str(FIXTURE / "ImageReward.safetensors"), "med_config": str(FIXTURE / "med_config.json"),
+              "tokenizer_dir": str(FIXTURE / "tokenizer"), "device": "cpu"}
+
+
+def test_freeze_leading_freezes_the_first_share_of_weights_in_order():
+    net = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 10), torch.nn.Linear(10, 1))
+    assert freeze_leading(net, 0.0) == [n for n, _ in net.named_parameters()]
+    trainable = freeze_leading(net, 0.5)  # 110 + 110 + 11 weights: the first layer (110 <= 115.5) is frozen
+    assert trainable == ["1.weight", "1.bias", "2.weight", "2.bias"]
+    assert not net[0].weight.requires_grad and net[1].weight.requires_grad
+    with pytest.raises(ValueError, match="frozen fraction"):
+        freeze_leading(net, 1.0)
+
+
+def test_imagereward_copy_starts_as_the_reward_and_trains_only_its_tail():
+    raw = make_reward("imagereward", **IR_OPTIONS)
+    reward = raw.bind_prompts(PROMPTS)
+    images = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    c = torch.tensor([0, 1, 2, 0]) % len(PROMPTS)
+    res = RewardCopyResidual(raw.trainable_copy(PROMPTS, 0.7))
+    s = torch.full((4,), 0.5)
+    torch.testing.assert_close(res(s, images, c), reward(images, c), rtol=1e-5, atol=1e-5)  # a copy of RM
+    res(s, images, c).sum().backward()
+    named = dict(res.named_parameters())
+    frozen = [n for n, p in named.items() if not p.requires_grad]
+    assert frozen and all(named[n].grad is None for n in frozen)
+    assert all(n.startswith("copy.model.vision") for n in frozen[:3])  # the ViT goes first
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in named.values() if p.requires_grad)
+    assert not any(p.requires_grad for p in raw.scorer.model.parameters())  # the reward model stays frozen
+    # the state dict holds the trainable weights only, and round-trips into a fresh copy
+    state = res.state_dict()
+    assert set(state) == {n for n, p in named.items() if p.requires_grad}
+    with torch.no_grad():
+        for p in res.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    moved = res(s, images, c).detach()
+    fresh = RewardCopyResidual(raw.trainable_copy(PROMPTS, 0.7))
+    fresh.load_state_dict(res.state_dict())
+    torch.testing.assert_close(fresh(s, images, c), moved)
+    with pytest.raises(ValueError, match="do not match"):
+        RewardCopyResidual(raw.trainable_copy(PROMPTS, 0.1)).load_state_dict(res.state_dict())
+
+
+def test_trainer_scores_x_hat_with_the_values_reward_and_x_T_with_its_own():
+    """RM(x_hat) (2 K batches per iteration) goes through the value's reward, the terminal reward (1 batch)
+    through the trainer's: a cheaper decoder can serve the value without touching RM(X_T)."""
+    problem = gaussian_problem(torch.zeros(2), torch.ones(2))
+    quad = make_reward("quadratic", target=[1.0, 0.0])
+    terminal, skip = [], []
+
+    def counted(log):
+        return lambda x, c=None: (log.append(len(x)), quad(x, c))[1]
+
+    value = ValueFunction(counted(skip), MLPResidual(2), "cos_sin")
+    cfg = OptimConfig(iterations=1, batch_size=8, train_steps=6, train_timesteps=3, minibatch_size=8, seed=1)
+    trainer = make_trainer(problem, counted(terminal), cfg, value)
+    trainer.step()
+    assert len(terminal) == 1 and len(skip) == 2 * 3
+
+
+def test_pipeline_value_designs_on_a_latent_checkpoint(tmp_path, monkeypatch):
+    """value.residual=reward_copy + value.xhat_decoder=tiny through the pipeline steps: the value net saved is
+    the copy's trainable tail, its skip term decodes x_hat with vae_tiny/, the terminal reward with the VAE."""
+    from ctrl_core import steps
+    from ctrl_core.latent import load_tiny_decoder
+
+    monkeypatch.setenv("CTRL_CHECKPOINT_ROOT", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("CTRL_DEVICE", "cpu")
+    sd = save_tiny_sd(tmp_path / "sd", prompts=PROMPTS)
+    tiny_decoder_for(seed=3).save_pretrained(sd / TINY_DECODER_SUBFOLDER, safe_serialization=True)
+    base = [f"checkpoint.source={sd}", "model.lora_rank=2", "model.guidance_scale=2.0", "reward.name=imagereward",
+            f"reward.options={json.dumps(IR_OPTIONS)}", "value.candidates=[cos_sin]", "value.num_paths=8",
+            "value.steps=4", "value.points_per_path=1", "value.epochs=1", "value.batch_size=8",
+            "optimize.iterations=1", "optimize.batch_size=4", "optimize.train_steps=4", "optimize.train_timesteps=2",
+            "optimize.minibatch_size=4", "optimize.value_batch_size=4"]  # fmt: skip
+    p = params_mod.load(None, [*base, "value.residual=reward_copy", "value.xhat_decoder=tiny",
+                               "value.frozen_fraction=0.8"])  # fmt: skip
+    steps.fetch(p, tmp_path / "checkpoint")
+    steps.pretrain_value(p, tmp_path / "checkpoint", tmp_path / "value")
+    problem = steps.load_problem(p, tmp_path / "checkpoint")
+    reward = steps.make_reward_fn(p, problem)
+    value = steps.load_value(p, problem, reward, tmp_path / "value")
+    assert isinstance(value.residual, RewardCopyResidual)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "value" / "value.safetensors")
+    assert set(saved) == {n for n, q in value.residual.named_parameters() if q.requires_grad}
+    untrained = RewardCopyResidual(reward.raw.trainable_copy(PROMPTS, 0.8)).state_dict()
+    assert any(not torch.equal(saved[k], untrained[k]) for k in saved)  # value pretraining trained the copy
+    # the skip term's reward decodes with the tiny decoder; the terminal reward with the full VAE
+    x = torch.randn(3, *problem.x_shape, generator=torch.Generator().manual_seed(0))
+    c = torch.tensor([0, 1, 2]) % len(PROMPTS)
+    tiny = latent_reward(reward.raw, load_tiny_decoder(tmp_path / "checkpoint" / TINY_DECODER_SUBFOLDER), prompts=PROMPTS)
+    torch.testing.assert_close(value.reward_fn(x, c), tiny(x, c))
+    assert not torch.allclose(value.reward_fn(x, c), reward(x, c))
+    summary = steps.optimize(p, tmp_path / "checkpoint", tmp_path / "value", tmp_path / "optimize")
+    assert summary["final_reward"] is not None
+    assert set(load_file(tmp_path / "optimize" / "value.safetensors")) == set(saved)
+    # clear errors for designs that do not apply
+    with pytest.raises(ValueError, match="reward_copy copies the reward model"):
+        steps.value_parts(params_mod.load(None, ["value.residual=reward_copy"]),
+                          steps.load_problem(params_mod.load(None, []), tmp_path / "checkpoint"), lambda x, c=None: x)
+    from ctrl_core.embedded import WEIGHTS_DIR
+
+    digits = params_mod.load(None, ["value.xhat_decoder=tiny"])
+    with pytest.raises(ValueError, match="applies to latent text-to-image"):
+        steps.value_parts(digits, steps.load_problem(digits, WEIGHTS_DIR), make_reward("jpeg_compressibility"))
+    (tmp_path / "checkpoint" / TINY_DECODER_SUBFOLDER / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no tiny decoder"):
+        steps.value_parts(p, steps.load_problem(p, tmp_path / "checkpoint"), reward)
