@@ -75,6 +75,7 @@ class OptimConfig:
     on_nonfinite: str = "error"  # a NaN/inf reward, loss or gradient: error (stop the step) | skip (drop the iteration)
     max_skipped: int = 3  # with on_nonfinite=skip: stop after this many dropped iterations
     reward_chunks: int = 1  # sample each rank's rows in this many blocks, scoring one while the next samples
+    kl_monitor: bool = True  # compute mu_pre at the K steps to log the KL even when nothing else needs it (see below)
     stat_buffer: int = 0  # DDPO: whiten by each condition's last N rewards across iterations (ddpo-pytorch: 16); 0: within the batch
     stat_min_count: int = 16  # DDPO with stat_buffer > 0: batch statistics until a condition has this many rewards
     seed: int = 0  # seed of the trainer's generator (rollouts, grids, minibatches)
@@ -127,6 +128,7 @@ class Rollout:
     kl_terms: dict[int, Tensor]  # per step: 1/2 g^2 ||mu - mu_pre||^2 Delta (unscaled), (B,)
     kl_scale: float  # N_stochastic / K: rescales subset sums to the whole integral
     rm_xhat: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # k -> (x_hat, RM(x_hat)), shared
+    kl_measured: bool = True  # False: mu_pre was not computed (kl_terms are zeros, the logged KL is None)
 
 
 @dataclass
@@ -248,15 +250,29 @@ class Trainer:
         c = self.condition_sampler(cfg.batch_size, self.generator)
         c = None if c is None else c[rows]
         x0 = torch.randn((cfg.batch_size, *self.x_shape), generator=self.generator)[rows]
-        traj, reward = sample_and_score(self.policy, self.reward_fn, x0, c, grid, self.generator, steps,
+        ref_steps = steps if self.needs_reference_means() else []
+        traj, reward = sample_and_score(self.policy, self.reward_fn, x0, c, grid, self.generator, ref_steps,
                                         (cfg.batch_size, rows), cfg.reward_chunks)  # fmt: skip
         if self.dist.any(not bool(torch.all(torch.isfinite(reward)))):
             raise FloatingPointError(f"the reward model returned a non-finite reward at iteration {self.iteration}")
         kl_terms = {}
         for k in steps:
             s, s_next = float(grid[k]), float(grid[k + 1])
-            kl_terms[k] = kl_increment(sch, s, s_next, traj.means[k].double(), traj.ref_means[k].double()).float()
-        return Rollout(traj, steps, reward, kl_terms, len(stochastic) / K)
+            if ref_steps:
+                kl_terms[k] = kl_increment(sch, s, s_next, traj.means[k].double(), traj.ref_means[k].double()).float()
+            else:  # not measured; with beta = 0 it enters nothing
+                kl_terms[k] = torch.zeros(traj.states.shape[1])
+        return Rollout(traj, steps, reward, kl_terms, len(stochastic) / K, kl_measured=bool(ref_steps))
+
+    def needs_reference_means(self) -> bool:
+        """mu_pre at the K training steps costs K extra (CFG) UNet calls per iteration. CTRL needs it for the KL
+        running reward (beta > 0) and for x_hat from the pretrained score (value_xhat=pretrained); otherwise
+        (DDPO; CTRL with beta = 0 and value_xhat=policy, the authors' ImageReward setting) only to log the KL,
+        which ``kl_monitor`` keeps on by default (reward hacking shows there first)."""
+        cfg = self.cfg
+        if cfg.algorithm == "ctrl" and (cfg.beta > 0 or cfg.value_xhat == "pretrained"):
+            return True
+        return cfg.kl_monitor
 
     # -- 4: advantage rates --------------------------------------------------------------------------------
     def _xhat_score(self, traj: Trajectory, k: int) -> Tensor:
@@ -484,13 +500,13 @@ class Trainer:
             raise FloatingPointError(f"non-finite policy weights after the update at iteration {self.iteration}")
         t3 = time.perf_counter()
         reward = self.dist.gather_rows(ro.reward)
-        kl = self.dist.gather_rows(sum(ro.kl_terms.values()) * ro.kl_scale).mean().item()
+        kl = self.dist.gather_rows(sum(ro.kl_terms.values()) * ro.kl_scale).mean().item() if ro.kl_measured else None
         stats = IterationStats(
             iteration=self.iteration,
             reward_mean=float(reward.mean()),
             reward_std=float(reward.std()),
             kl=kl,
-            objective=float(reward.mean()) - cfg.beta * kl,
+            objective=float(reward.mean()) - cfg.beta * (kl or 0.0),
             value_loss=value_loss,
             approx_kl=approx_kl,
             clipfrac=clipfrac,

@@ -19,7 +19,7 @@ from ctrl_core.value import MLPResidual, RewardCopyResidual, ValueFunction, free
 
 torch.set_num_threads(1)
 FIXTURE = Path(__file__).parent / "fixtures" / "imagereward_tiny"
-PROMPTS = json.loads((FIXTURE / "reference.json").read_text())["prompts"]
+PROMPTS = [p for p in json.loads((FIXTURE / "reference.json").read_text())["prompts"] if p]  # prompts.txt skips blanks
 IR_OPTIONS = {"checkpoint": str(FIXTURE / "ImageReward.safetensors"), "med_config": str(FIXTURE / "med_config.json"),
               "tokenizer_dir": str(FIXTURE / "tokenizer"), "device": "cpu"}
 
@@ -131,3 +131,51 @@ def test_pipeline_value_designs_on_a_latent_checkpoint(tmp_path, monkeypatch):
     (tmp_path / "checkpoint" / TINY_DECODER_SUBFOLDER / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="no tiny decoder"):
         steps.value_parts(p, steps.load_problem(p, tmp_path / "checkpoint"), reward)
+
+
+@pytest.mark.parametrize("algorithm,beta,xhat,monitor,computed", [
+    ("ctrl", 0.0, "policy", False, False),  # the authors' ImageReward setting: nothing needs mu_pre
+    ("ctrl", 0.0, "policy", True, True),  # ... unless the KL is to be logged (the default)
+    ("ctrl", 0.1, "policy", False, True),  # the KL running reward needs it
+    ("ctrl", 0.0, "pretrained", False, True),  # x_hat from the pretrained score needs it
+    ("ddpo", 0.0, "pretrained", False, False),
+    ("ddpo", 0.0, "pretrained", True, True),
+])  # fmt: skip
+def test_mu_pre_is_computed_only_where_something_needs_it(algorithm, beta, xhat, monitor, computed):
+    """K extra CFG UNet calls per iteration are saved where mu_pre enters nothing; the KL is then not logged
+    (None), and the iteration still trains."""
+    problem = gaussian_problem(torch.zeros(2), torch.ones(2))
+    reward = make_reward("quadratic", target=[1.0, 0.0])
+    value = ValueFunction(reward, MLPResidual(2), "cos_sin") if algorithm == "ctrl" else None
+    cfg = OptimConfig(algorithm=algorithm, iterations=1, batch_size=8, train_steps=6, train_timesteps=3,
+                      minibatch_size=8, beta=beta, value_xhat=xhat, kl_monitor=monitor,
+                      advantage="temporal_difference", seed=2)
+    trainer = make_trainer(problem, reward, cfg, value)
+    ro = trainer.rollout()
+    assert bool(ro.traj.ref_means) == computed and ro.kl_measured == computed
+    before = [p.detach().clone() for p in trainer.params]
+    st = trainer.step()
+    assert (st.kl is not None) == computed and (st.kl is None or st.kl >= 0)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
+
+
+def test_distilling_a_tiny_decoder_fits_the_vae_on_new_latents():
+    """distill_tiny_decoder (TAESD's recipe, for a VAE with no published tiny decoder) lowers the decode error on
+    latents it did not train on."""
+    from ctrl_core.latent import distill_tiny_decoder, tiny_sd_components
+
+    vae = tiny_sd_components(0)["vae"]
+    g = torch.Generator().manual_seed(0)
+    train, held = torch.randn(128, 4, 8, 8, generator=g), torch.randn(64, 4, 8, 8, generator=g)
+    tiny = tiny_decoder_for(seed=1, width=16)
+
+    def err() -> float:
+        with torch.no_grad():
+            want = vae.decode(held / vae.config.scaling_factor).sample.clamp(-1, 1)
+            return float((tiny.decode(held).sample - want).pow(2).mean())
+
+    before = err()
+    stats = distill_tiny_decoder(vae, tiny, train, steps=150, generator=g)
+    assert stats["mse_after"] < stats["mse_before"] / 3
+    assert err() < before / 3
+    assert not any(p.requires_grad for p in tiny.parameters())
