@@ -160,9 +160,15 @@ def cost_table(f: dict[str, float], B: int, N: int, K: int, E: int) -> dict:
 
 
 # --- part 2: value MSE on the tiny model ---------------------------------------------------------------------
-def value_mse(num_paths: int, steps: int, points: int, epochs: int, distill_steps: int, seed: int) -> dict:
+def value_mse(num_paths: int, steps: int, points: int, epochs: int, decoders: list[tuple[int, int]], seed: int) -> dict:
     from ctrl_core.imagereward import load_imagereward  # noqa: F401  (registers the reward)
-    from ctrl_core.latent import distill_tiny_decoder, latent_problem, latent_reward, tiny_decoder_for, tiny_sd_components
+    from ctrl_core.latent import (
+        distill_tiny_decoder,
+        latent_problem,
+        latent_reward,
+        tiny_decoder_for,
+        tiny_sd_components,
+    )
     from ctrl_core.recipes import collect_value_data
     from ctrl_core.rewards import make_reward
     from ctrl_core.value import RewardCopyResidual, ValueDataset, ValueFunction, select_link
@@ -178,34 +184,39 @@ def value_mse(num_paths: int, steps: int, points: int, epochs: int, distill_step
     t0 = time.perf_counter()
     data = collect_value_data(problem, reward, num_paths, steps, points, seed=seed, batch_size=64)
     collect_s = time.perf_counter() - t0
-    # a TAESD-style decoder distilled from this VAE on the value data's x_hat (and the states themselves)
-    tiny = tiny_decoder_for(seed=seed, width=16)
-    distill = distill_tiny_decoder(vae, tiny, torch.cat([data.x_hat, data.x]), steps=distill_steps,
-                                   generator=torch.Generator().manual_seed(seed))
-    tiny_reward = latent_reward(raw, tiny, prompts=prompts)
-    with torch.no_grad():
-        rm_tiny = torch.cat([tiny_reward(xh, None if data.c is None else c)
-                             for xh, c in zip(data.x_hat.split(64), data.c.split(64), strict=True)])  # fmt: skip
-    data_tiny = ValueDataset(data.s, data.x, data.c, data.x_hat, rm_tiny.float(), data.returns)
     var = float(data.returns.var())
-    results = {}
-    designs = {
-        "conv": (reward, data, lambda: problem.make_residual()),
-        "conv_tiny": (tiny_reward, data_tiny, lambda: problem.make_residual()),
-        "paper": (reward, data, lambda: RewardCopyResidual(raw.trainable_copy(prompts, 0.7), reward.decode)),
-        "paper_tiny": (tiny_reward, data_tiny,
-                       lambda: RewardCopyResidual(raw.trainable_copy(prompts, 0.7), tiny_reward.decode)),
-    }
-    for name, (vr, d, make) in designs.items():
+    results, distilled = {}, {}
+
+    def fit(name, vr, d, make) -> None:
         t0 = time.perf_counter()
-        sel = select_link(lambda link, vr=vr, make=make: ValueFunction(vr, make(), link), d,
-                          ["cos_sin", "rm_only"], epochs, lr=1e-3, seed=seed)
+        sel = select_link(lambda link: ValueFunction(vr, make(), link), d, ["cos_sin", "rm_only"], epochs, lr=1e-3,
+                          seed=seed)
         results[name] = {"val_mse": sel.val_mse["cos_sin"], "val_mse_rm_only": sel.val_mse["rm_only"],
                          "r2": 1 - sel.val_mse["cos_sin"] / var, "fit_s": time.perf_counter() - t0}
-    return {"returns_var": var, "samples": len(data), "collect_s": collect_s, "tiny_decoder_distillation": distill,
+
+    fit("conv", reward, data, problem.make_residual)
+    fit("paper", reward, data, lambda: RewardCopyResidual(raw.trainable_copy(prompts, 0.7), reward.decode))
+    # TAESD-style decoders distilled from this VAE on the value data's x_hat and states, of rising fidelity: how
+    # the skip term's decoder error turns into value error
+    for width, n_steps in decoders:
+        tiny = tiny_decoder_for(seed=seed, width=width)
+        stats = distill_tiny_decoder(vae, tiny, torch.cat([data.x_hat, data.x]), steps=n_steps,
+                                     generator=torch.Generator().manual_seed(seed))
+        stats["r2"] = 1 - stats["mse_after"] / stats["target_var"]
+        tag = f"w{width}_s{n_steps}"
+        distilled[tag] = stats
+        tiny_reward = latent_reward(raw, tiny, prompts=prompts)
+        with torch.no_grad():
+            rm_tiny = torch.cat([tiny_reward(xh, c) for xh, c in zip(data.x_hat.split(64), data.c.split(64), strict=True)])
+        data_tiny = ValueDataset(data.s, data.x, data.c, data.x_hat, rm_tiny.float(), data.returns)
+        fit(f"conv_tiny[{tag}]", tiny_reward, data_tiny, problem.make_residual)
+        if (width, n_steps) == decoders[-1]:
+            fit(f"paper_tiny[{tag}]", tiny_reward, data_tiny,
+                lambda tr=tiny_reward: RewardCopyResidual(raw.trainable_copy(prompts, 0.7), tr.decode))
+    return {"returns_var": var, "samples": len(data), "collect_s": collect_s, "tiny_decoder_distillation": distilled,
             "designs": results,
             "setting": {"num_paths": num_paths, "steps": steps, "points_per_path": points, "epochs": epochs,
-                        "distill_steps": distill_steps, "seed": seed, "val_fraction": 0.2,
+                        "decoders": [list(d) for d in decoders], "seed": seed, "val_fraction": 0.2,
                         "model": "tiny SD-shaped (random weights) + tiny ImageReward fixture"}}
 
 
@@ -219,7 +230,8 @@ def main(argv=None) -> dict:
     p.add_argument("--mse", action="store_true", help="also fit the designs on the tiny model (part 2)")
     p.add_argument("--mse-paths", type=int, default=256)
     p.add_argument("--mse-epochs", type=int, default=20)
-    p.add_argument("--distill-steps", type=int, default=1500)
+    p.add_argument("--decoders", default="8:300,16:1500,32:6000",
+                   help="tiny decoders to distil for --mse, width:steps, comma-separated (rising fidelity)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
@@ -239,7 +251,8 @@ def main(argv=None) -> dict:
     }
     if args.mse:
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        out["value_mse_tiny"] = value_mse(args.mse_paths, 10, 4, args.mse_epochs, args.distill_steps, args.seed)
+        decoders = [tuple(int(v) for v in d.split(":")) for d in args.decoders.split(",")]
+        out["value_mse_tiny"] = value_mse(args.mse_paths, 10, 4, args.mse_epochs, decoders, args.seed)
     bad = [k for k, r in out["designs"].items() if not math.isfinite(r["ctrl_over_ddpo_flops"])]
     if bad:
         raise FloatingPointError(f"non-finite cost for {bad}")
@@ -251,10 +264,10 @@ def main(argv=None) -> dict:
               f"{r['projected_h100_ratio']:.2f} (projected H100 time)")
     if args.mse:
         m = out["value_mse_tiny"]
-        print(f"tiny model: returns var {m['returns_var']:.4g}, tiny decoder distilled to MSE "
-              f"{m['tiny_decoder_distillation']['mse_after']:.4g} (image var {m['tiny_decoder_distillation']['target_var']:.4g})")
+        print(f"tiny model: returns var {m['returns_var']:.4g}; tiny decoders (image R2): "
+              + ", ".join(f"{k} {v['r2']:.3f}" for k, v in m["tiny_decoder_distillation"].items()))
         for name, r in m["designs"].items():
-            print(f"  {name:12s} val MSE {r['val_mse']:.4g} (rm_only {r['val_mse_rm_only']:.4g}), R2 {r['r2']:.3f}, "
+            print(f"  {name:24s} val MSE {r['val_mse']:.4g} (rm_only {r['val_mse_rm_only']:.4g}), R2 {r['r2']:.3f}, "
                   f"fit {r['fit_s']:.0f} s")
     return out
 

@@ -22,6 +22,7 @@ import click
 from ctrl_core.params import ParamsError, flatten, load
 
 DEFAULT_PARAMS = "params.yaml"
+LAUNCHERS = ("torchrun", "accelerate")  # what starts the processes of a multi-GPU step
 
 
 def _load_params(params_path: str | None, overrides: tuple[str, ...]):
@@ -348,7 +349,11 @@ def promote(name, version, force, reason, params_path, overrides) -> None:
 @click.option("--evaluate-dir", default="data/evaluate", show_default=True)
 @click.option("--num-processes", type=click.IntRange(min=1), default=None,
               help="data-parallel processes for pretrain_value/optimize (one per GPU); default: $CTRL_NUM_PROCESSES or 1")
-def step(name, params_path, overrides, checkpoint, value_dir, optimize_dir, evaluate_dir, num_processes) -> None:
+@click.option("--launcher", type=click.Choice(LAUNCHERS), default=None,
+              help="what starts the processes: torchrun or accelerate (accelerate launch --multi_gpu); "
+                   "default: $CTRL_LAUNCHER or torchrun")
+def step(name, params_path, overrides, checkpoint, value_dir, optimize_dir, evaluate_dir, num_processes,
+         launcher) -> None:
     """Run one pipeline step on folders (what dvc.yaml's stages and multi-GPU components call)."""
     from ctrl_core import steps
 
@@ -359,7 +364,7 @@ def step(name, params_path, overrides, checkpoint, value_dir, optimize_dir, eval
         argv = ["step", name, *(["--params", params_path] if params_path else []),
                 *[a for o in overrides for a in ("--set", o)], "--checkpoint", checkpoint, "--value", value_dir,
                 "--optimize-dir", optimize_dir, "--evaluate-dir", evaluate_dir]
-        sys.exit(_launch_data_parallel(n, argv))
+        sys.exit(_launch_data_parallel(n, argv, launcher))
     if name == "fetch":
         out = steps.fetch(params, checkpoint)
     elif name == "pretrain_value":
@@ -408,13 +413,35 @@ def run_step_data_parallel(name: str, params_json: str, checkpoint: str, out_dir
     return json.loads((Path(out_dir) / "metrics.json").read_text())["summary"]
 
 
-def _launch_data_parallel(n: int, step_argv: list[str]) -> int:
-    """Re-run this ``ctrl step`` under torchrun with one process per GPU (gloo on the CPU, NCCL on GPUs);
-    ranks synchronise gradients (ctrl_core/distributed.py) and rank 0 writes checkpoints and outputs."""
+def launcher_name(launcher: str | None = None) -> str:
+    name = launcher or os.environ.get("CTRL_LAUNCHER", "") or "torchrun"
+    if name not in LAUNCHERS:
+        raise click.UsageError(f"CTRL_LAUNCHER={name!r}: choose one of {LAUNCHERS}")
+    return name
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_data_parallel(n: int, step_argv: list[str], launcher: str | None = None) -> int:
+    """Re-run this ``ctrl step`` under torchrun or ``accelerate launch --multi_gpu`` with one process per GPU
+    (gloo on the CPU, NCCL on GPUs). Both set RANK / WORLD_SIZE / MASTER_ADDR for ``Dist.from_env``; ranks
+    synchronise gradients (ctrl_core/distributed.py) and rank 0 writes checkpoints and outputs. accelerate's
+    own mixed precision and dynamo are off: model.autocast and model.compile are the run's settings."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "pipelines.cli", *step_argv]
+    if launcher_name(launcher) == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={n}",
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+               f"--main_process_port={_free_port()}", "-m", "pipelines.cli", *step_argv]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "-m", "pipelines.cli", *step_argv]
     click.echo(f"launching {n} processes: {' '.join(cmd)}", err=True)
     return subprocess.call(cmd, env={**os.environ, "CTRL_NUM_PROCESSES": "1"})
 

@@ -28,8 +28,9 @@ PARAMS = {
 }
 
 
-def _ctrl_step(work: Path, *args: str, processes: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CTRL_CHECKPOINT_ROOT": str(work / f"ckpt-{processes}")}
+def _ctrl_step(work: Path, *args: str, processes: int = 1, launcher: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CTRL_CHECKPOINT_ROOT": str(work / f"ckpt-{processes}{launcher}"),
+           "CTRL_LAUNCHER": launcher}
     cmd = [sys.executable, "-m", "pipelines.cli", "step", *args, "--params", str(work / "params.yaml"),
            "--checkpoint", str(work / "checkpoint"), "--num-processes", str(processes)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -73,6 +74,22 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     h1 = json.loads((tmp_path / "o1" / "metrics.json").read_text())["history"]
     h2 = json.loads((tmp_path / "o2" / "metrics.json").read_text())["history"]
     assert [r["reward_mean"] for r in h2] == pytest.approx([r["reward_mean"] for r in h1], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_same_data_parallel_step_as_torchrun(tmp_path):
+    """``accelerate launch --multi_gpu`` (CTRL_LAUNCHER=accelerate) starts the same ranks as torchrun: the
+    two-process value pretraining gives bitwise the same value net either way."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    _ctrl_step(tmp_path, "fetch")
+    res = _ctrl_step(tmp_path, "pretrain_value", "--value", str(tmp_path / "acc"), processes=2, launcher="accelerate")
+    assert "accelerate.commands.launch" in res.stderr and "launching 2 processes" in res.stderr
+    _ctrl_step(tmp_path, "pretrain_value", "--value", str(tmp_path / "tr"), processes=2, launcher="torchrun")
+    a, t = (load_file(str(tmp_path / d / "value.safetensors")) for d in ("acc", "tr"))
+    assert a.keys() == t.keys() and all(torch.equal(a[k], t[k]) for k in a)
+    one = load_file(str(_ctrl_step(tmp_path, "pretrain_value", "--value", str(tmp_path / "one")) and
+                        tmp_path / "one" / "value.safetensors"))
+    assert _rel_diff(one, a) < 1e-3 and any(not torch.equal(one[k], a[k]) for k in a)  # really 2 processes
 
 
 def test_global_batch_must_split_over_the_processes():
