@@ -109,6 +109,43 @@ class ImageScorer(nn.Module):
         return torch.cat(out).to(images.device)
 
 
+class ImageScorerCopy(nn.Module):
+    """The paper's F_phi on this scorer: a copy with its leading ``frozen_fraction`` of weights frozen, with
+    gradients (``value.RewardCopyResidual`` calls it on decoded states)."""
+
+    def __init__(self, scorer: ImageScorer, frozen_fraction: float):
+        super().__init__()
+        import copy
+
+        from ctrl_core.value import freeze_leading
+
+        self.scorer = copy.deepcopy(scorer)
+        freeze_leading(self.scorer, frozen_fraction)
+
+    def forward(self, images: torch.Tensor, conditions=None) -> torch.Tensor:
+        sc = self.scorer
+        dev = sc.mean.device
+        x = F.interpolate(images.to(dev, torch.float32), size=(sc.size, sc.size), mode="bilinear", align_corners=False)
+        x = ((x + 1) / 2 - sc.mean) / sc.std
+        with torch.autocast(dev.type, dtype=sc.amp, enabled=sc.amp is not None):
+            return sc.head(sc.vision(pixel_values=x).pooler_output).float().squeeze(1)
+
+
+# value designs: (value.residual, value.xhat_decoder) x (advantage, value_xhat, beta, kl_monitor)
+DESIGNS = {"paper": ("reward_copy", "vae"), "paper_tiny": ("reward_copy", "tiny"), "conv": ("conv", "vae"),
+           "conv_tiny": ("conv", "tiny")}
+VARIANTS = {"fd": ("finite_difference", "pretrained", 0.01, True), "td": ("temporal_difference", "policy", 0.01, True),
+            "td_beta0": ("temporal_difference", "policy", 0.0, False)}
+
+
+def parse_design(spec: str) -> tuple[str, str]:
+    design, _, variant = spec.partition("/")
+    if design not in DESIGNS or variant not in VARIANTS:
+        raise SystemExit(f"--designs: {spec!r} is not DESIGN/VARIANT with DESIGN in {sorted(DESIGNS)} and VARIANT in "
+                         f"{sorted(VARIANTS)}")
+    return design, variant
+
+
 class Clock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -150,6 +187,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minibatch", type=int, default=16, help="paths per PPO optimiser step (both)")
     p.add_argument("--iterations", type=int, default=2, help="timed iterations per algorithm (after 1 warm-up)")
     p.add_argument("--link", default="cos_sin", help="CTRL value link (cos_sin | rm_only | ...)")
+    p.add_argument("--designs", default="conv/fd",
+                   help="CTRL value designs to time, DESIGN/VARIANT comma-separated (the first is the headline "
+                        "ctrl_over_ddpo): DESIGN paper|paper_tiny|conv|conv_tiny, VARIANT fd|td|td_beta0 "
+                        "(as bench.value_cost); e.g. conv/fd,conv_tiny/td,conv_tiny/td_beta0,paper/td")
+    p.add_argument("--frozen-fraction", type=float, default=0.7, help="paper designs: frozen share of the copy")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--forward-reps", type=int, default=0, help="timed UNet forwards (0: 10 on CUDA, 2 otherwise)")
@@ -234,14 +276,37 @@ def run(args: argparse.Namespace) -> dict:
         raise FloatingPointError("the scorer returned non-finite rewards")
     phase_peak["sampling"] = clock.peak_gb()
 
-    # -- CTRL vs DDPO iterations ------------------------------------------------------------------------------
-    per_iteration = {}
-    for alg in ("ddpo", "ctrl"):
+    # -- CTRL vs DDPO iterations ---------------------------------------------------------------------------
+    from ctrl_core.latent import latent_reward, tiny_decoder_for
+    from ctrl_core.value import RewardCopyResidual
+
+    tiny_reward = None
+    if any(DESIGNS[parse_design(d)[0]][1] == "tiny" for d in args.designs.split(",")):
+        # TAESD-shaped (diffusers' AutoencoderTiny defaults: SD's 8x upsampling); random weights, as the rest
+        from diffusers import AutoencoderTiny
+
+        with torch.device(dev):
+            taesd = tiny_decoder_for(width=8) if args.tiny else AutoencoderTiny().eval().requires_grad_(False)
+        if cuda:
+            taesd.to(dtype=torch.bfloat16)
+        tiny_reward = latent_reward(scorer, taesd)
+
+    def timed(alg: str, design: str = "", variant: str = "") -> dict:
         clock.reset_peak()
-        value = ValueFunction(reward, problem.make_residual(), args.link) if alg == "ctrl" else None
+        value, extra = None, {}
+        if alg == "ctrl":
+            residual_kind, decoder = DESIGNS[design]
+            advantage, xhat, beta, monitor = VARIANTS[variant]
+            vr = tiny_reward if decoder == "tiny" else reward
+            residual = (RewardCopyResidual(ImageScorerCopy(scorer, args.frozen_fraction), vr.decode)
+                        if residual_kind == "reward_copy" else problem.make_residual())
+            value = ValueFunction(vr, residual, args.link)
+            extra = dict(advantage=advantage, value_xhat=xhat, beta=beta, kl_monitor=monitor)
+        else:
+            extra = dict(kl_monitor=False)  # ddpo-pytorch's cost: no mu_pre calls
         cfg = OptimConfig(algorithm=alg, iterations=1 + args.iterations, batch_size=B, train_steps=N,
                           train_timesteps=min(args.train_timesteps, N), minibatch_size=min(args.minibatch, B),
-                          seed=args.seed)
+                          seed=args.seed, **extra)
         trainer = make_trainer(problem, reward, cfg, value)
         totals, stats = [], []
         for i in range(1 + args.iterations):
@@ -252,11 +317,23 @@ def run(args: argparse.Namespace) -> dict:
                 totals.append(dt)
                 stats.append(st)
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        per_iteration[alg] = {"total": mean(totals), "sample": mean([st.sample_s for st in stats]),
-                              "value": mean([st.value_s for st in stats]),
-                              "policy": mean([st.policy_s for st in stats])}
-        phase_peak[alg] = clock.peak_gb()
+        out = {"total": mean(totals), "sample": mean([st.sample_s for st in stats]),
+               "value": mean([st.value_s for st in stats]), "policy": mean([st.policy_s for st in stats]),
+               "peak_memory_gb": clock.peak_gb()}
         del trainer, value
+        if cuda:
+            torch.cuda.empty_cache()
+        return out
+
+    per_iteration = {"ddpo": timed("ddpo")}
+    phase_peak["ddpo"] = per_iteration["ddpo"]["peak_memory_gb"]
+    designs = {}
+    for spec in args.designs.split(","):
+        designs[spec] = timed("ctrl", *parse_design(spec))
+        designs[spec]["ctrl_over_ddpo"] = designs[spec]["total"] / per_iteration["ddpo"]["total"]
+        phase_peak[f"ctrl {spec}"] = designs[spec]["peak_memory_gb"]
+    headline = args.designs.split(",")[0]
+    per_iteration["ctrl"] = designs[headline]
 
     if cuda:
         device_name = torch.cuda.get_device_name(dev)
@@ -267,6 +344,9 @@ def run(args: argparse.Namespace) -> dict:
         "tiny": bool(args.tiny),
         "performance_claim": bool(cuda and not args.tiny),
         "ctrl_over_ddpo": per_iteration["ctrl"]["total"] / per_iteration["ddpo"]["total"],
+        "ctrl_design": headline,
+        "ctrl_over_ddpo_by_design": {k: v["ctrl_over_ddpo"] for k, v in designs.items()},
+        "seconds_per_iteration_by_design": designs,
         "unet_mfu": achieved / peak["tflops"],
         "images_per_s": B / sample_s,
         "images_per_s_with_decode": B / (sample_s + decode_s),
@@ -286,6 +366,8 @@ def run(args: argparse.Namespace) -> dict:
         "setting": {"batch": B, "steps": N, "train_timesteps": min(args.train_timesteps, N),
                     "minibatch": min(args.minibatch, B), "timed_iterations": args.iterations, "warmup_iterations": 1,
                     "link": args.link, "guidance_scale": args.guidance, "lora_rank": args.lora_rank,
+                    "designs": args.designs, "frozen_fraction": args.frozen_fraction,
+                    "ddpo": "kl_monitor off (ddpo-pytorch's cost: no mu_pre calls)",
                     "solver": "ddpm", "autocast": "bfloat16" if amp else "float32",
                     "compile": args.compile or "eager", "channels_last": bool(args.channels_last),
                     "vae_dtype": "bfloat16" if cuda else "float32", "x_shape": list(problem.x_shape),
@@ -298,6 +380,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    for spec in args.designs.split(","):  # before any model is built
+        parse_design(spec)
     out = run(args)
     bad = [k for k in ("ctrl_over_ddpo", "unet_mfu", "images_per_s", "matmul_peak_tflops", "peak_memory_gb")
            if not (math.isfinite(out[k]) and out[k] > 0)]
@@ -313,7 +397,10 @@ def main(argv=None) -> dict:
     for alg in ("ctrl", "ddpo"):
         t = it[alg]
         print(f"{alg}: {t['total']:.2f} s/it (sample {t['sample']:.2f}, value {t['value']:.2f}, policy {t['policy']:.2f})")
-    print(f"CTRL/DDPO = {out['ctrl_over_ddpo']:.2f} | peak memory {out['peak_memory_gb']:.2f} GB -> {args.json}")
+    for spec, r in out["seconds_per_iteration_by_design"].items():
+        print(f"  ctrl {spec}: {r['total']:.2f} s/it = {r['ctrl_over_ddpo']:.2f} x DDPO")
+    print(f"CTRL/DDPO = {out['ctrl_over_ddpo']:.2f} ({out['ctrl_design']}) | peak memory {out['peak_memory_gb']:.2f} GB "
+          f"-> {args.json}")
     return out
 
 
