@@ -41,6 +41,17 @@ def _inputs(problem: LatentProblem, n: int = 3, s: float = 0.6, seed: int = 1):
     return torch.full((n,), s, dtype=torch.float64), x, problem.condition_sampler(n, g)
 
 
+def _tuned_problem() -> tuple[LatentProblem, LatentScoreModel]:
+    """A tiny latent problem whose adapter is not the identity (random lora_B), so mu_theta != mu_pre."""
+    problem = _problem(seed=0)
+    model = problem.policy.model
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return problem, model
+
+
 def _lora(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
@@ -190,12 +201,7 @@ def test_autocast_and_gradient_checkpointing_keep_the_score():
 
 
 def test_adapter_round_trip(tmp_path):
-    problem = _problem(seed=0)
-    model = problem.policy.model
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    problem, model = _tuned_problem()
     s, x, c = _inputs(problem)
     with torch.no_grad():
         tuned = model.score(s, x, c)
@@ -278,12 +284,7 @@ def test_compiled_unet_keeps_scores_the_adapter_switch_and_gradients():
     graph; checked by hand: max abs difference 1.5e-5 on this model)."""
     from torch._dynamo.utils import counters
 
-    problem = _problem(seed=0)
-    model = problem.policy.model
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    problem, model = _tuned_problem()
     s, x, c = _inputs(problem)
 
     def run():
