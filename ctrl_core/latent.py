@@ -344,7 +344,7 @@ def latent_problem(
         x_shape=(ch, *size),
         condition_sampler=lambda b, g: torch.randint(0, n, (b,), generator=g),
         eval_conditions=lambda b: torch.arange(b) % n,  # every prompt in turn, fixed
-        make_residual=lambda: ConvResidual(channels=ch, width=32, num_classes=n),
+        make_residual=lambda: ConvResidual(channels=ch, width=32, num_classes=n).to(compute_device()),
         prompts=prompts,
         wrap_reward=lambda reward_fn: latent_reward(reward_fn, vae, prompts=prompts),
     )

@@ -179,9 +179,16 @@ class ValueFunction(nn.Module):
         return out
 
     def _residual(self, s, x, c, x_hat):
+        """F_phi where its weights are (a GPU for a latent model's CNN); the engine's tensors stay on the host."""
+        p = next(self.residual.parameters(), None)
+        dev = x.device if p is None or isinstance(self.residual, RewardCopyResidual) else p.device
+        if dev != x.device:
+            s, c, x_hat = s.to(dev), None if c is None else c.to(dev), x_hat.to(dev)
         if isinstance(self.residual, ConvResidual):
-            return self.residual(s, x, c, x_hat=x_hat)
-        return self.residual(s, x, c)
+            out = self.residual(s, x.to(dev), c, x_hat=x_hat)
+        else:
+            out = self.residual(s, x.to(dev), c)
+        return out.to(x.device)
 
 
 # --- Monte-Carlo value pretraining ------------------------------------------------------------------------
