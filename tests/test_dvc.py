@@ -126,6 +126,7 @@ def project(tmp_path_factory) -> Project:
     repo = root / "repo"
     repo.mkdir()
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(REPO / "prompts", repo / "prompts")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for block, values in TINY.items():
         assert set(values) <= set(params[block]), f"params.yaml lost keys of {block}: {set(values) - set(params[block])}"
@@ -214,6 +215,21 @@ def test_exp_run_reruns_optimize_and_downstream_only(project):
     assert len(_dvc(repo, env, "exp", "list", "--name-only").split()) == 1
     # other parameters -> another run_key -> exactly one new version
     assert len(_model_versions(project.tracking_uri, project.model_name)) == 2
+
+
+def test_prompt_sets_are_stage_dependencies(project):
+    """Editing a prompt set (model.prompts points into prompts/) makes the stages that read prompts stale."""
+    repo, env = project.repo, project.env
+    f = repo / "prompts" / "simple_animals.txt"
+    before = f.read_text()
+    try:
+        f.write_text(before + "narwhal\n")
+        status = json.loads(_dvc(repo, env, "status", "--json", merge=False))
+    finally:
+        f.write_text(before)
+    assert {"pretrain_value", "ctrl_optimize", "evaluate"} <= set(status), status
+    assert "fetch_checkpoint" not in status
+    assert json.loads(_dvc(repo, env, "status", "--json", merge=False)).keys() <= {"register"}
 
 
 def test_push_pull_round_trip_through_s3(project):
