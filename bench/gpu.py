@@ -248,6 +248,7 @@ def run(args: argparse.Namespace) -> dict:
             model.use_channels_last()
         if args.compile:
             model.compile_unet(args.compile)
+            problem.compile_decoders(args.compile)  # the VAE decoder too (model.compile does the same)
         t0 = clock.now()
         for _ in range(2):  # warm-up (and, compiled, the compilation of this shape)
             model.model_output(s, x, c)
@@ -289,6 +290,8 @@ def run(args: argparse.Namespace) -> dict:
             taesd = tiny_decoder_for(width=8) if args.tiny else AutoencoderTiny().eval().requires_grad_(False)
         if cuda:
             taesd.to(dtype=torch.bfloat16)
+        if args.compile:
+            taesd.decoder.compile(mode=args.compile)
         tiny_reward = latent_reward(scorer, taesd)
 
     def timed(alg: str, design: str = "", variant: str = "") -> dict:

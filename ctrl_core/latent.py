@@ -196,6 +196,14 @@ class LatentProblem(Problem):
     prompts: list[str]
     wrap_reward: Callable[[Callable], Callable]
     tiny_decoder_dir: Path | None = None
+    vae: nn.Module | None = None
+    compile_mode: str = ""  # model.compile: also applied to the decoders (the VAE decode costs more than a UNet step)
+
+    def compile_decoders(self, mode: str, backend: str = "inductor") -> None:
+        """torch.compile the VAE's decoder in place (and, when loaded, the tiny decoder's)."""
+        self.compile_mode = mode
+        if self.vae is not None:
+            self.vae.decoder.compile(mode=mode if backend == "inductor" else None, backend=backend)
 
     def wrap_value_reward(self, reward_fn: Callable, decoder: str = "vae") -> Callable:
         """The reward the value's skip term c_skip RM(x_hat) uses: through the full VAE ("vae": the same as the
@@ -210,6 +218,8 @@ class LatentProblem(Problem):
         from .models import compute_device
 
         tiny = load_tiny_decoder(self.tiny_decoder_dir).to(compute_device())
+        if self.compile_mode:
+            tiny.decoder.compile(mode=self.compile_mode)
         return latent_reward(reward_fn, tiny, prompts=self.prompts)
 
 
@@ -347,6 +357,7 @@ def latent_problem(
         make_residual=lambda: ConvResidual(channels=ch, width=32, num_classes=n).to(compute_device()),
         prompts=prompts,
         wrap_reward=lambda reward_fn: latent_reward(reward_fn, vae, prompts=prompts),
+        vae=vae,
     )
 
 

@@ -57,6 +57,8 @@ def checkpoint_problem(checkpoint_dir, lora_rank: int = 8, solver: str = "ddpm",
         model.use_channels_last()
     if compile:
         model.compile_unet(compile)
+        if hasattr(problem, "compile_decoders"):
+            problem.compile_decoders(compile)
     return problem
 
 

@@ -344,3 +344,8 @@ def test_params_choose_compile_and_channels_last(tmp_path):
     assert plain.base_unet._compiled_call_impl is None and not plain._channels_last
     with pytest.raises(params_mod.ParamsError, match="model.compile"):
         params_mod.load(None, ["model.compile=fastest"])
+    # a latent checkpoint: the VAE decoder (the reward's decode) is compiled too
+    save_tiny_sd(tmp_path / "sd")
+    latent = load_problem(params_mod.load(None, ["model.compile=default"]), tmp_path / "sd")
+    assert latent.policy.model.base_unet._compiled_call_impl is not None
+    assert latent.vae.decoder._compiled_call_impl is not None
