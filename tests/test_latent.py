@@ -349,3 +349,12 @@ def test_params_choose_compile_and_channels_last(tmp_path):
     latent = load_problem(params_mod.load(None, ["model.compile=default"]), tmp_path / "sd")
     assert latent.policy.model.base_unet._compiled_call_impl is not None
     assert latent.vae.decoder._compiled_call_impl is not None
+
+
+def test_attention_runs_through_sdpa():
+    """The UNet's (and the VAE's) attention uses torch's scaled_dot_product_attention (flash / memory-efficient
+    kernels on a GPU), also with the LoRA adapter injected."""
+    problem = _problem()
+    procs = problem.policy.model.base_unet.attn_processors
+    assert procs and {type(p).__name__ for p in procs.values()} == {"AttnProcessor2_0"}
+    assert {type(p).__name__ for p in problem.vae.attn_processors.values()} <= {"AttnProcessor2_0"}
