@@ -41,6 +41,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.gpu import SD15_UNET, SD15_VAE
+from ctrl_core.algorithms import OptimConfig
 
 # ImageReward v1.0: BLIP ViT-L/16 at 224 (med_config's BERT-base text tower with cross-attention, 35 tokens)
 IR_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -185,7 +186,7 @@ def value_mse(num_paths: int, steps: int, points: int, epochs: int, decoders: li
     data = collect_value_data(problem, reward, num_paths, steps, points, seed=seed, batch_size=64)
     collect_s = time.perf_counter() - t0
     var = float(data.returns.var())
-    results, distilled = {}, {}
+    results, distilled, agreement = {}, {}, {}
 
     def fit(name, vr, d, make) -> None:
         t0 = time.perf_counter()
@@ -210,14 +211,37 @@ def value_mse(num_paths: int, steps: int, points: int, epochs: int, decoders: li
             rm_tiny = torch.cat([tiny_reward(xh, c) for xh, c in zip(data.x_hat.split(64), data.c.split(64), strict=True)])
         data_tiny = ValueDataset(data.s, data.x, data.c, data.x_hat, rm_tiny.float(), data.returns)
         fit(f"conv_tiny[{tag}]", tiny_reward, data_tiny, problem.make_residual)
+        agreement[tag] = advantage_agreement(problem, reward, tiny_reward, seed)
         if (width, n_steps) == decoders[-1]:
             fit(f"paper_tiny[{tag}]", tiny_reward, data_tiny,
                 lambda tr=tiny_reward: RewardCopyResidual(raw.trainable_copy(prompts, 0.7), tr.decode))
     return {"returns_var": var, "samples": len(data), "collect_s": collect_s, "tiny_decoder_distillation": distilled,
+            "advantage_agreement": agreement,
             "designs": results,
             "setting": {"num_paths": num_paths, "steps": steps, "points_per_path": points, "epochs": epochs,
                         "decoders": [list(d) for d in decoders], "seed": seed, "val_fraction": 0.2,
                         "model": "tiny SD-shaped (random weights) + tiny ImageReward fixture"}}
+
+
+def advantage_agreement(problem, reward, tiny_reward, seed: int, batch: int = 64, steps: int = 10, K: int = 4) -> dict:
+    """What the policy gradient sees: the finite-difference advantages' skip term RM(x_hat(x + lam B a)) -
+    RM(x_hat(x)) on the same rollout, through the full VAE and through the tiny decoder (link rm_only, so F_phi
+    plays no part). A decoder error that is the same at both ends of the difference cancels; the value MSE
+    above cannot show that."""
+    from ctrl_core.recipes import make_trainer
+    from ctrl_core.value import ValueFunction
+
+    cfg = OptimConfig(algorithm="ctrl", iterations=1, batch_size=batch, train_steps=steps, train_timesteps=K,
+                      minibatch_size=batch, seed=seed, advantage_norm="none")
+    full = make_trainer(problem, reward, cfg, ValueFunction(reward, problem.make_residual(), "rm_only"))
+    tiny = make_trainer(problem, reward, cfg, ValueFunction(tiny_reward, problem.make_residual(), "rm_only"))
+    ro = full.rollout()
+    a_full = torch.cat(list(full.advantages(ro).values()))
+    ro.rm_xhat.clear()
+    a_tiny = torch.cat(list(tiny.advantages(ro).values()))
+    corr = float(torch.corrcoef(torch.stack([a_full, a_tiny]))[0, 1])
+    sign = float((torch.sign(a_full) == torch.sign(a_tiny)).float().mean())
+    return {"pearson": corr, "sign_agreement": sign, "n": a_full.numel()}
 
 
 def main(argv=None) -> dict:
@@ -266,6 +290,9 @@ def main(argv=None) -> dict:
         m = out["value_mse_tiny"]
         print(f"tiny model: returns var {m['returns_var']:.4g}; tiny decoders (image R2): "
               + ", ".join(f"{k} {v['r2']:.3f}" for k, v in m["tiny_decoder_distillation"].items()))
+        for tag, a in m["advantage_agreement"].items():
+            print(f"  advantages through tiny decoder {tag} vs the VAE: Pearson {a['pearson']:.3f}, "
+                  f"same sign {a['sign_agreement']:.2f} (n = {a['n']})")
         for name, r in m["designs"].items():
             print(f"  {name:24s} val MSE {r['val_mse']:.4g} (rm_only {r['val_mse_rm_only']:.4g}), R2 {r['r2']:.3f}, "
                   f"fit {r['fit_s']:.0f} s")
