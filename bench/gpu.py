@@ -133,8 +133,8 @@ class ImageScorerCopy(nn.Module):
 
 
 # value designs: (value.residual, value.xhat_decoder) x (advantage, value_xhat, beta, kl_monitor)
-DESIGNS = {"paper": ("reward_copy", "vae"), "paper_tiny": ("reward_copy", "tiny"), "conv": ("conv", "vae"),
-           "conv_tiny": ("conv", "tiny")}
+DESIGNS = {"paper": ("reward_copy", "vae", ""), "paper_tiny": ("reward_copy", "tiny", ""), "conv": ("conv", "vae", ""),
+           "conv_tiny": ("conv", "tiny", ""), "latent_only": ("conv", "vae", "f_only")}  # "": --link
 VARIANTS = {"fd": ("finite_difference", "pretrained", 0.01, True), "td": ("temporal_difference", "policy", 0.01, True),
             "td_beta0": ("temporal_difference", "policy", 0.0, False)}
 
@@ -206,7 +206,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--link", default="cos_sin", help="CTRL value link (cos_sin | rm_only | ...)")
     p.add_argument("--designs", default="conv/fd",
                    help="CTRL value designs to time, DESIGN/VARIANT comma-separated (the first is the headline "
-                        "ctrl_over_ddpo): DESIGN paper|paper_tiny|conv|conv_tiny, VARIANT fd|td|td_beta0 "
+                        "ctrl_over_ddpo): DESIGN paper|paper_tiny|conv|conv_tiny|latent_only, VARIANT fd|td|td_beta0 "
                         "(as bench.value_cost); e.g. conv/fd,conv_tiny/td,conv_tiny/td_beta0,paper/td")
     p.add_argument("--frozen-fraction", type=float, default=0.7, help="paper designs: frozen share of the copy")
     p.add_argument("--guidance", type=float, default=7.5)
@@ -317,12 +317,12 @@ def run(args: argparse.Namespace) -> dict:
         clock.reset_peak()
         value, extra = None, {}
         if alg == "ctrl":
-            residual_kind, decoder = DESIGNS[design]
+            residual_kind, decoder, link = DESIGNS[design]
             advantage, xhat, beta, monitor = VARIANTS[variant]
             vr = tiny_reward if decoder == "tiny" else reward
             residual = (RewardCopyResidual(ImageScorerCopy(scorer, args.frozen_fraction), vr.decode)
                         if residual_kind == "reward_copy" else problem.make_residual())
-            value = ValueFunction(vr, residual, args.link)
+            value = ValueFunction(vr, residual, link or args.link)
             extra = dict(advantage=advantage, value_xhat=xhat, beta=beta, kl_monitor=monitor)
         else:
             extra = dict(kl_monitor=False)  # ddpo-pytorch's cost: no mu_pre calls

@@ -11,6 +11,8 @@ ImageReward-shaped reward (BLIP ViT-L/16 at 224^2 + BERT-base with cross-attenti
   conv           F_phi = a small CNN on the latents (x_t, x_hat), no decode; RM(x_hat) through the VAE
                  (value.residual=conv, the default)
   conv_tiny      conv, RM(x_hat) through TAESD (value.xhat_decoder=tiny)
+  latent_only    conv with the f_only link: V = F_phi on latents before T, no decode and no reward model at all
+                 (value.candidates=[f_only]); V(T, x) = RM(x) still holds exactly
 
 each with three variants: fd, the finite-difference advantage of the paper (an extra CFG UNet call per training
 step for x_hat at the perturbed state) with beta > 0; td, the temporal difference on the policy's own x_hat
@@ -123,12 +125,15 @@ def iteration_flops(f: dict[str, float], design: str, variant: str, B: int, K: i
     advantage, _, mu_pre = VARIANTS[variant]
     if mu_pre:
         cost["unet"] += K * B * u  # mu_pre at the K steps (the KL running reward, x_hat from the pretrained score)
-    tiny = design.endswith("_tiny")
-    dec = f["taesd_decode_512" if tiny else "vae_decode_512"]
-    copy = design.startswith("paper")
     evals = 2 * K * B  # V at x and at the perturbed state (FD), or at x_k and x_{k+1} (TD)
     if advantage == "finite_difference":
         cost["unet"] += K * B * u  # x_hat at the perturbed state needs mu_pre there
+    if design == "latent_only":  # link f_only: V = F_phi(t, x, x_hat) before T, no decode and no reward model
+        cost["other"] += evals * f["conv_residual_forward"] + E * K * B * f["conv_residual_forward_backward"]
+        return cost
+    tiny = design.endswith("_tiny")
+    dec = f["taesd_decode_512" if tiny else "vae_decode_512"]
+    copy = design.startswith("paper")
     cost["decode"] += evals * dec  # RM(x_hat): decode ...
     cost["other"] += evals * f["imagereward_forward"]  # ... and score
     if copy:  # F_phi = RM_copy(decode(x_t)) at every evaluation, and per epoch in the value fit
@@ -146,7 +151,7 @@ def cost_table(f: dict[str, float], B: int, N: int, K: int, E: int) -> dict:
     ddpo = iteration_flops(f, "ddpo", "", B, K, E)
     ddpo["unet"] += sampling
     rows = {}
-    for design in ("paper", "paper_tiny", "conv", "conv_tiny"):
+    for design in ("paper", "paper_tiny", "conv", "conv_tiny", "latent_only"):
         for variant in VARIANTS:
             c = iteration_flops(f, design, variant, B, K, E)
             c["unet"] += sampling
@@ -190,10 +195,12 @@ def value_mse(num_paths: int, steps: int, points: int, epochs: int, decoders: li
 
     def fit(name, vr, d, make) -> None:
         t0 = time.perf_counter()
-        sel = select_link(lambda link: ValueFunction(vr, make(), link), d, ["cos_sin", "rm_only"], epochs, lr=1e-3,
-                          seed=seed)
+        links = ["cos_sin", "rm_only", "f_only"] if name == "conv" else ["cos_sin", "rm_only"]
+        sel = select_link(lambda link: ValueFunction(vr, make(), link), d, links, epochs, lr=1e-3, seed=seed)
         results[name] = {"val_mse": sel.val_mse["cos_sin"], "val_mse_rm_only": sel.val_mse["rm_only"],
                          "r2": 1 - sel.val_mse["cos_sin"] / var, "fit_s": time.perf_counter() - t0}
+        if "f_only" in sel.val_mse:  # the latent-only design: the same CNN, no reward term before T
+            results["latent_only"] = {"val_mse": sel.val_mse["f_only"], "r2": 1 - sel.val_mse["f_only"] / var}
 
     fit("conv", reward, data, problem.make_residual)
     fit("paper", reward, data, lambda: RewardCopyResidual(raw.trainable_copy(prompts, 0.7), reward.decode))
@@ -294,8 +301,8 @@ def main(argv=None) -> dict:
             print(f"  advantages through tiny decoder {tag} vs the VAE: Pearson {a['pearson']:.3f}, "
                   f"same sign {a['sign_agreement']:.2f} (n = {a['n']})")
         for name, r in m["designs"].items():
-            print(f"  {name:24s} val MSE {r['val_mse']:.4g} (rm_only {r['val_mse_rm_only']:.4g}), R2 {r['r2']:.3f}, "
-                  f"fit {r['fit_s']:.0f} s")
+            extra = f" (rm_only {r['val_mse_rm_only']:.4g}), fit {r['fit_s']:.0f} s" if "fit_s" in r else ""
+            print(f"  {name:24s} val MSE {r['val_mse']:.4g}, R2 {r['r2']:.3f}{extra}")
     return out
 
 

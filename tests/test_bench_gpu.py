@@ -25,7 +25,7 @@ def test_gpu_bench_harness_smoke_tiny_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("CTRL_DEVICE", "cpu")
     out_path = tmp_path / "gpu_tiny.json"
     gpu.main(["--tiny", "--batch", "2", "--steps", "4", "--train-timesteps", "2", "--minibatch", "2",
-              "--iterations", "1", "--designs", "conv/fd,conv_tiny/td_beta0,paper_tiny/td", "--json", str(out_path)])
+              "--iterations", "1", "--designs", "conv/fd,conv_tiny/td_beta0,paper_tiny/td,latent_only/td", "--json", str(out_path)])
     out = json.loads(out_path.read_text())
     assert all(k in out for k in KEYS)
     assert out["tiny"] is True and out["performance_claim"] is False and out["device"].startswith("cpu")
@@ -37,7 +37,7 @@ def test_gpu_bench_harness_smoke_tiny_cpu(tmp_path, monkeypatch):
         assert all(math.isfinite(t[p]) and t[p] >= 0 for p in ("total", "sample", "value", "policy"))
         assert t["total"] > 0
     assert out["unet_forward_batch"] == 4  # CFG: both halves in one UNet call
-    assert list(out["ctrl_over_ddpo_by_design"]) == ["conv/fd", "conv_tiny/td_beta0", "paper_tiny/td"]
+    assert list(out["ctrl_over_ddpo_by_design"]) == ["conv/fd", "conv_tiny/td_beta0", "paper_tiny/td", "latent_only/td"]
     assert out["ctrl_over_ddpo"] == out["ctrl_over_ddpo_by_design"]["conv/fd"] and out["ctrl_design"] == "conv/fd"
     with pytest.raises(SystemExit, match="DESIGN/VARIANT"):
         gpu.main(["--tiny", "--designs", "conv/ppo", "--json", str(tmp_path / "x.json")])

@@ -30,7 +30,9 @@ def test_iteration_accounting_counts_each_call_once():
     table = vc.cost_table(F, B, N=5, K=K, E=E)
     assert table["ddpo_tflop"] * 1e12 == pytest.approx(sum(ddpo.values()) + 5 * B * u)
     ratios = {k: r["ctrl_over_ddpo_flops"] for k, r in table["designs"].items()}
-    assert len(ratios) == 12 and min(ratios, key=ratios.get) == "conv_tiny/td_beta0"
+    assert len(ratios) == 15 and min(ratios, key=ratios.get) == "latent_only/td_beta0"
+    # no decode and no reward model before T: at beta 0 CTRL costs DDPO plus the CNN only
+    assert extra("latent_only", "td_beta0") == pytest.approx(2 * K * B * 0.01 + E * K * B * 0.03)
     assert max(ratios, key=ratios.get) == "paper/fd"
 
 
