@@ -140,7 +140,8 @@ class RewardCopyResidual(nn.Module):
 
     def state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False):
         full = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
-        for k in [k for k in full if k[len(prefix):] not in self._trainable]:
+        # (inside a parent's state_dict, ``full`` is the parent's dict: only this module's own keys are filtered)
+        for k in [k for k in full if k.startswith(prefix) and k[len(prefix):] not in self._trainable]:
             del full[k]
         return full
 

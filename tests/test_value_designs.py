@@ -52,6 +52,9 @@ def test_imagereward_copy_starts_as_the_reward_and_trains_only_its_tail():
     # the state dict holds the trainable weights only, and round-trips into a fresh copy
     state = res.state_dict()
     assert set(state) == {n for n, p in named.items() if p.requires_grad}
+    # nested in a module with other weights, only its own frozen keys are dropped
+    parent = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "residual": res, "z": torch.nn.Linear(2, 2)})
+    assert set(parent.state_dict()) == {"a.weight", "a.bias", "z.weight", "z.bias"} | {f"residual.{k}" for k in state}
     with torch.no_grad():
         for p in res.parameters():
             if p.requires_grad:
