@@ -96,18 +96,18 @@ class ImageScorer(nn.Module):
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
+    def score(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> (B,) scores on the scorer's device, in one batch, with autograd."""
+        dev = self.mean.device
+        x = F.interpolate(images.to(dev, torch.float32), size=(self.size, self.size), mode="bilinear",
+                          align_corners=False)
+        x = ((x + 1) / 2 - self.mean) / self.std
+        with torch.autocast(dev.type, dtype=self.amp, enabled=self.amp is not None):
+            return self.head(self.vision(pixel_values=x).pooler_output).float().squeeze(1)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor, conditions=None) -> torch.Tensor:
-        dev = self.mean.device
-        out = []
-        for im in images.split(self.chunk):
-            x = F.interpolate(im.to(dev, torch.float32), size=(self.size, self.size), mode="bilinear",
-                              align_corners=False)
-            x = ((x + 1) / 2 - self.mean) / self.std
-            with torch.autocast(dev.type, dtype=self.amp, enabled=self.amp is not None):
-                pooled = self.vision(pixel_values=x).pooler_output
-                out.append(self.head(pooled).float().squeeze(1))
-        return torch.cat(out).to(images.device)
+        return torch.cat([self.score(im) for im in images.split(self.chunk)]).to(images.device)
 
 
 class ImageScorerCopy(nn.Module):
@@ -124,12 +124,7 @@ class ImageScorerCopy(nn.Module):
         freeze_leading(self.scorer, frozen_fraction)
 
     def forward(self, images: torch.Tensor, conditions=None) -> torch.Tensor:
-        sc = self.scorer
-        dev = sc.mean.device
-        x = F.interpolate(images.to(dev, torch.float32), size=(sc.size, sc.size), mode="bilinear", align_corners=False)
-        x = ((x + 1) / 2 - sc.mean) / sc.std
-        with torch.autocast(dev.type, dtype=sc.amp, enabled=sc.amp is not None):
-            return sc.head(sc.vision(pixel_values=x).pooler_output).float().squeeze(1)
+        return self.scorer.score(images)
 
 
 # value designs: (value.residual, value.xhat_decoder) x (advantage, value_xhat, beta, kl_monitor)

@@ -97,13 +97,17 @@ class AestheticScorer(nn.Module):
         pooled = self.vision_model(pixel_values=pixel_values).pooler_output
         return self.visual_projection(pooled)
 
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
+    def score(self, images: Tensor) -> Tensor:
+        """``forward`` with autograd (a trainable copy's weights get gradients)."""
         p = next(self.parameters())
         pixel_values = clip_pixel_values(images.to(p.device), self.pre).to(p.dtype)
         e = self.embed(pixel_values)
         e = e / torch.linalg.vector_norm(e, dim=-1, keepdim=True)  # score = MLP(e / ||e||_2)
         return self.head(e).squeeze(1).float()
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        return self.score(images)
 
 
 class AestheticCopy(nn.Module):
@@ -121,11 +125,7 @@ class AestheticCopy(nn.Module):
         freeze_leading(self.scorer, frozen_fraction)
 
     def forward(self, images: Tensor, conditions: Tensor | None = None) -> Tensor:
-        sc = self.scorer
-        p = next(sc.parameters())
-        e = sc.embed(clip_pixel_values(images.to(p.device), sc.pre))
-        e = e / torch.linalg.vector_norm(e, dim=-1, keepdim=True)
-        return sc.head(e).squeeze(1)
+        return self.scorer.score(images)
 
 
 # --- preprocessing ------------------------------------------------------------------------------------------

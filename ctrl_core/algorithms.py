@@ -128,7 +128,12 @@ class Rollout:
     kl_terms: dict[int, Tensor]  # per step: 1/2 g^2 ||mu - mu_pre||^2 Delta (unscaled), (B,)
     kl_scale: float  # N_stochastic / K: rescales subset sums to the whole integral
     rm_xhat: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # k -> (x_hat, RM(x_hat)), shared
-    kl_measured: bool = True  # False: mu_pre was not computed (kl_terms are zeros, the logged KL is None)
+
+    @property
+    def kl_measured(self) -> bool:
+        """False where mu_pre was not computed (``Trainer.needs_reference_means``): kl_terms are zeros, the logged
+        KL is None."""
+        return bool(self.traj.ref_means)
 
 
 @dataclass
@@ -262,7 +267,7 @@ class Trainer:
                 kl_terms[k] = kl_increment(sch, s, s_next, traj.means[k].double(), traj.ref_means[k].double()).float()
             else:  # not measured; with beta = 0 it enters nothing
                 kl_terms[k] = torch.zeros(traj.states.shape[1])
-        return Rollout(traj, steps, reward, kl_terms, len(stochastic) / K, kl_measured=bool(ref_steps))
+        return Rollout(traj, steps, reward, kl_terms, len(stochastic) / K)
 
     def needs_reference_means(self) -> bool:
         """mu_pre at the K training steps costs K extra (CFG) UNet calls per iteration. CTRL needs it for the KL

@@ -194,16 +194,18 @@ class LatentProblem(Problem):
     x_hat decodes (the checkpoint folder's ``vae_tiny/``)."""
 
     prompts: list[str]
-    wrap_reward: Callable[[Callable], Callable]
+    vae: nn.Module
     tiny_decoder_dir: Path | None = None
-    vae: nn.Module | None = None
     compile_mode: str = ""  # model.compile: also applied to the decoders (the VAE decode costs more than a UNet step)
 
-    def compile_decoders(self, mode: str, backend: str = "inductor") -> None:
+    def wrap_reward(self, reward_fn: Callable) -> Callable:
+        """The image reward as a reward over latents, through the VAE (``latent_reward``)."""
+        return latent_reward(reward_fn, self.vae, prompts=self.prompts)
+
+    def compile_decoders(self, mode: str) -> None:
         """torch.compile the VAE's decoder in place (and, when loaded, the tiny decoder's)."""
         self.compile_mode = mode
-        if self.vae is not None:
-            self.vae.decoder.compile(mode=mode if backend == "inductor" else None, backend=backend)
+        self.vae.decoder.compile(mode=mode)
 
     def wrap_value_reward(self, reward_fn: Callable, decoder: str = "vae") -> Callable:
         """The reward the value's skip term c_skip RM(x_hat) uses: through the full VAE ("vae": the same as the
@@ -232,7 +234,8 @@ def load_tiny_decoder(folder: str | Path) -> nn.Module:
     ``scaling_factor`` (1.0) makes ``latent_reward`` feed it the UNet's latents as they are."""
     from diffusers import AutoencoderTiny
 
-    from .io import require_safetensors
+    from .checkpoints import UNSAFE_WEIGHT_SUFFIXES
+    from .io import UnsafeWeightsError, require_safetensors
 
     d = Path(folder)
     if not (d / "config.json").is_file():
@@ -241,8 +244,8 @@ def load_tiny_decoder(folder: str | Path) -> nn.Module:
             "diffusion_pytorch_model.safetensors; madebyollin/taesd for SD1.x/2.x) or use value.xhat_decoder=vae"
         )
     for f in d.iterdir():
-        if f.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
-            raise ValueError(f"{f}: refusing non-safetensors weights for the tiny decoder")
+        if f.suffix.lower() in UNSAFE_WEIGHT_SUFFIXES:
+            raise UnsafeWeightsError(f"{f}: refusing non-safetensors weights for the tiny decoder")
     require_safetensors(d / "diffusion_pytorch_model.safetensors")
     model = AutoencoderTiny.from_pretrained(d, use_safetensors=True, local_files_only=True).eval()
     if type(model).__name__ != "AutoencoderTiny":
@@ -356,7 +359,6 @@ def latent_problem(
         eval_conditions=lambda b: torch.arange(b) % n,  # every prompt in turn, fixed
         make_residual=lambda: ConvResidual(channels=ch, width=32, num_classes=n).to(compute_device()),
         prompts=prompts,
-        wrap_reward=lambda reward_fn: latent_reward(reward_fn, vae, prompts=prompts),
         vae=vae,
     )
 

@@ -182,3 +182,19 @@ def test_distilling_a_tiny_decoder_fits_the_vae_on_new_latents():
     assert stats["mse_after"] < stats["mse_before"] / 3
     assert err() < before / 3
     assert not any(p.requires_grad for p in tiny.parameters())
+
+
+def test_aesthetic_copy_starts_as_the_reward_and_trains_only_its_tail(tmp_path):
+    from ctrl_core.aesthetic import write_tiny_aesthetic
+
+    paths = write_tiny_aesthetic(tmp_path, seed=0)
+    raw = make_reward("aesthetic", clip_dir=str(paths["clip_dir"]), head=str(paths["head_safetensors"]), device="cpu")
+    images = torch.rand(3, 3, 20, 20, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    res = RewardCopyResidual(raw.trainable_copy(None, 0.7))
+    out = res(torch.full((3,), 0.5), images, None)
+    torch.testing.assert_close(out, raw(images), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    named = dict(res.named_parameters())
+    assert all(p.grad is None for p in named.values() if not p.requires_grad)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in named.values() if p.requires_grad)
+    assert "copy.scorer.head.layers.7.weight" in res.state_dict()  # the head trains
