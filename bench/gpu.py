@@ -190,6 +190,18 @@ def matmul_peak_tflops(device: torch.device, tiny: bool, clock: Clock) -> dict:
     return {"tflops": 2 * n**3 * reps / dt / 1e12, "n": n, "dtype": str(dtype).replace("torch.", ""), "reps": reps}
 
 
+def inductor_tuning() -> dict:
+    """The inductor settings of diffusers' "accelerate inference" guide for SD-class UNets (1x1 convolutions as
+    matmuls, coordinate-descent autotuning of the generated kernels, no epilogue fusion). Returns them."""
+    import torch._inductor.config as cfg
+
+    flags = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True,
+             "epilogue_fusion": False}
+    for k, v in flags.items():
+        setattr(cfg, k, v)
+    return flags
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny SD-shaped model on any device (harness smoke test)")
@@ -210,15 +222,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", default="", help="torch.compile mode for the UNet (default | reduce-overhead | "
                    "max-autotune ...; empty: eager). FLOPs are counted on the eager model first")
     p.add_argument("--channels-last", action="store_true", help="NHWC UNet")
+    p.add_argument("--merged-sampling", action="store_true",
+                   help="no-grad UNet calls (the MFU forward, sampling) through a LoRA-merged bf16 copy with fused q/k/v "
+                        "projections (model.merged_sampling); training forwards keep the LoRA model")
+    p.add_argument("--inductor-tuning", action="store_true",
+                   help="with --compile: inductor flags diffusers recommends for UNets (conv_1x1_as_mm, coordinate "
+                        "descent tuning, no epilogue fusion)")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="wall seconds for the whole run (0: no limit): a CTRL design whose timing would likely end "
+                        "past it is skipped and listed in skipped_designs. The JSON is rewritten after every phase "
+                        "(complete: false until the end), so a run killed at a time limit keeps what it measured")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict:
+def write_json(path: Path, out: dict) -> None:
+    """Write ``out`` to ``path`` atomically (a temporary file renamed over it): a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def run(args: argparse.Namespace, emit=None) -> dict:
+    """The measurements, as one dict. ``emit(partial)`` (optional) receives the dict so far after every phase."""
     import diffusers
     import transformers
 
+    started = time.perf_counter()
     dev = compute_device()
     cuda = dev.type == "cuda"
     if (args.tiny or not cuda) and args.json.resolve() == DEFAULT_JSON.resolve():
@@ -226,6 +258,21 @@ def run(args: argparse.Namespace) -> dict:
     clock, amp = Clock(dev), (torch.bfloat16 if cuda else None)
     phase_peak: dict[str, float] = {}
     B, N = args.batch, args.steps
+    if cuda:
+        device_name = torch.cuda.get_device_name(dev)
+    else:
+        device_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    res: dict = {"device": device_name, "tiny": bool(args.tiny), "performance_claim": bool(cuda and not args.tiny),
+                 "complete": False, "phases_done": []}
+
+    def done(phase: str, **measured) -> None:
+        res.update(measured)
+        res["phases_done"].append(phase)
+        res["peak_memory_gb"] = max(phase_peak.values())
+        res["peak_memory_gb_by_phase"] = dict(phase_peak)
+        res["elapsed_s"] = time.perf_counter() - started
+        if emit is not None:
+            emit(res)
 
     clock.reset_peak()
     peak = matmul_peak_tflops(dev, args.tiny, clock)
@@ -244,6 +291,21 @@ def run(args: argparse.Namespace) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     phase_peak["build"] = clock.peak_gb()
+    res["setting"] = {
+        "batch": B, "steps": N, "train_timesteps": min(args.train_timesteps, N), "minibatch": min(args.minibatch, B),
+        "timed_iterations": args.iterations, "warmup_iterations": 1, "link": args.link,
+        "guidance_scale": args.guidance, "lora_rank": args.lora_rank, "designs": args.designs,
+        "frozen_fraction": args.frozen_fraction, "budget_s": args.budget_s,
+        "ddpo": "kl_monitor off (ddpo-pytorch's cost: no mu_pre calls)", "solver": "ddpm",
+        "autocast": "bfloat16" if amp else "float32", "compile": args.compile or "eager",
+        "channels_last": bool(args.channels_last), "merged_sampling": bool(args.merged_sampling),
+        "inductor_tuning": bool(args.inductor_tuning), "vae_dtype": "bfloat16" if cuda else "float32",
+        "x_shape": list(problem.x_shape),
+        "reward": "CLIP ViT " + ("tiny" if args.tiny else "L/14 @224") + " + MLP head on VAE decode",
+        "weights": "random (config dicts)"}
+    res["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                       "transformers": transformers.__version__, "cuda": torch.version.cuda}
+    done("build", matmul_peak_tflops=peak["tflops"], matmul=peak)
 
     # -- UNet forward: FLOPs (CFG = one batched call at 2B) and MFU ------------------------------------------
     clock.reset_peak()
@@ -258,8 +320,12 @@ def run(args: argparse.Namespace) -> dict:
         # the same forward counted on the meta device: complete on any backend (the CPU's fused attention kernel
         # has no FLOP formula, so a CPU count misses attention; tests/test_bench_value_cost.py)
         flops = max(device_flops, meta_unet_flops(model, 2 * B if args.guidance != 1.0 else B))
+        if args.merged_sampling:
+            model.enable_merged_sampling(amp)
         if args.channels_last:
             model.use_channels_last()
+        if args.inductor_tuning:
+            inductor_tuning()
         if args.compile:
             model.compile_unet(args.compile)
             problem.compile_decoders(args.compile)  # the VAE decoder too (model.compile does the same)
@@ -274,6 +340,9 @@ def run(args: argparse.Namespace) -> dict:
         fwd_s = (clock.now() - t0) / reps
     phase_peak["unet_forward"] = clock.peak_gb()
     achieved = flops / fwd_s / 1e12
+    done("unet_forward", unet_mfu=achieved / peak["tflops"], unet_tflops_per_forward=flops / 1e12,
+         unet_tflops_per_forward_device_count=device_flops / 1e12, unet_forward_s=fwd_s, unet_achieved_tflops=achieved,
+         unet_forward_batch=2 * B if args.guidance != 1.0 else B, unet_warmup_s=warmup_s)
 
     # -- sampling N steps with CFG, decode and scoring timed apart --------------------------------------------
     clock.reset_peak()
@@ -290,6 +359,8 @@ def run(args: argparse.Namespace) -> dict:
     if not bool(torch.isfinite(scores).all()):
         raise FloatingPointError("the scorer returned non-finite rewards")
     phase_peak["sampling"] = clock.peak_gb()
+    done("sampling", images_per_s=B / sample_s, images_per_s_with_decode=B / (sample_s + decode_s),
+         decode_s_per_image=decode_s / B, score_s_per_image=score_s / B)
 
     # -- CTRL vs DDPO iterations ---------------------------------------------------------------------------
     from ctrl_core.latent import latent_reward, tiny_decoder_for
@@ -310,6 +381,7 @@ def run(args: argparse.Namespace) -> dict:
 
     def timed(alg: str, design: str = "", variant: str = "") -> dict:
         clock.reset_peak()
+        wall0 = time.perf_counter()
         value, extra = None, {}
         if alg == "ctrl":
             residual_kind, decoder, link = DESIGNS[design]
@@ -336,7 +408,7 @@ def run(args: argparse.Namespace) -> dict:
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         out = {"total": mean(totals), "sample": mean([st.sample_s for st in stats]),
                "value": mean([st.value_s for st in stats]), "policy": mean([st.policy_s for st in stats]),
-               "peak_memory_gb": clock.peak_gb()}
+               "peak_memory_gb": clock.peak_gb(), "wall_s": time.perf_counter() - wall0}
         del trainer, value
         if cuda:
             torch.cuda.empty_cache()
@@ -344,69 +416,45 @@ def run(args: argparse.Namespace) -> dict:
 
     per_iteration = {"ddpo": timed("ddpo")}
     phase_peak["ddpo"] = per_iteration["ddpo"]["peak_memory_gb"]
-    designs = {}
-    for spec in args.designs.split(","):
+    done("ddpo", seconds_per_iteration=per_iteration)
+    designs: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    specs = args.designs.split(",")
+    for spec in specs:
+        elapsed = time.perf_counter() - started
+        # a design costs about what the last timed one did (DDPO for the first, which is cheaper: the 1.5 covers it)
+        last = list(designs.values())[-1]["wall_s"] if designs else 1.5 * per_iteration["ddpo"]["wall_s"]
+        if args.budget_s and elapsed + last > args.budget_s:
+            skipped[spec] = f"budget: {elapsed:.0f} s elapsed + ~{last:.0f} s > --budget-s {args.budget_s:g}"
+            continue
         designs[spec] = timed("ctrl", *parse_design(spec))
         designs[spec]["ctrl_over_ddpo"] = designs[spec]["total"] / per_iteration["ddpo"]["total"]
         phase_peak[f"ctrl {spec}"] = designs[spec]["peak_memory_gb"]
-    headline = args.designs.split(",")[0]
-    per_iteration["ctrl"] = designs[headline]
-
-    if cuda:
-        device_name = torch.cuda.get_device_name(dev)
-    else:
-        device_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {
-        "device": device_name,
-        "tiny": bool(args.tiny),
-        "performance_claim": bool(cuda and not args.tiny),
-        "ctrl_over_ddpo": per_iteration["ctrl"]["total"] / per_iteration["ddpo"]["total"],
-        "ctrl_design": headline,
-        "ctrl_over_ddpo_by_design": {k: v["ctrl_over_ddpo"] for k, v in designs.items()},
-        "seconds_per_iteration_by_design": designs,
-        "unet_mfu": achieved / peak["tflops"],
-        "images_per_s": B / sample_s,
-        "images_per_s_with_decode": B / (sample_s + decode_s),
-        "matmul_peak_tflops": peak["tflops"],
-        "matmul": peak,
-        "unet_tflops_per_forward": flops / 1e12,
-        "unet_tflops_per_forward_device_count": device_flops / 1e12,
-        "unet_forward_s": fwd_s,
-        "unet_achieved_tflops": achieved,
-        "unet_forward_batch": 2 * B if args.guidance != 1.0 else B,
-        "unet_warmup_s": warmup_s,
-        "decode_s_per_image": decode_s / B,
-        "score_s_per_image": score_s / B,
-        "seconds_per_iteration": per_iteration,
-        "peak_memory_gb": max(phase_peak.values()),
-        "peak_memory_gb_by_phase": phase_peak,
-        "peak_memory_kind": "torch.cuda.max_memory_allocated" if cuda else "process max RSS (ru_maxrss)",
-        "setting": {"batch": B, "steps": N, "train_timesteps": min(args.train_timesteps, N),
-                    "minibatch": min(args.minibatch, B), "timed_iterations": args.iterations, "warmup_iterations": 1,
-                    "link": args.link, "guidance_scale": args.guidance, "lora_rank": args.lora_rank,
-                    "designs": args.designs, "frozen_fraction": args.frozen_fraction,
-                    "ddpo": "kl_monitor off (ddpo-pytorch's cost: no mu_pre calls)",
-                    "solver": "ddpm", "autocast": "bfloat16" if amp else "float32",
-                    "compile": args.compile or "eager", "channels_last": bool(args.channels_last),
-                    "vae_dtype": "bfloat16" if cuda else "float32", "x_shape": list(problem.x_shape),
-                    "reward": "CLIP ViT " + ("tiny" if args.tiny else "L/14 @224") + " + MLP head on VAE decode",
-                    "weights": "random (config dicts)"},
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "cuda": torch.version.cuda},
-    }
+        headline = next(iter(designs))
+        per_iteration["ctrl"] = designs[headline]
+        done(f"ctrl {spec}", ctrl_over_ddpo=designs[headline]["ctrl_over_ddpo"], ctrl_design=headline,
+             ctrl_over_ddpo_by_design={k: v["ctrl_over_ddpo"] for k, v in designs.items()},
+             seconds_per_iteration_by_design=designs, seconds_per_iteration=per_iteration, skipped_designs=skipped)
+    if not designs:
+        raise SystemExit(f"--budget-s {args.budget_s:g} left no time for any CTRL design: {skipped}")
+    res["skipped_designs"] = skipped
+    res["complete"] = True
+    res["elapsed_s"] = time.perf_counter() - started
+    return res
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     for spec in args.designs.split(","):  # before any model is built
         parse_design(spec)
-    out = run(args)
+    out = run(args, emit=lambda partial: write_json(args.json, partial))
     bad = [k for k in ("ctrl_over_ddpo", "unet_mfu", "images_per_s", "matmul_peak_tflops", "peak_memory_gb")
            if not (math.isfinite(out[k]) and out[k] > 0)]
     if bad:
+        out["complete"] = False
+        write_json(args.json, out)
         raise FloatingPointError(f"non-finite or non-positive measurements: {bad}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    write_json(args.json, out)
     it = out["seconds_per_iteration"]
     print(f"{out['device']}{' [TINY: harness smoke test, not a performance result]' if out['tiny'] else ''}")
     print(f"matmul peak {out['matmul_peak_tflops']:.3g} TFLOP/s | UNet {out['unet_tflops_per_forward']:.3g} TFLOP/fwd "
@@ -417,8 +465,10 @@ def main(argv=None) -> dict:
         print(f"{alg}: {t['total']:.2f} s/it (sample {t['sample']:.2f}, value {t['value']:.2f}, policy {t['policy']:.2f})")
     for spec, r in out["seconds_per_iteration_by_design"].items():
         print(f"  ctrl {spec}: {r['total']:.2f} s/it = {r['ctrl_over_ddpo']:.2f} x DDPO")
+    for spec, why in out["skipped_designs"].items():
+        print(f"  ctrl {spec}: skipped ({why})")
     print(f"CTRL/DDPO = {out['ctrl_over_ddpo']:.2f} ({out['ctrl_design']}) | peak memory {out['peak_memory_gb']:.2f} GB "
-          f"-> {args.json}")
+          f"| {out['elapsed_s']:.0f} s -> {args.json}")
     return out
 
 

@@ -154,6 +154,8 @@ class DiffusersScoreModel(ScoreModel):
             p.requires_grad_(False)
         self.has_adapter = lora_rank > 0
         self._channels_last = False
+        self._compile: tuple[str, str, bool | None] | None = None
+        self._adapter_off = 0  # depth of pretrained() contexts
         if self.has_adapter:
             from peft import LoraConfig, get_peft_model
 
@@ -181,12 +183,43 @@ class DiffusersScoreModel(ScoreModel):
         an SD UNet); later ones run the compiled graph."""
         if mode not in COMPILE_MODES:
             raise ValueError(f"unknown torch.compile mode {mode!r}: choose one of {COMPILE_MODES}")
-        self.base_unet.compile(mode=None if backend != "inductor" else mode, backend=backend, dynamic=dynamic)
+        self._compile = (mode, backend, dynamic)
+        for unet in self._unets():
+            unet.compile(mode=None if backend != "inductor" else mode, backend=backend, dynamic=dynamic)
 
     def use_channels_last(self) -> None:
         """NHWC memory format for the UNet's weights (inputs follow in ``model_output``)."""
-        self.base_unet.to(memory_format=torch.channels_last)
+        for unet in self._unets():
+            unet.to(memory_format=torch.channels_last)
         self._channels_last = True
+
+    def _unets(self) -> list[nn.Module]:
+        sampler = self.__dict__.get("_sampler")
+        return [self.base_unet] + ([sampler.unet] if sampler is not None else [])
+
+    # --- merged sampling copy -------------------------------------------------------------------------------
+    def enable_merged_sampling(self, dtype: torch.dtype | None = None, fuse_qkv: bool = True) -> None:
+        """Run the rollouts' no-grad forwards through a frozen copy of the UNet whose weights hold the LoRA
+        update merged in (W + s B A), stored in ``dtype`` (the autocast dtype: no per-call weight casts), with
+        the attention's q/k/v projections fused into one matmul (``fuse_qkv``, UNet2DConditionModel). That
+        removes the adapter's extra small matmuls from the 50 sampling calls; training forwards (with
+        gradients) and mu_pre (``pretrained()``) keep the LoRA model. The copy is refreshed in place (compiled
+        graphs stay valid) whenever the adapter's weights changed since its last refresh (their in-place
+        version counters: optimiser steps, loads, restores); the base weights are never written, so they
+        cannot drift. The copy is not a submodule: it is not in state dicts or checkpoints."""
+        sampler = MergedSampler(self, dtype, fuse_qkv and self.conditional_2d)
+        self.__dict__["_sampler"] = sampler
+        if self._channels_last:
+            sampler.unet.to(memory_format=torch.channels_last)
+        if self._compile is not None:
+            mode, backend, dynamic = self._compile
+            sampler.unet.compile(mode=None if backend != "inductor" else mode, backend=backend, dynamic=dynamic)
+
+    def _net_for_call(self) -> nn.Module:
+        sampler = self.__dict__.get("_sampler")
+        if sampler is None or self._adapter_off or torch.is_grad_enabled():
+            return self.net
+        return sampler.current()
 
     @property
     def device(self) -> torch.device:
@@ -203,22 +236,30 @@ class DiffusersScoreModel(ScoreModel):
         channels_last = self._channels_last
         if channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
+        net = self._net_for_call()
+        if net is not self.net:  # the merged copy holds its weights in the sampling dtype (times stay float32)
+            x_in = x_in.to(net.dtype)
+            c_in = c_in.to(net.dtype) if isinstance(c_in, Tensor) and c_in.is_floating_point() else c_in
         if self.conditional_2d:
-            out = self.net(x_in, t_in, encoder_hidden_states=c_in, return_dict=False)[0]
+            out = net(x_in, t_in, encoder_hidden_states=c_in, return_dict=False)[0]
         else:
-            out = self.net(x_in, t_in, class_labels=c_in, return_dict=False)[0]
+            out = net(x_in, t_in, class_labels=c_in, return_dict=False)[0]
         if channels_last:
             out = out.contiguous()
-        return out.to(x.device)
+        return out.to(x.device, x.dtype) if net is not self.net else out.to(x.device)
 
     def score(self, s: Tensor, x: Tensor, c: Tensor | None) -> Tensor:
         out = self.model_output(s, x, c)
         return score_from_model_output(out, x, self.schedule.alpha(s), self.schedule.sigma(s), self.prediction_type)
 
+    @contextlib.contextmanager
     def pretrained(self):
-        if self.has_adapter:
-            return self.net.disable_adapter()
-        return contextlib.nullcontext()
+        self._adapter_off += 1
+        try:
+            with self.net.disable_adapter() if self.has_adapter else contextlib.nullcontext():
+                yield
+        finally:
+            self._adapter_off -= 1
 
     # adapter I/O in the format peft/diffusers load (adapter_config.json + adapter_model.safetensors)
     def save_adapter(self, directory: str) -> None:
@@ -234,3 +275,68 @@ class DiffusersScoreModel(ScoreModel):
 
         path = require_safetensors(f"{directory}/adapter_model.safetensors")
         set_peft_model_state_dict(self.net, load_file(path))
+
+
+class MergedSampler:
+    """A frozen copy of a ``DiffusersScoreModel``'s UNet with the adapter merged into its weights (see
+    ``DiffusersScoreModel.enable_merged_sampling``). ``current()`` returns the copy, refreshed first when the
+    adapter's parameters changed (their ``_version`` counters) or moved device."""
+
+    def __init__(self, model: DiffusersScoreModel, dtype: torch.dtype | None, fuse_qkv: bool):
+        import copy
+
+        self.model, self.dtype = model, dtype
+        base = model.net
+        if model.has_adapter:
+            with torch.no_grad():
+                unet = copy.deepcopy(base).merge_and_unload()
+        else:
+            unet = copy.deepcopy(base)
+        unet.requires_grad_(False).eval()
+        if dtype is not None:  # every module (nn.Module.to: diffusers' .to warns about fp32-kept modules, none here)
+            nn.Module.to(unet, dtype=dtype)
+        self.fused = bool(fuse_qkv)
+        if self.fused:
+            unet.fuse_qkv_projections()
+        self.unet = unet
+        # (LoRA layer in the model, its Linear in the copy); the copy's fused Attention modules a refresh re-fuses
+        self.pairs: list[tuple[nn.Module, nn.Module]] = []
+        self.fused_attns: dict[str, nn.Module] = {}
+        if model.has_adapter:
+            from peft.tuners.lora import LoraLayer
+
+            copies = dict(unet.named_modules())
+            for name, mod in base.named_modules():
+                if isinstance(mod, LoraLayer):
+                    path = name.removeprefix("base_model.model.")
+                    self.pairs.append((mod, copies[path]))
+                    parent, _, leaf = path.rpartition(".")
+                    if self.fused and leaf in ("to_q", "to_k", "to_v"):
+                        self.fused_attns[parent] = copies[parent]
+        self._key: tuple | None = None
+        self.refreshes = 0
+
+    def _state_key(self) -> tuple:
+        params = self.model.trainable_parameters() if self.model.has_adapter else []
+        return (self.model.device, *(p._version for p in params), *(p.data_ptr() for p in params))
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        dev = self.model.device
+        if next(self.unet.parameters()).device != dev:
+            self.unet.to(dev)
+        for lora, target in self.pairs:  # merged in float32, rounded once to the copy's dtype
+            merged = lora.base_layer.weight.float() + lora.get_delta_weight(lora.active_adapters[0]).float()
+            target.weight.copy_(merged)
+        for attn in self.fused_attns.values():  # the fused projections hold concatenated copies
+            if attn.is_cross_attention:
+                attn.to_kv.weight.copy_(torch.cat([attn.to_k.weight, attn.to_v.weight]))
+            else:
+                attn.to_qkv.weight.copy_(torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]))
+        self._key = self._state_key()
+        self.refreshes += 1
+
+    def current(self) -> nn.Module:
+        if self._key != self._state_key():
+            self.refresh()
+        return self.unet

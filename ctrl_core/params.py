@@ -58,6 +58,7 @@ class ModelParams(_Block):
     gradient_checkpointing: bool = Field(False, description="latent text-to-image checkpoints: recompute UNet activations in the backward pass (memory for time)")
     compile: Literal["", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field("", description="torch.compile the UNet with this mode (reduce-overhead: CUDA graphs); empty: eager. Compiling takes minutes per batch shape")
     channels_last: bool = Field(False, description="NHWC memory format for the UNet (measure first: slower for SD1.5 in eager mode on an H100)")
+    merged_sampling: bool = Field(False, description="sample rollouts through a copy of the UNet with the LoRA merged into its weights, in the autocast dtype, q/k/v fused (SD UNets); training forwards and mu_pre keep the LoRA model. The sampler's and the trainer's log-probs then differ by rounding (bench.merged_sampling)")
 
     @field_validator("prompts")
     @classmethod

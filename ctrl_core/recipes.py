@@ -47,9 +47,10 @@ def digits_problem(lora_rank: int = 8, solver: str = "ddpm", weights_dir=None) -
 
 def checkpoint_problem(checkpoint_dir, lora_rank: int = 8, solver: str = "ddpm", prompts: str = "",
                        guidance_scale: float = 7.0, autocast: str = "", gradient_checkpointing: bool = False,
-                       compile: str = "", channels_last: bool = False) -> Problem:
-    """See ``_load_checkpoint_problem``; ``compile`` (a torch.compile mode, "" for eager) and ``channels_last``
-    apply to the UNet of any of these checkpoints."""
+                       compile: str = "", channels_last: bool = False, merged_sampling: bool = False) -> Problem:
+    """See ``_load_checkpoint_problem``; ``compile`` (a torch.compile mode, "" for eager), ``channels_last`` and
+    ``merged_sampling`` (rollouts through a LoRA-merged copy of the UNet in the autocast dtype:
+    ``DiffusersScoreModel.enable_merged_sampling``) apply to the UNet of any of these checkpoints."""
     problem = _load_checkpoint_problem(checkpoint_dir, lora_rank, solver, prompts, guidance_scale, autocast,
                                        gradient_checkpointing)
     model = problem.policy.model
@@ -59,6 +60,8 @@ def checkpoint_problem(checkpoint_dir, lora_rank: int = 8, solver: str = "ddpm",
         model.compile_unet(compile)
         if hasattr(problem, "compile_decoders"):
             problem.compile_decoders(compile)
+    if merged_sampling:
+        model.enable_merged_sampling(getattr(model, "autocast_dtype", None))
     return problem
 
 

@@ -91,7 +91,7 @@ def load_problem(params: Params, checkpoint_dir: str | Path):
     return checkpoint_problem(checkpoint_dir, lora_rank=m.lora_rank, solver=params.optimize.solver, prompts=m.prompts,
                               guidance_scale=m.guidance_scale, autocast=m.autocast,
                               gradient_checkpointing=m.gradient_checkpointing, compile=m.compile,
-                              channels_last=m.channels_last)  # fmt: skip
+                              channels_last=m.channels_last, merged_sampling=m.merged_sampling)  # fmt: skip
 
 
 def make_reward_fn(params: Params, problem=None):

@@ -358,3 +358,96 @@ def test_attention_runs_through_sdpa():
     procs = problem.policy.model.base_unet.attn_processors
     assert procs and {type(p).__name__ for p in procs.values()} == {"AttnProcessor2_0"}
     assert {type(p).__name__ for p in problem.vae.attn_processors.values()} <= {"AttnProcessor2_0"}
+
+
+def test_merged_sampling_copy_matches_the_lora_model_and_follows_its_updates():
+    """model.merged_sampling: no-grad calls run a copy of the UNet with the adapter merged into its weights and
+    q/k/v fused. In float32 it gives the LoRA model's outputs; after an optimiser step it refreshes (and is not
+    stale); mu_pre and gradient-carrying calls keep the LoRA model; the base weights are never written; the
+    copy is in no state dict."""
+    problem, model = _tuned_problem()
+    s, x, c = _inputs(problem, n=4)
+    keys = set(model.state_dict())
+    base = _base(model)
+    with torch.no_grad():
+        ref = model.score(s, x, c)
+        with model.pretrained():
+            pre = model.score(s, x, c)
+    model.enable_merged_sampling(None)
+    sampler = model._sampler
+    assert sampler.fused_attns and all(a.fused_projections for a in sampler.fused_attns.values())
+    assert {type(p).__name__ for p in sampler.unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+    with torch.no_grad():
+        merged = model.score(s, x, c)
+        with model.pretrained():
+            pre_merged = model.score(s, x, c)
+    assert sampler.refreshes == 1
+    torch.testing.assert_close(merged, ref, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(merged, pre, rtol=1e-3, atol=1e-4)  # the adapter is in the copy
+    assert torch.equal(pre_merged, pre)  # mu_pre: the LoRA model with its adapter off, as before
+    mu = model.score(s, x, c)  # with gradients: the LoRA model itself
+    assert mu.requires_grad and torch.equal(mu.detach(), ref)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=0.05)
+    mu.square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        after = model.score(s, x, c)
+        again = model.score(s, x, c)
+    assert sampler.refreshes == 2  # one refresh per change of the adapter, not per call
+    model.__dict__["_sampler"] = None
+    with torch.no_grad():
+        unmerged_after = model.score(s, x, c)
+    model.__dict__["_sampler"] = sampler
+    assert not torch.allclose(unmerged_after, ref, rtol=1e-3, atol=1e-4)  # the step changed the policy ...
+    torch.testing.assert_close(after, unmerged_after, rtol=1e-4, atol=1e-5)  # ... and the copy followed
+    assert torch.equal(again, after)
+    assert set(model.state_dict()) == keys
+    for n, p in _base(model).items():
+        assert torch.equal(p, base[n]), n
+
+
+def test_merged_sampling_in_training_keeps_sampler_and_trainer_log_probs_equal(tmp_path):
+    """A DDPO iteration whose rollouts run through the merged copy (float32): the importance ratios of the first
+    minibatch, before any update, are 1 (approx KL ~ 0, nothing clipped). A stale copy would not give that.
+    params: model.merged_sampling reaches the model, in the autocast dtype."""
+    save_tiny_sd(tmp_path / "sd")
+    p = params_mod.load(None, [f"checkpoint.source={tmp_path / 'sd'}", "model.lora_rank=2", "model.merged_sampling=true",
+                               "model.autocast=bf16"])  # fmt: skip
+    model = load_problem(p, tmp_path / "sd").policy.model
+    assert model._sampler.dtype == torch.bfloat16 and next(model._sampler.unet.parameters()).dtype == torch.bfloat16
+    assert getattr(load_problem(params_mod.load(None, [f"checkpoint.source={tmp_path / 'sd'}"]), tmp_path / "sd")
+                   .policy.model, "_sampler", None) is None  # fmt: skip
+
+    problem, model = _tuned_problem()
+    model.enable_merged_sampling(None)
+    reward = problem.wrap_reward(make_reward("jpeg_compressibility"))
+    cfg = OptimConfig(algorithm="ddpo", iterations=2, batch_size=4, train_steps=3, train_timesteps=3, minibatch_size=4,
+                      lr=1e-2, kl_monitor=False)
+    trainer = make_trainer(problem, reward, cfg, None)
+    first = trainer.step()
+    assert first.approx_kl < 1e-6 and first.clipfrac == 0.0
+    second = trainer.step()  # the weights moved after the first: the copy must have followed them (stale: ~660)
+    assert model._sampler.refreshes == 2 and second.approx_kl < 1e-6 and second.clipfrac == 0.0
+
+
+def test_merged_sampling_copy_is_compiled_and_channels_last_with_the_unet():
+    """model.compile / model.channels_last apply to the merged copy too, in either order; the compiled copy's
+    no-grad outputs are the eager copy's (aot_eager: the graphs inductor would get, no C++ build)."""
+    problem, model = _tuned_problem()
+    s, x, c = _inputs(problem)
+    model.enable_merged_sampling(None)
+    with torch.no_grad():
+        eager = model.score(s, x, c)
+    torch._dynamo.reset()
+    try:
+        model.compile_unet(backend="aot_eager")
+        assert model._sampler.unet._compiled_call_impl is not None
+        with torch.no_grad():
+            compiled = model.score(s, x, c)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    model.use_channels_last()
+    model.enable_merged_sampling(None)  # a new copy after compile / channels_last gets both
+    assert model._sampler.unet._compiled_call_impl is not None
+    assert model._sampler.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
