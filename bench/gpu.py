@@ -3,7 +3,9 @@
 One run measures: a bf16 matmul peak (8192^3; --tiny: float32 512^3), the UNet's FLOPs per classifier-free-guided
 forward (torch.utils.flop_counter) and its MFU against that peak, images/s for sampling at --steps steps with CFG
 (VAE decode timed separately), seconds per CTRL and per DDPO iteration (ctrl_core Trainer, same batch, steps,
-train_timesteps and minibatch; per-phase times from IterationStats) and peak memory.
+train_timesteps and minibatch; per-phase times from IterationStats), peak memory, and how far the log-probs
+recorded while sampling are from the trainer's forward (``Trainer.sampling_mismatch``: bf16 kernels picked by
+batch shape, or a --merged-sampling copy, make PPO's first-pass ratios differ from 1).
 
     python -m bench.gpu --batch 32 --steps 50 --json bench/results/gpu.json      # on an H100/H200
     python -m bench.gpu --batch 32 --steps 50 --compile max-autotune-no-cudagraphs --json bench/results/gpu_compiled.json
@@ -408,7 +410,10 @@ def run(args: argparse.Namespace, emit=None) -> dict:
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         out = {"total": mean(totals), "sample": mean([st.sample_s for st in stats]),
                "value": mean([st.value_s for st in stats]), "policy": mean([st.policy_s for st in stats]),
-               "peak_memory_gb": clock.peak_gb(), "wall_s": time.perf_counter() - wall0}
+               "peak_memory_gb": clock.peak_gb()}
+        if alg == "ddpo":  # once: do the sampler's log-probs match the trainer's forward (bf16, batch shapes)?
+            out["sampling_mismatch"] = trainer.sampling_mismatch(trainer.rollout(), torch.arange(min(args.minibatch, B)))
+        out["wall_s"] = time.perf_counter() - wall0
         del trainer, value
         if cuda:
             torch.cuda.empty_cache()
@@ -416,7 +421,7 @@ def run(args: argparse.Namespace, emit=None) -> dict:
 
     per_iteration = {"ddpo": timed("ddpo")}
     phase_peak["ddpo"] = per_iteration["ddpo"]["peak_memory_gb"]
-    done("ddpo", seconds_per_iteration=per_iteration)
+    done("ddpo", seconds_per_iteration=per_iteration, sampling_mismatch=per_iteration["ddpo"]["sampling_mismatch"])
     designs: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     specs = args.designs.split(",")
@@ -460,6 +465,9 @@ def main(argv=None) -> dict:
     print(f"matmul peak {out['matmul_peak_tflops']:.3g} TFLOP/s | UNet {out['unet_tflops_per_forward']:.3g} TFLOP/fwd "
           f"in {out['unet_forward_s'] * 1e3:.1f} ms = {out['unet_achieved_tflops']:.3g} TFLOP/s, MFU {out['unet_mfu']:.1%}")
     print(f"sampling {out['images_per_s']:.3f} img/s ({out['images_per_s_with_decode']:.3f} with decode)")
+    m = out["sampling_mismatch"]
+    print(f"sampler vs trainer log-probs (PPO's first pass): approx KL {m['approx_kl']:.2e}, clipfrac {m['clipfrac']:.3f}, "
+          f"max |log ratio| {m['max_abs_log_ratio']:.2g}")
     for alg in ("ctrl", "ddpo"):
         t = it[alg]
         print(f"{alg}: {t['total']:.2f} s/it (sample {t['sample']:.2f}, value {t['value']:.2f}, policy {t['policy']:.2f})")

@@ -445,6 +445,31 @@ class Trainer:
         count = self.dist.sum(count)
         return self.dist.sum(kl_sum) / count, self.dist.sum(clip_sum) / count
 
+    @torch.no_grad()
+    def sampling_mismatch(self, ro: Rollout, idx: Tensor | None = None) -> dict[str, float]:
+        """How far the log-probabilities recorded while sampling are from the trainer's own at the same weights:
+        the PPO ratios of a first pass before any update, which should be 1. Rounding makes them differ where
+        the sampler computes differently from the training forward (a merged or lower-precision sampling copy,
+        or kernels chosen by batch shape on a GPU). Returns the approx KL (mean of log-ratio^2 / 2), the share
+        of ratios PPO would clip, and the largest |log-ratio|, over the K steps of the paths ``idx`` (default:
+        all of this rank's). Costs K forwards, no update."""
+        traj = ro.traj
+        idx = torch.arange(traj.states.shape[1]) if idx is None else idx
+        logr = []
+        for k in ro.steps:
+            s, s_next = float(traj.grid[k]), float(traj.grid[k + 1])
+            coef = self.policy.coefficients(s, s_next)
+            x, x_next = traj.states[k][idx], traj.states[k + 1][idx]
+            c = None if traj.conditions is None else traj.conditions[idx]
+            with torch.enable_grad():  # the training forward's numerics (a sampling copy serves no-grad calls)
+                mu = self.policy.mean(torch.full((len(idx),), s, dtype=torch.float64), x, c).detach()
+            logp = gaussian_log_prob(x_next, self.policy.transition_mean(coef, x, mu), coef.std)
+            logr.append((logp - traj.log_probs[k][idx]).double())
+        r = torch.cat(logr)
+        return {"approx_kl": float(0.5 * r.pow(2).mean()),
+                "clipfrac": float(((r.exp() - 1).abs() > self.cfg.clip_range).double().mean()),
+                "max_abs_log_ratio": float(r.abs().max())}
+
     def learning_rate(self, iteration: int) -> float:
         return self.cfg.lr * lr_factor(self.cfg.lr_decay, iteration, self.cfg.iterations)
 

@@ -58,7 +58,7 @@ class ModelParams(_Block):
     gradient_checkpointing: bool = Field(False, description="latent text-to-image checkpoints: recompute UNet activations in the backward pass (memory for time)")
     compile: Literal["", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field("", description="torch.compile the UNet with this mode (reduce-overhead: CUDA graphs); empty: eager. Compiling takes minutes per batch shape")
     channels_last: bool = Field(False, description="NHWC memory format for the UNet (measure first: slower for SD1.5 in eager mode on an H100)")
-    merged_sampling: bool = Field(False, description="sample rollouts through a copy of the UNet with the LoRA merged into its weights, in the autocast dtype, q/k/v fused (SD UNets); training forwards and mu_pre keep the LoRA model. The sampler's and the trainer's log-probs then differ by rounding (bench.merged_sampling)")
+    merged_sampling: bool = Field(False, description="sample rollouts through a copy of the UNet with the LoRA merged into its weights and q/k/v fused (SD UNets); training forwards and mu_pre keep the LoRA model. float32 only: with model.autocast the sampler's log-probs miss the trainer's (bench.merged_sampling)")
 
     @field_validator("prompts")
     @classmethod
@@ -223,7 +223,19 @@ def validate(raw: dict) -> Params:
         raise ParamsError(f"invalid parameters:\n  {msg}") from None
     _check_optimize_extras(params.optimize)
     _check_reward_options(params.reward)
+    _check_model(params.model)
     return params
+
+
+def _check_model(m) -> None:
+    if m.merged_sampling and m.autocast:
+        raise ParamsError(
+            "invalid parameters:\n  model.merged_sampling: must be false with model.autocast="
+            f"{m.autocast}: a merged copy rounds W + BA once in {m.autocast} where the trainer's forward rounds W and "
+            "adds BA, and the sampler's log-probs then miss the trainer's (tiny SD model: PPO clips 46% of the first "
+            "pass's ratios instead of 0; python -m bench.merged_sampling). Use it in float32, or measure your model "
+            "with python -m bench.gpu --merged-sampling (its sampling_mismatch) first"
+        )
 
 
 def _check_reward_options(r) -> None:

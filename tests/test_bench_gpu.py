@@ -40,6 +40,7 @@ def test_gpu_bench_harness_smoke_tiny_cpu(tmp_path, monkeypatch):
     assert list(out["ctrl_over_ddpo_by_design"]) == ["conv/fd", "conv_tiny/td_beta0", "paper_tiny/td", "latent_only/td"]
     assert out["ctrl_over_ddpo"] == out["ctrl_over_ddpo_by_design"]["conv/fd"] and out["ctrl_design"] == "conv/fd"
     assert out["complete"] is True and out["skipped_designs"] == {}
+    assert out["sampling_mismatch"]["approx_kl"] < 1e-5 and out["sampling_mismatch"]["clipfrac"] == 0.0  # float32
     assert out["phases_done"] == ["build", "unet_forward", "sampling", "ddpo", "ctrl conv/fd", "ctrl conv_tiny/td_beta0",
                                   "ctrl paper_tiny/td", "ctrl latent_only/td"]
     assert not list(tmp_path.glob("*.tmp"))  # atomic rewrites leave no temporary file
@@ -54,14 +55,18 @@ def test_tiny_numbers_are_not_written_as_gpu_results():
 
 def test_budget_skips_designs_and_keeps_what_was_measured(tmp_path, monkeypatch):
     """A run out of --budget-s skips the CTRL designs it cannot finish; the JSON written after each phase holds
-    the measured ones (complete: false when nothing of CTRL could be timed, and the run says why)."""
+    the measured ones (complete: false when nothing of CTRL could be timed, and the run says why). With
+    --merged-sampling."""
     monkeypatch.setenv("CTRL_DEVICE", "cpu")
     out_path = tmp_path / "gpu_tiny.json"
     argv = ["--tiny", "--batch", "2", "--steps", "2", "--train-timesteps", "1", "--minibatch", "2", "--iterations", "1",
-            "--designs", "conv/td,latent_only/td", "--json", str(out_path)]
+            "--designs", "conv/td,latent_only/td", "--merged-sampling", "--json", str(out_path)]
     with pytest.raises(SystemExit, match="left no time for any CTRL design"):
         gpu.main([*argv, "--budget-s", "0.01"])
     partial = json.loads(out_path.read_text())
     assert partial["complete"] is False and partial["phases_done"] == ["build", "unet_forward", "sampling", "ddpo"]
     assert partial["seconds_per_iteration"]["ddpo"]["total"] > 0 and partial["unet_mfu"] > 0
     assert "ctrl_over_ddpo" not in partial
+    # --merged-sampling: sampling through the float32 merged copy; its log-probs are the trainer's
+    assert partial["setting"]["merged_sampling"] is True and partial["sampling_mismatch"]["clipfrac"] == 0.0
+    assert partial["sampling_mismatch"]["approx_kl"] < 1e-5

@@ -409,12 +409,16 @@ def test_merged_sampling_copy_matches_the_lora_model_and_follows_its_updates():
 def test_merged_sampling_in_training_keeps_sampler_and_trainer_log_probs_equal(tmp_path):
     """A DDPO iteration whose rollouts run through the merged copy (float32): the importance ratios of the first
     minibatch, before any update, are 1 (approx KL ~ 0, nothing clipped). A stale copy would not give that.
-    params: model.merged_sampling reaches the model, in the autocast dtype."""
+    params: model.merged_sampling reaches the model (float32); with autocast it is refused (the rounding of the
+    merged weights moves the sampler's log-probs off the trainer's: bench.merged_sampling)."""
+    import pytest
+
     save_tiny_sd(tmp_path / "sd")
-    p = params_mod.load(None, [f"checkpoint.source={tmp_path / 'sd'}", "model.lora_rank=2", "model.merged_sampling=true",
-                               "model.autocast=bf16"])  # fmt: skip
+    p = params_mod.load(None, [f"checkpoint.source={tmp_path / 'sd'}", "model.lora_rank=2", "model.merged_sampling=true"])
     model = load_problem(p, tmp_path / "sd").policy.model
-    assert model._sampler.dtype == torch.bfloat16 and next(model._sampler.unet.parameters()).dtype == torch.bfloat16
+    assert model._sampler.dtype is None and next(model._sampler.unet.parameters()).dtype == torch.float32
+    with pytest.raises(params_mod.ParamsError, match="model.merged_sampling: must be false with model.autocast=bf16"):
+        params_mod.load(None, ["model.merged_sampling=true", "model.autocast=bf16"])
     assert getattr(load_problem(params_mod.load(None, [f"checkpoint.source={tmp_path / 'sd'}"]), tmp_path / "sd")
                    .policy.model, "_sampler", None) is None  # fmt: skip
 
@@ -428,6 +432,12 @@ def test_merged_sampling_in_training_keeps_sampler_and_trainer_log_probs_equal(t
     assert first.approx_kl < 1e-6 and first.clipfrac == 0.0
     second = trainer.step()  # the weights moved after the first: the copy must have followed them (stale: ~660)
     assert model._sampler.refreshes == 2 and second.approx_kl < 1e-6 and second.clipfrac == 0.0
+    ro = trainer.rollout()
+    m = trainer.sampling_mismatch(ro)
+    assert m["approx_kl"] < 1e-6 and m["clipfrac"] == 0.0
+    model._sampler._state_key = lambda: model._sampler._key  # a copy that misses updates ...
+    trainer.step()
+    assert trainer.sampling_mismatch(trainer.rollout())["clipfrac"] > 0.1  # ... is what the diagnostic shows
 
 
 def test_merged_sampling_copy_is_compiled_and_channels_last_with_the_unet():
