@@ -11,6 +11,9 @@ batch shape, or a --merged-sampling copy, make PPO's first-pass ratios differ fr
     python -m bench.gpu --batch 32 --steps 50 --compile max-autotune-no-cudagraphs --json bench/results/gpu_compiled.json
     python -m bench.gpu --tiny --batch 2 --steps 4 --json /tmp/gpu_tiny.json     # CPU smoke test of the harness
 
+A GPU session has 30 device-minutes and 10 minutes per command: docs/gpu_bench.md plans the calls (--budget-s,
+--forward-only; the JSON is rewritten after every phase, so a call cut at its limit keeps what it measured).
+
 The reward is "ImageReward-shaped": a CLIP ViT-L/14 image tower at 224^2 + an MLP head on VAE-decoded images
 (it ignores the prompt: ImageReward's text cross-attention is not modelled, a slight cost under-estimate).
 --tiny numbers are not performance results: writing them to bench/results/gpu.json is refused.
@@ -230,6 +233,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inductor-tuning", action="store_true",
                    help="with --compile: inductor flags diffusers recommends for UNets (conv_1x1_as_mm, coordinate "
                         "descent tuning, no epilogue fusion)")
+    p.add_argument("--forward-only", action="store_true",
+                   help="stop after the UNet MFU and sampling phases (no CTRL/DDPO iterations): a quick look at one "
+                        "speed option, e.g. a compile mode")
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="wall seconds for the whole run (0: no limit): a CTRL design whose timing would likely end "
                         "past it is skipped and listed in skipped_designs. The JSON is rewritten after every phase "
@@ -298,6 +304,7 @@ def run(args: argparse.Namespace, emit=None) -> dict:
         "timed_iterations": args.iterations, "warmup_iterations": 1, "link": args.link,
         "guidance_scale": args.guidance, "lora_rank": args.lora_rank, "designs": args.designs,
         "frozen_fraction": args.frozen_fraction, "budget_s": args.budget_s,
+        "forward_only": bool(args.forward_only),
         "ddpo": "kl_monitor off (ddpo-pytorch's cost: no mu_pre calls)", "solver": "ddpm",
         "autocast": "bfloat16" if amp else "float32", "compile": args.compile or "eager",
         "channels_last": bool(args.channels_last), "merged_sampling": bool(args.merged_sampling),
@@ -363,6 +370,11 @@ def run(args: argparse.Namespace, emit=None) -> dict:
     phase_peak["sampling"] = clock.peak_gb()
     done("sampling", images_per_s=B / sample_s, images_per_s_with_decode=B / (sample_s + decode_s),
          decode_s_per_image=decode_s / B, score_s_per_image=score_s / B)
+
+    if args.forward_only:
+        res["complete"] = True
+        res["elapsed_s"] = time.perf_counter() - started
+        return res
 
     # -- CTRL vs DDPO iterations ---------------------------------------------------------------------------
     from ctrl_core.latent import latent_reward, tiny_decoder_for
@@ -453,19 +465,22 @@ def main(argv=None) -> dict:
     for spec in args.designs.split(","):  # before any model is built
         parse_design(spec)
     out = run(args, emit=lambda partial: write_json(args.json, partial))
-    bad = [k for k in ("ctrl_over_ddpo", "unet_mfu", "images_per_s", "matmul_peak_tflops", "peak_memory_gb")
-           if not (math.isfinite(out[k]) and out[k] > 0)]
+    keys = ("unet_mfu", "images_per_s", "matmul_peak_tflops", "peak_memory_gb")
+    keys += () if args.forward_only else ("ctrl_over_ddpo",)
+    bad = [k for k in keys if not (math.isfinite(out[k]) and out[k] > 0)]
     if bad:
         out["complete"] = False
         write_json(args.json, out)
         raise FloatingPointError(f"non-finite or non-positive measurements: {bad}")
     write_json(args.json, out)
-    it = out["seconds_per_iteration"]
     print(f"{out['device']}{' [TINY: harness smoke test, not a performance result]' if out['tiny'] else ''}")
     print(f"matmul peak {out['matmul_peak_tflops']:.3g} TFLOP/s | UNet {out['unet_tflops_per_forward']:.3g} TFLOP/fwd "
           f"in {out['unet_forward_s'] * 1e3:.1f} ms = {out['unet_achieved_tflops']:.3g} TFLOP/s, MFU {out['unet_mfu']:.1%}")
     print(f"sampling {out['images_per_s']:.3f} img/s ({out['images_per_s_with_decode']:.3f} with decode)")
-    m = out["sampling_mismatch"]
+    if args.forward_only:
+        print(f"peak memory {out['peak_memory_gb']:.2f} GB | {out['elapsed_s']:.0f} s -> {args.json}")
+        return out
+    it, m = out["seconds_per_iteration"], out["sampling_mismatch"]
     print(f"sampler vs trainer log-probs (PPO's first pass): approx KL {m['approx_kl']:.2e}, clipfrac {m['clipfrac']:.3f}, "
           f"max |log ratio| {m['max_abs_log_ratio']:.2g}")
     for alg in ("ctrl", "ddpo"):

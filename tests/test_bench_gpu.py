@@ -70,3 +70,11 @@ def test_budget_skips_designs_and_keeps_what_was_measured(tmp_path, monkeypatch)
     # --merged-sampling: sampling through the float32 merged copy; its log-probs are the trainer's
     assert partial["setting"]["merged_sampling"] is True and partial["sampling_mismatch"]["clipfrac"] == 0.0
     assert partial["sampling_mismatch"]["approx_kl"] < 1e-5
+
+
+def test_forward_only_stops_after_mfu_and_sampling(tmp_path, monkeypatch):
+    monkeypatch.setenv("CTRL_DEVICE", "cpu")
+    out = gpu.main(["--tiny", "--batch", "2", "--steps", "2", "--forward-only", "--json", str(tmp_path / "f.json")])
+    assert out["complete"] is True and out["phases_done"] == ["build", "unet_forward", "sampling"]
+    assert out["unet_mfu"] > 0 and out["images_per_s"] > 0 and "seconds_per_iteration" not in out
+    assert json.loads((tmp_path / "f.json").read_text())["setting"]["forward_only"] is True
