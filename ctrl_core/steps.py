@@ -124,7 +124,7 @@ def value_parts(params: Params, problem, reward) -> tuple[Callable, Callable]:
     copy_of = getattr(raw, "trainable_copy", None)
     if copy_of is None:
         raise ValueError(f"value.residual=reward_copy copies the reward model's network; the {params.reward.name!r} "
-                         "reward has none (imagereward and aesthetic do): use value.residual=conv")  # fmt: skip
+                         "reward has none (imagereward, aesthetic and a weighted_sum with one of them do): use value.residual=conv")  # fmt: skip
     prompts, decode = getattr(problem, "prompts", None), getattr(value_reward, "decode", None)
     return value_reward, lambda: RewardCopyResidual(copy_of(prompts, vp.frozen_fraction), decode)
 

@@ -198,3 +198,34 @@ def test_aesthetic_copy_starts_as_the_reward_and_trains_only_its_tail(tmp_path):
     assert all(p.grad is None for p in named.values() if not p.requires_grad)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in named.values() if p.requires_grad)
     assert "copy.scorer.head.layers.7.weight" in res.state_dict()  # the head trains
+
+
+def test_weighted_sum_copy_is_the_weighted_sum_of_its_terms_copies(tmp_path):
+    """value.residual=reward_copy on a weighted_sum reward: F_phi = sum of w_i * copy_i over the terms with a
+    network (here aesthetic and ImageReward; jpeg adds nothing), each with its own frozen share; its trainable
+    weights round-trip through the state dict. A sum of networkless terms has no copy."""
+    from ctrl_core.aesthetic import write_tiny_aesthetic
+
+    paths = write_tiny_aesthetic(tmp_path, seed=0)
+    aes = {"clip_dir": str(paths["clip_dir"]), "head": str(paths["head_safetensors"]), "device": "cpu"}
+    raw = make_reward("weighted_sum", terms={"aesthetic": {"weight": 0.5, **aes}, "imagereward": {"weight": 2.0, **IR_OPTIONS},
+                                             "jpeg_compressibility": {"weight": 1.0}})  # fmt: skip
+    images = torch.rand(3, 3, 24, 24, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    c = torch.tensor([0, 1, 2]) % len(PROMPTS)
+    res = RewardCopyResidual(raw.trainable_copy(PROMPTS, 0.7))
+    s = torch.full((3,), 0.5)
+    expected = 0.5 * make_reward("aesthetic", **aes)(images, c) + 2.0 * make_reward("imagereward", **IR_OPTIONS).bind_prompts(PROMPTS)(images, c)
+    torch.testing.assert_close(res(s, images, c), expected, rtol=1e-5, atol=1e-5)
+    res(s, images, c).sum().backward()
+    for part in res.copy.copies:  # every term's copy trains its tail and keeps its head frozen
+        named = dict(part.named_parameters())
+        assert any(not p.requires_grad for p in named.values())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in named.values() if p.requires_grad)
+    with torch.no_grad():
+        for p in res.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    fresh = RewardCopyResidual(raw.trainable_copy(PROMPTS, 0.7))
+    fresh.load_state_dict(res.state_dict())
+    torch.testing.assert_close(fresh(s, images, c), res(s, images, c).detach())
+    assert not hasattr(make_reward("weighted_sum", terms={"jpeg_compressibility": {}, "quadratic": {}}), "trainable_copy")
