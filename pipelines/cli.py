@@ -21,8 +21,9 @@ import click
 
 from ctrl_core.params import ParamsError, flatten, load
 
+from .placement import LAUNCHERS  # what starts the processes of a multi-GPU step
+
 DEFAULT_PARAMS = "params.yaml"
-LAUNCHERS = ("torchrun", "accelerate")  # what starts the processes of a multi-GPU step
 
 
 def _load_params(params_path: str | None, overrides: tuple[str, ...]):

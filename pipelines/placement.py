@@ -19,6 +19,7 @@ Per step, :func:`apply` sets on the KFP task
 * the model/HF cache PVC at ``modelCache.mountPath`` (``HF_HOME`` and ``CTRL_CHECKPOINT_ROOT`` point into it),
 * S3/MLflow credentials from Kubernetes Secrets as environment variables (names only; never values),
 * ``CTRL_NUM_PROCESSES`` = the step's GPU count (1 on CPU): how many processes a multi-GPU step launches,
+  and ``CTRL_LAUNCHER`` = the step's ``launcher`` (torchrun | accelerate; else ``pipeline.env``'s, else torchrun),
 * caching off for steps that read mutable state (``register`` reads the registry's current champion).
 
 With no values (``ctrl run``, kfp.local, the plain ``ctrl compile``) only the caching rule applies.
@@ -53,6 +54,9 @@ STEPS: dict[str, bool] = {
 
 #: environment variable telling a step how many processes (one per GPU) to launch
 NUM_PROCESSES_ENV = "CTRL_NUM_PROCESSES"
+#: environment variable naming what starts those processes, and its choices (``ctrl step --launcher``)
+LAUNCHER_ENV = "CTRL_LAUNCHER"
+LAUNCHERS = ("torchrun", "accelerate")
 #: the chart used when ``ctrl compile -f FILE`` names no ``--chart`` (the image sets it to its copy)
 CHART_ENV = "CTRL_CHART"
 DEFAULT_CHART = "charts/ctrl-pipeline"
@@ -107,6 +111,7 @@ class StepPlacement(_Model):
     resources: Resources | None = None
     shmSize: str = ""
     cache: bool = False
+    launcher: str = ""  # torchrun | accelerate for a multi-GPU step (CTRL_LAUNCHER); "": pipeline.env's, else torchrun
     secrets: list[str] = Field(default_factory=list)
 
 
@@ -276,6 +281,11 @@ def _pool_settings(name: str, sp: StepPlacement, pools: dict[str, NodePool], sec
     res = sp.resources or pool.resources
     step_env = dict(env)
     step_env[NUM_PROCESSES_ENV] = str(max(sp.gpus, 1))
+    if sp.launcher:
+        step_env[LAUNCHER_ENV] = sp.launcher
+    if step_env.get(LAUNCHER_ENV, "torchrun") not in LAUNCHERS:  # else the pod fails after its GPUs were scheduled
+        where = f"{key}.launcher" if sp.launcher else f"pipeline.env.{LAUNCHER_ENV}"
+        raise PlacementError(f"{where}: {step_env[LAUNCHER_ENV]!r} is not a launcher; choose one of {LAUNCHERS}")
     if sp.cache:
         step_env.setdefault("HF_HOME", f"{cache.mountPath.rstrip('/')}/huggingface")
         step_env.setdefault("CTRL_CHECKPOINT_ROOT", f"{cache.mountPath.rstrip('/')}/checkpoints")

@@ -173,11 +173,25 @@ def _write(tmp_path: Path, values: dict) -> str:
         ({"image": {"tag": "latest"}}, r"image\.tag"),
         ({"nodePools": {"cpu": {"tolerations": [{"key": "x", "effect": "NoSchedul"}]}}}, r"tolerations\.0\.effect"),
         ({"secrets": {"s3": {"password": "hunter2"}}}, r"secrets\.s3: Additional properties are not allowed \('password'"),
+        ({"pipeline": {"steps": {"ctrl_optimize": {"pool": "gpu-h100", "gpus": 8, "launcher": "deepspeed"}}}},
+         r"ctrl_optimize\.launcher: 'deepspeed' is not one of"),
+        ({"pipeline": {"env": {"CTRL_LAUNCHER": "mpirun"}}}, r"pipeline\.env\.CTRL_LAUNCHER: 'mpirun' is not a launcher"),
     ],
 )
 def test_bad_values_fail_compile_naming_the_key(tmp_path, values, message):
     with pytest.raises(P.PlacementError, match=message):
         P.load(CHART, [_write(tmp_path, values)])
+
+
+def test_a_steps_launcher_reaches_its_environment(tmp_path):
+    """pipeline.steps.X.launcher sets CTRL_LAUNCHER (what `ctrl step` starts a multi-GPU step's ranks with) for
+    that step only; pipeline.env's applies to the others; neither set: no variable (torchrun)."""
+    assert all(P.LAUNCHER_ENV not in st.env for st in P.load(CHART).steps.values())
+    values = {"pipeline": {"steps": {"ctrl_optimize": {"pool": "gpu-h100", "gpus": 8, "launcher": "accelerate"}},
+                           "env": {"CTRL_LAUNCHER": "torchrun"}}}  # fmt: skip
+    steps = P.load(CHART, [_write(tmp_path, values)]).steps
+    assert steps["ctrl_optimize"].env[P.LAUNCHER_ENV] == "accelerate"
+    assert steps["pretrain_value"].env[P.LAUNCHER_ENV] == "torchrun"
 
 
 def test_ctrl_compile_with_chart_values_and_clear_errors(tmp_path, monkeypatch):
