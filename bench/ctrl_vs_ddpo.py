@@ -32,7 +32,7 @@ def run_algorithm(algorithm: str, args) -> dict:
     if algorithm == "ctrl":
         sel = pretrain_value(problem, reward, args.links.split(","), num_paths=args.value_paths, steps=args.train_steps,
                              points_per_path=4, epochs=args.value_epochs, seed=args.seed)
-        value, link_info = sel.values[sel.chosen], {"link": sel.chosen, "value_val_mse": sel.val_mse}
+        value, link_info = sel.value, {"link": sel.chosen, "value_val_mse": sel.val_mse}
     pre_s = time.perf_counter() - t0
     cfg = OptimConfig(algorithm=algorithm, iterations=args.iterations, batch_size=args.batch_size, train_steps=args.train_steps,
                       train_timesteps=args.train_timesteps, beta=args.beta, lr=args.lr, minibatch_size=args.minibatch_size,

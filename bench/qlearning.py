@@ -198,7 +198,7 @@ def run_swissroll(quick: bool, seed: int, png: Path | None, critic: str = "free"
         sel = pretrain_value(problem, h, ["cos_sin"], num_paths=1024, steps=40, points_per_path=4, epochs=20, seed=seed)
         cfg = OptimConfig(iterations=it_c, batch_size=256, train_steps=40, train_timesteps=10, minibatch_size=256,
                           beta=1.0 / beta, lr=1e-3, advantage="temporal_difference", seed=seed)  # fmt: skip
-        trainer = make_trainer(problem, h, cfg, sel.values[sel.chosen])
+        trainer = make_trainer(problem, h, cfg, sel.value)
         trainer.train()
         samples[f"ctrl_{quality}"] = sample_model(tuned, n_eval, (2,), eval_steps, "sde", seed=seed + 1)
         results[f"ctrl_{quality}"] = {**metrics(samples[f"ctrl_{quality}"]), "seconds": round(time.perf_counter() - t0, 1)}

@@ -178,7 +178,9 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
     data = ValueDataset(**state["data"])
 
     def on_fitted(name: str, value, mse: float) -> None:
-        state["fitted"][name] = {"weights": dict(value.residual.state_dict()), "mse": mse}
+        # host copies: a candidate's tensors would otherwise keep its (GPU) weights alive after select_link drops it
+        weights = {k: t.detach().to("cpu", copy=True) for k, t in value.residual.state_dict().items()}
+        state["fitted"][name] = {"weights": weights, "mse": mse}
         save(state)
 
     done = {name: (f["weights"], f["mse"]) for name, f in state["fitted"].items()}
@@ -186,12 +188,12 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
                       vp.lr, seed=seed, done=done, on_fitted=on_fitted, dist=dist)
     result = {"chosen": sel.chosen, "mse": sel.val_mse, "seconds": round(time.perf_counter() - t0, 2),
               "resumed_candidates": sorted(done), "processes": dist.world}
-    if not dist.identical(sel.values[sel.chosen].residual.state_dict().values()):
+    if not dist.identical(sel.value.residual.state_dict().values()):
         raise RuntimeError("value pretraining: the processes ended with different value nets (gradients not synchronised)")
     if not dist.is_main:
         return result
     with staged_output(out_dir) as tmp:
-        atomic_save_weights(sel.values[sel.chosen].residual.state_dict(), tmp / "value.safetensors")
+        atomic_save_weights(sel.value.residual.state_dict(), tmp / "value.safetensors")
         atomic_write_json({k: result[k] for k in ("chosen", "mse", "seconds")}, tmp / "link.json")
     store.clear()  # the output is committed: the checkpoints have done their job
     return result

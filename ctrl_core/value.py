@@ -289,7 +289,7 @@ def fit_value(
 class LinkSelection:
     chosen: str
     val_mse: dict[str, float]
-    values: dict[str, ValueFunction]
+    value: ValueFunction  # the fitted value net of the chosen link (the others are not kept)
 
 
 def select_link(
@@ -308,14 +308,17 @@ def select_link(
 
     ``done`` maps candidates fitted by an earlier (interrupted) run to (residual state, held-out MSE); they are
     restored, not refitted. Every candidate is seeded on its own, so the result does not depend on which ones
-    were restored. ``on_fitted`` is called after each fresh fit (the pipeline checkpoints there)."""
+    were restored. ``on_fitted`` is called after each fresh fit (the pipeline checkpoints there). Only the best
+    value net so far is kept while the next one fits: with ``value.residual=reward_copy`` each candidate holds a
+    copy of the reward model, two at a time instead of one per candidate."""
     for name in candidates:
         get_link(name)
     if not candidates:
         raise ValueError("value.candidates must name at least one link function")
     gen = torch.Generator().manual_seed(seed)
     train, val = data.split(val_fraction, gen)
-    mses, values = {}, {}
+    mses: dict[str, float] = {}
+    best: tuple[str, ValueFunction] | None = None
     done = done or {}
     for name in candidates:
         torch.manual_seed(seed)
@@ -331,6 +334,7 @@ def select_link(
                 raise FloatingPointError(f"value pretraining: non-finite held-out loss for the {name!r} link")
             if on_fitted is not None:
                 on_fitted(name, v, mses[name])
-        values[name] = v
-    chosen = min(mses, key=mses.get)
-    return LinkSelection(chosen, mses, values)
+        if best is None or mses[name] < mses[best[0]]:  # ties keep the earlier candidate, as min() does
+            best = (name, v)
+        del v
+    return LinkSelection(best[0], mses, best[1])

@@ -35,7 +35,7 @@ def test_ctrl_raises_reward_on_the_embedded_default_at_several_step_counts():
     assert set(sel.val_mse) == {"linear", "rm_only"} and sel.chosen in sel.val_mse
     cfg = OptimConfig(iterations=DIGITS_ITERS, batch_size=32, train_steps=20, train_timesteps=8, minibatch_size=32,
                       lr=1e-3, beta=0.01)
-    trainer = make_trainer(problem, reward, cfg, sel.values[sel.chosen])
+    trainer = make_trainer(problem, reward, cfg, sel.value)
     history = trainer.train()
     assert all(torch.isfinite(torch.tensor([h.reward_mean, h.kl])).all() for h in history)
     results, _ = evaluate(trainer.policy, reward, problem.x_shape, [10, 20, 40], ["sde"], 100, problem.eval_conditions)

@@ -229,3 +229,32 @@ def test_weighted_sum_copy_is_the_weighted_sum_of_its_terms_copies(tmp_path):
     fresh.load_state_dict(res.state_dict())
     torch.testing.assert_close(fresh(s, images, c), res(s, images, c).detach())
     assert not hasattr(make_reward("weighted_sum", terms={"jpeg_compressibility": {}, "quadratic": {}}), "trainable_copy")
+
+
+def test_link_selection_keeps_two_value_nets_at_most():
+    """select_link holds the best value net so far and the one fitting, never one per candidate (each may hold a
+    copy of the reward model), and returns the lowest held-out MSE's."""
+    import gc
+    import weakref
+
+    from ctrl_core.recipes import collect_value_data
+    from ctrl_core.value import select_link
+
+    problem = gaussian_problem(torch.zeros(2), torch.ones(2))
+    reward = make_reward("quadratic", target=[1.0, 0.0])
+    data = collect_value_data(problem, reward, 32, 6, 2, seed=0)
+    made, alive_at_make = [], []
+
+    def make(link):
+        gc.collect()
+        alive_at_make.append(sum(r() is not None for r in made))
+        v = ValueFunction(reward, MLPResidual(2), link)
+        made.append(weakref.ref(v))
+        return v
+
+    links = ["cos_sin", "linear", "rm_only", "f_only"]
+    sel = select_link(make, data, links, epochs=2, seed=0)
+    assert max(alive_at_make) <= 1 and len(made) == 4
+    gc.collect()
+    assert [r() is not None for r in made].count(True) == 1 and sel.value is made[links.index(sel.chosen)]()
+    assert sel.chosen == min(sel.val_mse, key=sel.val_mse.get)
