@@ -230,6 +230,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merged-sampling", action="store_true",
                    help="no-grad UNet calls (the MFU forward, sampling) through a LoRA-merged bf16 copy with fused q/k/v "
                         "projections (model.merged_sampling); training forwards keep the LoRA model")
+    p.add_argument("--old-log-probs", default="sampler", choices=("sampler", "trainer"),
+                   help="optimize.old_log_probs of both trainers: trainer recomputes PPO's pi_old with the update's "
+                        "forward (K more forwards per path)")
     p.add_argument("--inductor-tuning", action="store_true",
                    help="with --compile: inductor flags diffusers recommends for UNets (conv_1x1_as_mm, coordinate "
                         "descent tuning, no epilogue fusion)")
@@ -308,7 +311,7 @@ def run(args: argparse.Namespace, emit=None) -> dict:
         "ddpo": "kl_monitor off (ddpo-pytorch's cost: no mu_pre calls)", "solver": "ddpm",
         "autocast": "bfloat16" if amp else "float32", "compile": args.compile or "eager",
         "channels_last": bool(args.channels_last), "merged_sampling": bool(args.merged_sampling),
-        "inductor_tuning": bool(args.inductor_tuning), "vae_dtype": "bfloat16" if cuda else "float32",
+        "inductor_tuning": bool(args.inductor_tuning), "old_log_probs": args.old_log_probs, "vae_dtype": "bfloat16" if cuda else "float32",
         "x_shape": list(problem.x_shape),
         "reward": "CLIP ViT " + ("tiny" if args.tiny else "L/14 @224") + " + MLP head on VAE decode",
         "weights": "random (config dicts)"}
@@ -409,7 +412,7 @@ def run(args: argparse.Namespace, emit=None) -> dict:
             extra = dict(kl_monitor=False)  # ddpo-pytorch's cost: no mu_pre calls
         cfg = OptimConfig(algorithm=alg, iterations=1 + args.iterations, batch_size=B, train_steps=N,
                           train_timesteps=min(args.train_timesteps, N), minibatch_size=min(args.minibatch, B),
-                          seed=args.seed, **extra)
+                          seed=args.seed, old_log_probs=args.old_log_probs, **extra)
         trainer = make_trainer(problem, reward, cfg, value)
         totals, stats = [], []
         for i in range(1 + args.iterations):
@@ -422,7 +425,11 @@ def run(args: argparse.Namespace, emit=None) -> dict:
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         out = {"total": mean(totals), "sample": mean([st.sample_s for st in stats]),
                "value": mean([st.value_s for st in stats]), "policy": mean([st.policy_s for st in stats]),
-               "peak_memory_gb": clock.peak_gb()}
+               "peak_memory_gb": clock.peak_gb(), "approx_kl": mean([st.approx_kl for st in stats]),
+               "clipfrac": mean([st.clipfrac for st in stats])}
+        if args.old_log_probs == "trainer":  # what the recomputation cost and found
+            for key in ("recompute_s", "sampler_approx_kl", "sampler_clipfrac"):
+                out[key] = mean([st.extra[key] for st in stats])
         if alg == "ddpo":  # once: do the sampler's log-probs match the trainer's forward (bf16, batch shapes)?
             out["sampling_mismatch"] = trainer.sampling_mismatch(trainer.rollout(), torch.arange(min(args.minibatch, B)))
         out["wall_s"] = time.perf_counter() - wall0

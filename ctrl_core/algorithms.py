@@ -17,6 +17,15 @@ One iteration, top to bottom:
     rho_k = pi_theta(a_k) / pi_theta_old(a_k) from the exact Gaussian transition log-probs, gradient clipping,
     AdamW. KL_direct is the running reward's explicit dependence on theta (Thm 3.1 makes it differentiable).
 
+PPO's pi_theta_old: ``old_log_probs: sampler`` (default, as ddpo-pytorch) takes the log-probs recorded while
+sampling. Where the sampler computes differently from the update's forward (bf16 kernels chosen by batch shape
+on a GPU, or a merged sampling copy) those differ by rounding, and on a 16k-dimensional Gaussian a rounding
+gap in the mean is a large log-ratio: PPO then clips updates that never happened. ``trainer`` recomputes them
+with the update's forward, in blocks of the minibatch size (K more forwards per path and iteration, ~K/N of
+the sampling cost), so the first pass's ratios are 1 (bitwise on the CPU), as verl recomputes an LLM's old
+log-probs; the sampler/trainer gap is then logged
+(``extra["sampler_approx_kl"]``, ``sampler_clipfrac``) rather than silently clipped.
+
 Advantage normalisation: ``scale`` (default) centres q per step and divides the *whole* loss, KL term
 included, by one positive scalar (the std of q), so the gradient keeps the direction of the exact objective's
 gradient; ``per_time`` whitens per step as the authors' code does (changes the reward/KL balance); ``center``
@@ -76,6 +85,7 @@ class OptimConfig:
     max_skipped: int = 3  # with on_nonfinite=skip: stop after this many dropped iterations
     reward_chunks: int = 1  # sample each rank's rows in this many blocks, scoring one while the next samples
     kl_monitor: bool = True  # compute mu_pre at the K steps to log the KL even when nothing else needs it (see below)
+    old_log_probs: str = "sampler"  # PPO's pi_old: sampler (recorded while sampling) | trainer (recomputed, see below)
     stat_buffer: int = 0  # DDPO: whiten by each condition's last N rewards across iterations (ddpo-pytorch: 16); 0: within the batch
     stat_min_count: int = 16  # DDPO with stat_buffer > 0: batch statistics until a condition has this many rewards
     seed: int = 0  # seed of the trainer's generator (rollouts, grids, minibatches)
@@ -108,6 +118,7 @@ class OptimConfig:
             ("value_lr", self.value_lr > 0, "> 0"),
             ("value_batch_size", self.value_batch_size >= 1, ">= 1"),
             ("reward_chunks", 1 <= self.reward_chunks <= self.batch_size, "between 1 and optimize.batch_size"),
+            ("old_log_probs", self.old_log_probs in ("sampler", "trainer"), "sampler or trainer"),
             ("stat_buffer", self.stat_buffer >= 0, ">= 0"),
             ("stat_min_count", self.stat_min_count >= 2, ">= 2"),
             ("stat_min_count", self.stat_buffer == 0 or self.stat_min_count <= self.stat_buffer,
@@ -298,7 +309,7 @@ class Trainer:
             mu = self.policy.reference_mean(s_vec, x, c) if pretrained else self.policy.mean(s_vec, x, c)
         xh = x_hat(self.policy.schedule, s_vec, x, mu)
         rm = None
-        if keep is not None and torch.any(self.value.link(s_vec.float())[0] != 0):
+        if keep is not None and self.value.uses_reward(s_vec):
             rm = self.value.reward_fn(xh, c).float()  # the value's reward model (a cheaper decoder, say)
             keep[k] = (xh, rm)
         return self.value(s_vec, x, c, xh, rm)
@@ -401,11 +412,7 @@ class Trainer:
         denom = len(idx) if denom is None else denom
         cfg, traj, sch = self.cfg, ro.traj, self.policy.schedule
         s, s_next = float(traj.grid[k]), float(traj.grid[k + 1])
-        coef = self.policy.coefficients(s, s_next)
-        x, x_next = traj.states[k][idx], traj.states[k + 1][idx]
-        c = None if traj.conditions is None else traj.conditions[idx]
-        mu = self.policy.mean(torch.full((len(idx),), s, dtype=torch.float64), x, c)
-        logp = gaussian_log_prob(x_next, self.policy.transition_mean(coef, x, mu), coef.std)
+        logp, mu = self._log_prob(traj, k, idx)
         ratio = torch.exp(logp - traj.log_probs[k][idx])
         a = adv[k][idx]
         surrogate = torch.minimum(ratio * a, torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range) * a)
@@ -445,6 +452,30 @@ class Trainer:
         count = self.dist.sum(count)
         return self.dist.sum(kl_sum) / count, self.dist.sum(clip_sum) / count
 
+    def _log_prob(self, traj: Trajectory, k: int, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(log pi_theta(x_{k+1} | x_k, c), mu_theta) of the paths ``idx`` at step k: the training forward."""
+        s, s_next = float(traj.grid[k]), float(traj.grid[k + 1])
+        coef = self.policy.coefficients(s, s_next)
+        x, x_next = traj.states[k][idx], traj.states[k + 1][idx]
+        c = None if traj.conditions is None else traj.conditions[idx]
+        mu = self.policy.mean(torch.full((len(idx),), s, dtype=torch.float64), x, c)
+        return gaussian_log_prob(x_next, self.policy.transition_mean(coef, x, mu), coef.std), mu
+
+    def trainer_log_probs(self, ro: Rollout) -> dict[int, Tensor]:
+        """This rank's log-probs at the K steps recomputed by the training forward (gradients on, as in the
+        update, then dropped) in blocks of the update's minibatch size, before any update."""
+        n = ro.traj.states.shape[1]
+        block = max(1, min(self.cfg.minibatch_size, n))
+        out = {}
+        for k in ro.steps:
+            parts = []
+            for a in range(0, n, block):
+                with torch.enable_grad():  # the update's numerics (a sampling copy serves no-grad calls)
+                    logp, _ = self._log_prob(ro.traj, k, torch.arange(a, min(a + block, n)))
+                parts.append(logp.detach())
+            out[k] = torch.cat(parts)
+        return out
+
     @torch.no_grad()
     def sampling_mismatch(self, ro: Rollout, idx: Tensor | None = None) -> dict[str, float]:
         """How far the log-probabilities recorded while sampling are from the trainer's own at the same weights:
@@ -457,15 +488,13 @@ class Trainer:
         idx = torch.arange(traj.states.shape[1]) if idx is None else idx
         logr = []
         for k in ro.steps:
-            s, s_next = float(traj.grid[k]), float(traj.grid[k + 1])
-            coef = self.policy.coefficients(s, s_next)
-            x, x_next = traj.states[k][idx], traj.states[k + 1][idx]
-            c = None if traj.conditions is None else traj.conditions[idx]
             with torch.enable_grad():  # the training forward's numerics (a sampling copy serves no-grad calls)
-                mu = self.policy.mean(torch.full((len(idx),), s, dtype=torch.float64), x, c).detach()
-            logp = gaussian_log_prob(x_next, self.policy.transition_mean(coef, x, mu), coef.std)
-            logr.append((logp - traj.log_probs[k][idx]).double())
-        r = torch.cat(logr)
+                logp, _ = self._log_prob(traj, k, idx)
+            logr.append((logp.detach() - traj.log_probs[k][idx]).double())
+        return self._ratio_stats(torch.cat(logr))
+
+    def _ratio_stats(self, log_ratio: Tensor) -> dict[str, float]:
+        r = log_ratio.double()
         return {"approx_kl": float(0.5 * r.pow(2).mean()),
                 "clipfrac": float(((r.exp() - 1).abs() > self.cfg.clip_range).double().mean()),
                 "max_abs_log_ratio": float(r.abs().max())}
@@ -525,6 +554,15 @@ class Trainer:
             group["lr"] = self.learning_rate(self.iteration)
         if self.dist.any(not all(bool(torch.isfinite(a).all()) for a in adv.values()) or not math.isfinite(scale)):
             raise FloatingPointError(f"non-finite advantages at iteration {self.iteration}")
+        extra = {}
+        if cfg.old_log_probs == "trainer":  # PPO's pi_old from the update's own forward (see OptimConfig)
+            t_re = time.perf_counter()
+            recomputed = self.trainer_log_probs(ro)
+            gap = self._ratio_stats(torch.cat([recomputed[k] - ro.traj.log_probs[k] for k in ro.steps]))
+            extra = {f"sampler_{key}": value for key, value in gap.items()}  # this rank's sampler/trainer gap
+            for k in ro.steps:
+                ro.traj.log_probs[k] = recomputed[k]
+            extra["recompute_s"] = time.perf_counter() - t_re
         approx_kl, clipfrac = self.policy_update(ro, adv, scale)
         if not all(bool(torch.isfinite(p).all()) for p in self.params):
             raise FloatingPointError(f"non-finite policy weights after the update at iteration {self.iteration}")
@@ -544,6 +582,7 @@ class Trainer:
             sample_s=t1 - t0,
             value_s=t2 - t1,
             policy_s=t3 - t2,
+            extra=extra,
         )
         self.history.append(stats)
         self.iteration += 1

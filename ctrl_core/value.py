@@ -171,13 +171,17 @@ class ValueFunction(nn.Module):
         """
         c_skip, c_out = self.link(s.to(torch.float32))
         out = torch.zeros(x.shape[0], dtype=torch.float32)
-        if torch.any(c_skip != 0):
+        if self.uses_reward(s):
             rm = rm_x_hat if rm_x_hat is not None else self.reward_fn(x_hat, c).float()
             out = out + c_skip * rm
         if torch.any(c_out != 0):
             f = self._residual(s, x, c, x_hat)
             out = out + c_out * f
         return out
+
+    def uses_reward(self, s: Tensor) -> bool:
+        """Whether V at times s reads RM(x_hat) (c_skip != 0 somewhere; the f_only link never does)."""
+        return bool(torch.any(self.link(s.to(torch.float32))[0] != 0))
 
     def _residual(self, s, x, c, x_hat):
         """F_phi where its weights are (a GPU for a latent model's CNN); the engine's tensors stay on the host."""

@@ -60,7 +60,7 @@ def test_budget_skips_designs_and_keeps_what_was_measured(tmp_path, monkeypatch)
     monkeypatch.setenv("CTRL_DEVICE", "cpu")
     out_path = tmp_path / "gpu_tiny.json"
     argv = ["--tiny", "--batch", "2", "--steps", "2", "--train-timesteps", "1", "--minibatch", "2", "--iterations", "1",
-            "--designs", "conv/td,latent_only/td", "--merged-sampling", "--json", str(out_path)]
+            "--designs", "conv/td,latent_only/td", "--merged-sampling", "--old-log-probs", "trainer", "--json", str(out_path)]
     with pytest.raises(SystemExit, match="left no time for any CTRL design"):
         gpu.main([*argv, "--budget-s", "0.01"])
     partial = json.loads(out_path.read_text())
@@ -68,6 +68,8 @@ def test_budget_skips_designs_and_keeps_what_was_measured(tmp_path, monkeypatch)
     assert partial["seconds_per_iteration"]["ddpo"]["total"] > 0 and partial["unet_mfu"] > 0
     assert "ctrl_over_ddpo" not in partial
     # --merged-sampling: sampling through the float32 merged copy; its log-probs are the trainer's
+    ddpo = partial["seconds_per_iteration"]["ddpo"]  # --old-log-probs trainer: its cost and the gap it found
+    assert ddpo["recompute_s"] > 0 and ddpo["sampler_clipfrac"] == 0.0 and ddpo["approx_kl"] >= 0
     assert partial["setting"]["merged_sampling"] is True and partial["sampling_mismatch"]["clipfrac"] == 0.0
     assert partial["sampling_mismatch"]["approx_kl"] < 1e-5
 

@@ -461,3 +461,34 @@ def test_merged_sampling_copy_is_compiled_and_channels_last_with_the_unet():
     model.enable_merged_sampling(None)  # a new copy after compile / channels_last gets both
     assert model._sampler.unet._compiled_call_impl is not None
     assert model._sampler.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_old_log_probs_from_the_trainer_make_the_first_pass_ratios_one():
+    """optimize.old_log_probs=trainer: PPO's pi_old is recomputed by the update's forward. With a sampler that
+    computes differently (a bf16 merged copy under bf16 autocast, built through the library: params refuse it),
+    the first pass's ratios are then exactly 1 where the recorded ones clip heavily, and the gap is logged. In
+    float32, where sampler and trainer agree, both settings train to bitwise the same weights."""
+    def run(old_log_probs: str, bf16: bool):
+        problem, model = _tuned_problem()
+        if bf16:
+            model.autocast_dtype = torch.bfloat16
+            model.enable_merged_sampling(torch.bfloat16)
+        reward = problem.wrap_reward(make_reward("jpeg_compressibility"))
+        cfg = OptimConfig(algorithm="ddpo", iterations=1, batch_size=4, train_steps=4, train_timesteps=4,
+                          minibatch_size=4, kl_monitor=False, old_log_probs=old_log_probs)  # one update: all ratios before it
+        stats = make_trainer(problem, reward, cfg, None).step()
+        return stats, [p.detach().clone() for p in model.trainable_parameters()]
+
+    recorded, _ = run("sampler", bf16=True)
+    recomputed, _ = run("trainer", bf16=True)
+    assert recorded.clipfrac > 0.1 and recorded.approx_kl > 1e-3
+    assert recomputed.approx_kl == 0.0 and recomputed.clipfrac == 0.0
+    assert recomputed.extra["sampler_clipfrac"] > 0.1 and recomputed.extra["recompute_s"] > 0
+    (plain, w_plain), (trainer, w_trainer) = run("sampler", bf16=False), run("trainer", bf16=False)
+    assert trainer.extra["sampler_approx_kl"] == 0.0 and "sampler_approx_kl" not in plain.extra
+    for a, b in zip(w_plain, w_trainer, strict=True):
+        assert torch.equal(a, b)
+    import pytest
+
+    with pytest.raises(params_mod.ParamsError, match="optimize.old_log_probs: must be sampler or trainer"):
+        params_mod.load(None, ["optimize.old_log_probs=vllm"])
