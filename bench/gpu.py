@@ -202,9 +202,10 @@ def inductor_tuning() -> dict:
 
     flags = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True,
              "epilogue_fusion": False}
-    for k, v in flags.items():
+    applied = {k: v for k, v in flags.items() if hasattr(cfg, k)}  # a torch without one of them: the others
+    for k, v in applied.items():
         setattr(cfg, k, v)
-    return flags
+    return applied
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -337,7 +338,7 @@ def run(args: argparse.Namespace, emit=None) -> dict:
         if args.channels_last:
             model.use_channels_last()
         if args.inductor_tuning:
-            inductor_tuning()
+            res["setting"]["inductor_flags"] = inductor_tuning()
         if args.compile:
             model.compile_unet(args.compile)
             problem.compile_decoders(args.compile)  # the VAE decoder too (model.compile does the same)

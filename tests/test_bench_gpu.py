@@ -80,3 +80,17 @@ def test_forward_only_stops_after_mfu_and_sampling(tmp_path, monkeypatch):
     assert out["complete"] is True and out["phases_done"] == ["build", "unet_forward", "sampling"]
     assert out["unet_mfu"] > 0 and out["images_per_s"] > 0 and "seconds_per_iteration" not in out
     assert json.loads((tmp_path / "f.json").read_text())["setting"]["forward_only"] is True
+
+
+def test_inductor_tuning_sets_the_flags_it_reports():
+    import torch._inductor.config as cfg
+
+    names = ("conv_1x1_as_mm", "coordinate_descent_tuning", "coordinate_descent_check_all_directions", "epilogue_fusion")
+    saved = {k: getattr(cfg, k) for k in names if hasattr(cfg, k)}
+    try:
+        applied = gpu.inductor_tuning()
+        assert applied and set(applied) <= set(names)
+        assert all(getattr(cfg, k) == v for k, v in applied.items())
+    finally:
+        for k, v in saved.items():
+            setattr(cfg, k, v)
