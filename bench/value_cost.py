@@ -111,7 +111,7 @@ VARIANTS = {  # (advantage, x_hat from, mu_pre at the K steps)
 
 
 def iteration_flops(f: dict[str, float], design: str, variant: str, B: int, K: int, E: int,
-                    cfg_factor: int = 2) -> dict[str, float]:
+                    cfg_factor: int = 2, S: int | None = None) -> dict[str, float]:
     """FLOPs of one iteration but the sampling loop, by call class ("unet", "decode", "other"), for DDPO
     (design "ddpo") or CTRL (design x variant). B images, K training steps, E value epochs over the K B value
     samples, CFG doubling every UNet call."""
@@ -126,6 +126,8 @@ def iteration_flops(f: dict[str, float], design: str, variant: str, B: int, K: i
     if mu_pre:
         cost["unet"] += K * B * u  # mu_pre at the K steps (the KL running reward, x_hat from the pretrained score)
     evals = 2 * K * B  # V at x and at the perturbed state (FD), or at x_k and x_{k+1} (TD)
+    if advantage == "temporal_difference" and S:  # TD shares V(t', x') with step k + 1 when both are drawn:
+        evals -= K * (K - 1) / S * B  # K of S random steps hold K (K - 1) / S adjacent pairs on average
     if advantage == "finite_difference":
         cost["unet"] += K * B * u  # x_hat at the perturbed state needs mu_pre there
     if design == "latent_only":  # link f_only: V = F_phi(t, x, x_hat) before T, no decode and no reward model
@@ -153,7 +155,7 @@ def cost_table(f: dict[str, float], B: int, N: int, K: int, E: int) -> dict:
     rows = {}
     for design in ("paper", "paper_tiny", "conv", "conv_tiny", "latent_only"):
         for variant in VARIANTS:
-            c = iteration_flops(f, design, variant, B, K, E)
+            c = iteration_flops(f, design, variant, B, K, E, S=N - 1)  # DDPM: the last step is deterministic
             c["unet"] += sampling
             rows[f"{design}/{variant}"] = {
                 "tflop": total(c) / 1e12,

@@ -327,11 +327,11 @@ class Trainer:
                 adv = per_condition_whiten(rewards, conds)
             adv = adv[self.dist.shard(cfg.batch_size)]
             return {k: adv for k in ro.steps}
-        out = {}
-        for k in ro.steps:
+        out, here = {}, {}
+        for k in sorted(ro.steps, reverse=True):  # late steps first: step k's V(t', x') is step k + 1's V(t, x)
             s, s_next = float(grid[k]), float(grid[k + 1])
             x, x_next, mu = traj.states[k], traj.states[k + 1], self._xhat_score(traj, k)
-            v_here = self._value_at(s, x, mu, traj.conditions, keep=ro.rm_xhat, k=k)
+            v_here = here[k] = self._value_at(s, x, mu, traj.conditions, keep=ro.rm_xhat, k=k)
             if cfg.advantage == "finite_difference":
                 coef = self.policy.coefficients(s, s_next)
                 lam = cfg.fd_scale
@@ -339,12 +339,17 @@ class Trainer:
                 v_pert = self._value_at(s, x + lam * displacement, None, traj.conditions)
                 out[k] = (v_pert - v_here) / lam  # = q * Delta
             else:
-                mu_next = None
-                if k + 1 < traj.num_steps and (self.cfg.value_xhat == "policy" or k + 1 in traj.ref_means):
-                    mu_next = self._xhat_score(traj, k + 1)
-                v_next = self._value_at(s_next, x_next, mu_next, traj.conditions)
+                if s_next <= 0:  # V(0, x) = RM(x): the rollout's terminal reward, already computed
+                    v_next = ro.reward.float()
+                elif k + 1 in here:  # the same state, time and x_hat source: the same value, not evaluated again
+                    v_next = here[k + 1]
+                else:
+                    mu_next = None
+                    if k + 1 < traj.num_steps and (self.cfg.value_xhat == "policy" or k + 1 in traj.ref_means):
+                        mu_next = self._xhat_score(traj, k + 1)
+                    v_next = self._value_at(s_next, x_next, mu_next, traj.conditions)
                 out[k] = v_next - v_here - cfg.beta * ro.kl_terms[k]  # = q * Delta (TD error)
-        return out
+        return {k: out[k] for k in ro.steps}
 
     def normalise(self, adv: dict[int, Tensor]) -> tuple[dict[int, Tensor], float]:
         """Returns (advantages, scale): the PPO loss is divided by ``scale`` (see the module docstring)."""

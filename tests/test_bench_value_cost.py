@@ -27,6 +27,11 @@ def test_iteration_accounting_counts_each_call_once():
     # the paper's copy decodes x_t and scores it at every evaluation, and again in every epoch of the fit
     assert extra("paper", "td_beta0") == pytest.approx(
         2 * K * B * (30.0 + 1.5) * 2 + E * K * B * (30.0 + 1.7))
+    # TD shares V between adjacent drawn steps: K (K - 1) / S fewer evaluations per path on average
+    shared = sum(vc.iteration_flops(F, "conv_tiny", "td_beta0", B, K, E).values()) - sum(
+        vc.iteration_flops(F, "conv_tiny", "td_beta0", B, K, E, S=4).values())
+    assert shared == pytest.approx(K * (K - 1) / 4 * B * (2.0 + 1.5 + 0.01))
+    assert vc.iteration_flops(F, "conv_tiny", "fd", B, K, E, S=4) == vc.iteration_flops(F, "conv_tiny", "fd", B, K, E)
     table = vc.cost_table(F, B, N=5, K=K, E=E)
     assert table["ddpo_tflop"] * 1e12 == pytest.approx(sum(ddpo.values()) + 5 * B * u)
     ratios = {k: r["ctrl_over_ddpo_flops"] for k, r in table["designs"].items()}

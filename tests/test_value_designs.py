@@ -84,6 +84,37 @@ def test_trainer_scores_x_hat_with_the_values_reward_and_x_T_with_its_own():
     assert len(terminal) == 1 and len(skip) == 2 * 3
 
 
+@pytest.mark.parametrize("solver", ["ddpm", "euler_maruyama"])
+def test_td_advantage_evaluates_each_value_once(solver):
+    """The TD advantage V(t', x') - V(t, x): when step k + 1 is also a training step its V(t, x) is step k's
+    V(t', x'), and V(0, x) is the rollout's terminal reward (a solver whose last step is random), so with every
+    step chosen the value's reward runs once per step (DDPM: and once at the deterministic last step's start)
+    and the terminal reward once; the advantages equal the ones evaluated afresh."""
+    problem = gaussian_problem(torch.zeros(2), torch.ones(2))
+    quad = make_reward("quadratic", target=[1.0, 0.0])
+    terminal, skip = [], []
+
+    def counted(log):
+        return lambda x, c=None: (log.append(len(x)), quad(x, c))[1]
+
+    value = ValueFunction(counted(skip), MLPResidual(2), "cos_sin")
+    cfg = OptimConfig(iterations=1, batch_size=8, train_steps=5, train_timesteps=5, minibatch_size=8, seed=1,
+                      advantage="temporal_difference", value_xhat="policy", solver=solver)
+    trainer = make_trainer(problem, counted(terminal), cfg, value)
+    ro = trainer.rollout()
+    assert ro.steps == ([0, 1, 2, 3] if solver == "ddpm" else [0, 1, 2, 3, 4]) and len(terminal) == 1
+    adv = trainer.advantages(ro)
+    assert len(skip) == 5 and len(terminal) == 1  # afresh: 2 K (8 or 10) and 0 or 1 more terminal rewards
+    grid, traj = ro.traj.grid, ro.traj
+    for k in ro.steps:  # afresh: V at both ends of each step
+        s, s_next = float(grid[k]), float(grid[k + 1])
+        v_next = trainer._value_at(s_next, traj.states[k + 1], traj.means[k + 1] if k + 1 < 5 else None, traj.conditions)
+        assert (s_next <= 0) == (k == 4)
+        v_here = trainer._value_at(s, traj.states[k], traj.means[k], traj.conditions)
+        torch.testing.assert_close(adv[k], v_next - v_here - cfg.beta * ro.kl_terms[k], rtol=0, atol=0)
+    assert list(adv) == ro.steps
+
+
 def test_pipeline_value_designs_on_a_latent_checkpoint(tmp_path, monkeypatch):
     """value.residual=reward_copy + value.xhat_decoder=tiny through the pipeline steps: the value net saved is
     the copy's trainable tail, its skip term decodes x_hat with vae_tiny/, the terminal reward with the VAE."""
