@@ -290,9 +290,7 @@ def run(args: argparse.Namespace, emit=None) -> dict:
     peak = matmul_peak_tflops(dev, args.tiny, clock)
     torch.manual_seed(args.seed)
     parts = tiny_sd_components(args.seed) if args.tiny else sd15_components(args.seed, dev)
-    if cuda:
-        parts["vae"].to(dtype=torch.bfloat16)
-    parts["text_encoder"].to(dev)
+    parts["text_encoder"].to(dev)  # (latent_problem puts the VAE in bf16 with a bf16 UNet, as the pipeline does)
     problem = latent_problem(**parts, prompts=list(PROMPTS), lora_rank=args.lora_rank, solver="ddpm",
                              guidance_scale=args.guidance, autocast_dtype=amp)
     parts["text_encoder"].to("cpu")
@@ -312,7 +310,7 @@ def run(args: argparse.Namespace, emit=None) -> dict:
         "ddpo": "kl_monitor off (ddpo-pytorch's cost: no mu_pre calls)", "solver": "ddpm",
         "autocast": "bfloat16" if amp else "float32", "compile": args.compile or "eager",
         "channels_last": bool(args.channels_last), "merged_sampling": bool(args.merged_sampling),
-        "inductor_tuning": bool(args.inductor_tuning), "old_log_probs": args.old_log_probs, "vae_dtype": "bfloat16" if cuda else "float32",
+        "inductor_tuning": bool(args.inductor_tuning), "old_log_probs": args.old_log_probs, "vae_dtype": str(next(problem.vae.parameters()).dtype).replace("torch.", ""),
         "x_shape": list(problem.x_shape),
         "reward": "CLIP ViT " + ("tiny" if args.tiny else "L/14 @224") + " + MLP head on VAE decode",
         "weights": "random (config dicts)"}
@@ -391,8 +389,7 @@ def run(args: argparse.Namespace, emit=None) -> dict:
 
         with torch.device(dev):
             taesd = tiny_decoder_for(width=8) if args.tiny else AutoencoderTiny().eval().requires_grad_(False)
-        if cuda:
-            taesd.to(dtype=torch.bfloat16)
+        taesd.to(dtype=next(problem.vae.parameters()).dtype)  # the VAE's (bf16 with a bf16 UNet), as the engine
         if args.compile:
             taesd.decoder.compile(mode=args.compile)
         tiny_reward = latent_reward(scorer, taesd)

@@ -219,7 +219,7 @@ class LatentProblem(Problem):
             raise ValueError("value.xhat_decoder=tiny needs a tiny decoder folder (vae_tiny/ in the checkpoint)")
         from .models import compute_device
 
-        tiny = load_tiny_decoder(self.tiny_decoder_dir).to(compute_device())
+        tiny = load_tiny_decoder(self.tiny_decoder_dir).to(compute_device(), next(self.vae.parameters()).dtype)
         if self.compile_mode:
             tiny.decoder.compile(mode=self.compile_mode)
         return latent_reward(reward_fn, tiny, prompts=self.prompts)
@@ -268,8 +268,9 @@ def distill_tiny_decoder(
     {"mse_before", "mse_after", "target_var"} on the whole set."""
     vae_scale, tiny_scale = float(vae.config.scaling_factor), float(tiny.config.scaling_factor)
     with torch.no_grad():
-        target = torch.cat([vae.decode(z / vae_scale, return_dict=False)[0].float().clamp(-1, 1)
-                            for z in latents.split(batch_size)])  # fmt: skip
+        p = next(vae.parameters())  # (a bf16 VAE next to a bf16 UNet: decode in its dtype, distil in float32)
+        target = torch.cat([vae.decode((z / vae_scale).to(p.device, p.dtype), return_dict=False)[0].float().clamp(-1, 1)
+                            for z in latents.split(batch_size)]).to(latents.device)  # fmt: skip
 
     def mse() -> float:
         with torch.no_grad():
@@ -340,6 +341,8 @@ def latent_problem(
     from .models import compute_device
 
     vae.to(compute_device())  # the decode for the reward runs where the UNet does
+    if autocast_dtype == torch.bfloat16:  # and in bf16 with a bf16 UNet (the decode costs more than a UNet step);
+        vae.to(dtype=torch.bfloat16)  # fp16 keeps float32, as diffusers' force_upcast: SD's VAE overflows in fp16
     model = LatentScoreModel(
         unet,
         schedule,

@@ -492,3 +492,20 @@ def test_old_log_probs_from_the_trainer_make_the_first_pass_ratios_one():
 
     with pytest.raises(params_mod.ParamsError, match="optimize.old_log_probs: must be sampler or trainer"):
         params_mod.load(None, ["optimize.old_log_probs=vllm"])
+
+
+def test_a_bf16_unet_gets_a_bf16_vae_decode_and_fp16_keeps_it_float32():
+    """With model.autocast=bf16 the reward's VAE decode (and the value's tiny decoder) runs in bf16 too: the decode
+    costs more than a UNet step. fp16 keeps the VAE in float32 (diffusers' force_upcast: SD's VAE overflows in
+    fp16). The decoded images stay float32 in [-1, 1], close to the float32 decode."""
+    parts = tiny_sd_components(0)
+    ref = latent_problem(**tiny_sd_components(0), prompts=["a red circle"], lora_rank=2)
+    bf16 = latent_problem(**parts, prompts=["a red circle"], lora_rank=2, autocast_dtype=torch.bfloat16)
+    fp16 = latent_problem(**tiny_sd_components(0), prompts=["a red circle"], lora_rank=2, autocast_dtype=torch.float16)
+    assert next(bf16.vae.parameters()).dtype == torch.bfloat16
+    assert next(fp16.vae.parameters()).dtype == torch.float32 and next(ref.vae.parameters()).dtype == torch.float32
+    z = torch.randn((3, *ref.x_shape), generator=torch.Generator().manual_seed(0))
+    images = {name: p.wrap_reward(make_reward("jpeg_compressibility")).decode(z) for name, p in (("ref", ref), ("bf16", bf16))}
+    assert images["bf16"].dtype == torch.float32 and images["bf16"].abs().max() <= 1
+    assert (images["bf16"] - images["ref"]).abs().mean() < 0.02 * images["ref"].abs().mean() + 1e-3
+    assert not torch.equal(images["bf16"], images["ref"])  # really computed in bf16
