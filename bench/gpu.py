@@ -282,6 +282,7 @@ def run(args: argparse.Namespace, emit=None) -> dict:
         res["phases_done"].append(phase)
         res["peak_memory_gb"] = max(phase_peak.values())
         res["peak_memory_gb_by_phase"] = dict(phase_peak)
+        res["peak_memory_kind"] = "torch.cuda.max_memory_allocated" if cuda else "process max RSS (ru_maxrss)"
         res["elapsed_s"] = time.perf_counter() - started
         if emit is not None:
             emit(res)

@@ -236,6 +236,7 @@ class Trainer:
                     raise ValueError(f"checkpoint tensor of shape {tuple(saved.shape)} for a parameter of shape {tuple(p.shape)}")
                 p.copy_(saved)
         self.opt.load_state_dict(state["opt"])
+        self.policy.model.adapter_changed()
         if self.value is not None:
             if "value" not in state:
                 raise ValueError("the checkpoint holds no value network, this CTRL run needs one")
@@ -454,6 +455,7 @@ class Trainer:
                     raise FloatingPointError(f"non-finite policy loss or gradient at iteration {self.iteration}")
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.opt.step()
+                self.policy.model.adapter_changed()  # (a fused step leaves the weights' version counters alone)
         count = self.dist.sum(count)
         return self.dist.sum(kl_sum) / count, self.dist.sum(clip_sum) / count
 
@@ -468,9 +470,10 @@ class Trainer:
 
     def trainer_log_probs(self, ro: Rollout) -> dict[int, Tensor]:
         """This rank's log-probs at the K steps recomputed by the training forward (gradients on, as in the
-        update, then dropped) in blocks of the update's minibatch size, before any update."""
-        n = ro.traj.states.shape[1]
-        block = max(1, min(self.cfg.minibatch_size, n))
+        update, then dropped) in blocks of the update's minibatch size (per rank: minibatch / world, which the
+        update's shares only match on average), before any update."""
+        n = ro.traj.states.shape[1]  # a rank's share of a minibatch is about minibatch / world rows (it varies)
+        block = max(1, min(math.ceil(self.cfg.minibatch_size / self.dist.world), n))
         out = {}
         for k in ro.steps:
             parts = []
@@ -533,6 +536,7 @@ class Trainer:
             for p, saved in zip(self.params, snapshot["policy"], strict=True):
                 p.copy_(saved)
         self.opt.load_state_dict(snapshot["opt"])
+        self.policy.model.adapter_changed()
         if self.value is not None:
             self.value.residual.load_state_dict(snapshot["value"])
             self.value_opt.load_state_dict(snapshot["value_opt"])
@@ -563,8 +567,9 @@ class Trainer:
         if cfg.old_log_probs == "trainer":  # PPO's pi_old from the update's own forward (see OptimConfig)
             t_re = time.perf_counter()
             recomputed = self.trainer_log_probs(ro)
-            gap = self._ratio_stats(torch.cat([recomputed[k] - ro.traj.log_probs[k] for k in ro.steps]))
-            extra = {f"sampler_{key}": value for key, value in gap.items()}  # this rank's sampler/trainer gap
+            local = torch.stack([recomputed[k] - ro.traj.log_probs[k] for k in ro.steps], dim=1)  # (b, K)
+            gap = self._ratio_stats(self.dist.gather_rows(local.contiguous()).flatten())  # over the global batch
+            extra = {f"sampler_{key}": value for key, value in gap.items()}
             for k in ro.steps:
                 ro.traj.log_probs[k] = recomputed[k]
             extra["recompute_s"] = time.perf_counter() - t_re

@@ -272,9 +272,14 @@ def distill_tiny_decoder(
         target = torch.cat([vae.decode((z / vae_scale).to(p.device, p.dtype), return_dict=False)[0].float().clamp(-1, 1)
                             for z in latents.split(batch_size)]).to(latents.device)  # fmt: skip
 
+    q = next(tiny.parameters())  # (the tiny decoder trains in its own dtype and device; the loss in float32)
+
+    def tiny_decode(z: Tensor) -> Tensor:
+        return tiny.decode((z / tiny_scale).to(q.device, q.dtype), return_dict=False)[0].float().to(latents.device)
+
     def mse() -> float:
         with torch.no_grad():
-            out = torch.cat([tiny.decode(z / tiny_scale, return_dict=False)[0] for z in latents.split(batch_size)])
+            out = torch.cat([tiny_decode(z) for z in latents.split(batch_size)])
         return float((out - target).pow(2).mean())
 
     before = mse()
@@ -285,7 +290,7 @@ def distill_tiny_decoder(
     g = generator or torch.Generator().manual_seed(0)
     for _ in range(steps):
         idx = torch.randint(0, latents.shape[0], (min(batch_size, latents.shape[0]),), generator=g)
-        loss = (tiny.decode(latents[idx] / tiny_scale, return_dict=False)[0] - target[idx]).pow(2).mean()
+        loss = (tiny_decode(latents[idx]) - target[idx]).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -37,6 +37,10 @@ class ScoreModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def adapter_changed(self) -> None:
+        """Called by whoever writes the trainable weights (the trainer's optimiser steps, loads and restores):
+        a model holding something derived from them (a merged sampling copy) drops it. Nothing here."""
+
 
 def sinusoidal_time_features(s: Tensor, dim: int = 16) -> Tensor:
     """(B,) times in [0, 1] -> (B, dim) Fourier features, shared by the small MLPs of this package."""
@@ -204,8 +208,9 @@ class DiffusersScoreModel(ScoreModel):
         the attention's q/k/v projections fused into one matmul (``fuse_qkv``, UNet2DConditionModel). That
         removes the adapter's extra small matmuls from the 50 sampling calls; training forwards (with
         gradients) and mu_pre (``pretrained()``) keep the LoRA model. The copy is refreshed in place (compiled
-        graphs stay valid) whenever the adapter's weights changed since its last refresh (their in-place
-        version counters: optimiser steps, loads, restores); the base weights are never written, so they
+        graphs stay valid) whenever the adapter's weights changed since its last refresh: ``adapter_changed()``
+        (the trainer calls it after every optimiser step, load and restore: a fused AdamW kernel does not bump
+        the weights' version counters) or their in-place version counters (any other in-place write); the base weights are never written, so they
         cannot drift. The copy is not a submodule: it is not in state dicts or checkpoints."""
         sampler = MergedSampler(self, dtype, fuse_qkv and self.conditional_2d)
         self.__dict__["_sampler"] = sampler
@@ -214,6 +219,11 @@ class DiffusersScoreModel(ScoreModel):
         if self._compile is not None:
             mode, backend, dynamic = self._compile
             sampler.unet.compile(mode=None if backend != "inductor" else mode, backend=backend, dynamic=dynamic)
+
+    def adapter_changed(self) -> None:
+        sampler = self.__dict__.get("_sampler")
+        if sampler is not None:
+            sampler.invalidate()
 
     def _net_for_call(self) -> nn.Module:
         sampler = self.__dict__.get("_sampler")
@@ -275,6 +285,7 @@ class DiffusersScoreModel(ScoreModel):
 
         path = require_safetensors(f"{directory}/adapter_model.safetensors")
         set_peft_model_state_dict(self.net, load_file(path))
+        self.adapter_changed()
 
 
 class MergedSampler:
@@ -319,6 +330,11 @@ class MergedSampler:
     def _state_key(self) -> tuple:
         params = self.model.trainable_parameters() if self.model.has_adapter else []
         return (self.model.device, *(p._version for p in params), *(p.data_ptr() for p in params))
+
+    def invalidate(self) -> None:
+        """The adapter changed in a way its version counters may miss (a fused optimiser kernel writes the
+        weights without bumping them): refresh before the next call."""
+        self._key = None
 
     @torch.no_grad()
     def refresh(self) -> None:

@@ -263,7 +263,11 @@ def optimize(
     if found is not None:
         trainer.load_state_dict(found[1])
         resumed_from = found[0]
-    row_of = lambda st: {k: v for k, v in st.__dict__.items() if k != "extra"}  # noqa: E731
+    def row_of(st) -> dict:  # numeric extras (old_log_probs=trainer: the sampler/trainer gap) join the row
+        row = {k: v for k, v in st.__dict__.items() if k != "extra"}
+        row.update({k: float(v) for k, v in st.extra.items() if isinstance(v, int | float) and k not in row})
+        return row
+
     history: list[dict] = [row_of(st) for st in trainer.history]
     every = params.optimize.checkpoint_every
     snapshots = store.dir / "snapshots"  # model snapshots survive restarts with the checkpoints

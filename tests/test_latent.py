@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from ctrl_core import params as params_mod
@@ -244,13 +246,15 @@ def test_pipeline_steps_run_on_a_latent_checkpoint(tmp_path, monkeypatch):
         "value.candidates=[rm_only, linear]", "value.num_paths=8", "value.steps=4", "value.points_per_path=1",
         "value.epochs=1", "value.batch_size=8", "optimize.iterations=1", "optimize.batch_size=4",
         "optimize.train_steps=4", "optimize.train_timesteps=2", "optimize.minibatch_size=4",
-        "evaluate.steps=[4]", "evaluate.samplers=[sde]", "evaluate.num_samples=4",
+        "evaluate.steps=[4]", "evaluate.samplers=[sde]", "evaluate.num_samples=4", "optimize.old_log_probs=trainer",
     ])  # fmt: skip
     steps.fetch(p, tmp_path / "checkpoint")
     link = steps.pretrain_value(p, tmp_path / "checkpoint", tmp_path / "value")
     assert all(torch.isfinite(torch.tensor(list(link["mse"].values()))))
     summary = steps.optimize(p, tmp_path / "checkpoint", tmp_path / "value", tmp_path / "optimize")
     assert summary["final_reward"] is not None and torch.isfinite(torch.tensor(summary["final_reward"]))
+    row = json.loads((tmp_path / "optimize" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["sampler_approx_kl"] == 0.0 and row["recompute_s"] > 0  # old_log_probs=trainer: the gap is logged
     ev = steps.evaluate(p, tmp_path / "checkpoint", tmp_path / "optimize" / "adapter", tmp_path / "evaluate")
     cell = ev["evaluation"]["sde"]["4"]
     assert torch.isfinite(torch.tensor([cell["base"], cell["tuned"]])).all()
@@ -435,7 +439,21 @@ def test_merged_sampling_in_training_keeps_sampler_and_trainer_log_probs_equal(t
     ro = trainer.rollout()
     m = trainer.sampling_mismatch(ro)
     assert m["approx_kl"] < 1e-6 and m["clipfrac"] == 0.0
+    # a fused AdamW (the trainer's on a GPU) writes the weights without bumping their version counters: the
+    # trainer tells the model after each step
+    problem, model = _tuned_problem()
+    model.enable_merged_sampling(None)
+    trainer = make_trainer(problem, reward, cfg, None)
+    trainer.opt = torch.optim.AdamW(trainer.params, lr=1e-2, fused=True)
+    versions = [p._version for p in trainer.params]
+    trainer.step()
+    assert [p._version for p in trainer.params] == versions  # why the counters alone would not do
+    second = trainer.step()  # sampled with the copy refreshed after the fused step (stale: approx KL ~ 600)
+    assert model._sampler.refreshes == 2 and second.approx_kl < 1e-6
+    m = trainer.sampling_mismatch(trainer.rollout())
+    assert m["approx_kl"] < 1e-6 and m["clipfrac"] == 0.0
     model._sampler._state_key = lambda: model._sampler._key  # a copy that misses updates ...
+    model._sampler.invalidate = lambda: None
     trainer.step()
     assert trainer.sampling_mismatch(trainer.rollout())["clipfrac"] > 0.1  # ... is what the diagnostic shows
 
