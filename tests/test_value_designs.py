@@ -67,9 +67,9 @@ def test_imagereward_copy_starts_as_the_reward_and_trains_only_its_tail():
         RewardCopyResidual(raw.trainable_copy(PROMPTS, 0.1)).load_state_dict(res.state_dict())
 
 
-def test_trainer_scores_x_hat_with_the_values_reward_and_x_T_with_its_own():
-    """RM(x_hat) (2 K batches per iteration) goes through the value's reward, the terminal reward (1 batch)
-    through the trainer's: a cheaper decoder can serve the value without touching RM(X_T)."""
+def _counting_trainer(cfg: OptimConfig):
+    """A trainer on a 2-d Gaussian whose terminal reward and value reward (the same quadratic) log the batch
+    of every call: (trainer, terminal calls, value-reward calls)."""
     problem = gaussian_problem(torch.zeros(2), torch.ones(2))
     quad = make_reward("quadratic", target=[1.0, 0.0])
     terminal, skip = [], []
@@ -78,8 +78,14 @@ def test_trainer_scores_x_hat_with_the_values_reward_and_x_T_with_its_own():
         return lambda x, c=None: (log.append(len(x)), quad(x, c))[1]
 
     value = ValueFunction(counted(skip), MLPResidual(2), "cos_sin")
+    return make_trainer(problem, counted(terminal), cfg, value), terminal, skip
+
+
+def test_trainer_scores_x_hat_with_the_values_reward_and_x_T_with_its_own():
+    """RM(x_hat) (2 K batches per iteration) goes through the value's reward, the terminal reward (1 batch)
+    through the trainer's: a cheaper decoder can serve the value without touching RM(X_T)."""
     cfg = OptimConfig(iterations=1, batch_size=8, train_steps=6, train_timesteps=3, minibatch_size=8, seed=1)
-    trainer = make_trainer(problem, counted(terminal), cfg, value)
+    trainer, terminal, skip = _counting_trainer(cfg)
     trainer.step()
     assert len(terminal) == 1 and len(skip) == 2 * 3
 
@@ -90,17 +96,9 @@ def test_td_advantage_evaluates_each_value_once(solver):
     V(t', x'), and V(0, x) is the rollout's terminal reward (a solver whose last step is random), so with every
     step chosen the value's reward runs once per step (DDPM: and once at the deterministic last step's start)
     and the terminal reward once; the advantages equal the ones evaluated afresh."""
-    problem = gaussian_problem(torch.zeros(2), torch.ones(2))
-    quad = make_reward("quadratic", target=[1.0, 0.0])
-    terminal, skip = [], []
-
-    def counted(log):
-        return lambda x, c=None: (log.append(len(x)), quad(x, c))[1]
-
-    value = ValueFunction(counted(skip), MLPResidual(2), "cos_sin")
     cfg = OptimConfig(iterations=1, batch_size=8, train_steps=5, train_timesteps=5, minibatch_size=8, seed=1,
                       advantage="temporal_difference", value_xhat="policy", solver=solver)
-    trainer = make_trainer(problem, counted(terminal), cfg, value)
+    trainer, terminal, skip = _counting_trainer(cfg)
     ro = trainer.rollout()
     assert ro.steps == ([0, 1, 2, 3] if solver == "ddpm" else [0, 1, 2, 3, 4]) and len(terminal) == 1
     adv = trainer.advantages(ro)
