@@ -250,11 +250,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def write_json(path: Path, out: dict) -> None:
-    """Write ``out`` to ``path`` atomically (a temporary file renamed over it): a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """``out`` to ``path`` atomically (io.atomic_write_text: a reader never sees half a file), keys in run order."""
+    from ctrl_core.io import atomic_write_text
+
+    atomic_write_text(json.dumps(out, indent=2) + "\n", path)
 
 
 def run(args: argparse.Namespace, emit=None) -> dict:
@@ -270,6 +269,7 @@ def run(args: argparse.Namespace, emit=None) -> dict:
     clock, amp = Clock(dev), (torch.bfloat16 if cuda else None)
     phase_peak: dict[str, float] = {}
     B, N = args.batch, args.steps
+    unet_batch = 2 * B if args.guidance != 1.0 else B  # CFG: both halves in one UNet call
     if cuda:
         device_name = torch.cuda.get_device_name(dev)
     else:
@@ -286,6 +286,11 @@ def run(args: argparse.Namespace, emit=None) -> dict:
         res["elapsed_s"] = time.perf_counter() - started
         if emit is not None:
             emit(res)
+
+    def finish() -> dict:
+        res["complete"] = True
+        res["elapsed_s"] = time.perf_counter() - started
+        return res
 
     clock.reset_peak()
     peak = matmul_peak_tflops(dev, args.tiny, clock)
@@ -331,7 +336,7 @@ def run(args: argparse.Namespace, emit=None) -> dict:
         device_flops = counter.get_total_flops()
         # the same forward counted on the meta device: complete on any backend (the CPU's fused attention kernel
         # has no FLOP formula, so a CPU count misses attention; tests/test_bench_value_cost.py)
-        flops = max(device_flops, meta_unet_flops(model, 2 * B if args.guidance != 1.0 else B))
+        flops = max(device_flops, meta_unet_flops(model, unet_batch))
         if args.merged_sampling:
             model.enable_merged_sampling(amp)
         if args.channels_last:
@@ -354,7 +359,7 @@ def run(args: argparse.Namespace, emit=None) -> dict:
     achieved = flops / fwd_s / 1e12
     done("unet_forward", unet_mfu=achieved / peak["tflops"], unet_tflops_per_forward=flops / 1e12,
          unet_tflops_per_forward_device_count=device_flops / 1e12, unet_forward_s=fwd_s, unet_achieved_tflops=achieved,
-         unet_forward_batch=2 * B if args.guidance != 1.0 else B, unet_warmup_s=warmup_s)
+         unet_forward_batch=unet_batch, unet_warmup_s=warmup_s)
 
     # -- sampling N steps with CFG, decode and scoring timed apart --------------------------------------------
     clock.reset_peak()
@@ -375,9 +380,7 @@ def run(args: argparse.Namespace, emit=None) -> dict:
          decode_s_per_image=decode_s / B, score_s_per_image=score_s / B)
 
     if args.forward_only:
-        res["complete"] = True
-        res["elapsed_s"] = time.perf_counter() - started
-        return res
+        return finish()
 
     # -- CTRL vs DDPO iterations ---------------------------------------------------------------------------
     from ctrl_core.latent import latent_reward, tiny_decoder_for
@@ -461,9 +464,7 @@ def run(args: argparse.Namespace, emit=None) -> dict:
     if not designs:
         raise SystemExit(f"--budget-s {args.budget_s:g} left no time for any CTRL design: {skipped}")
     res["skipped_designs"] = skipped
-    res["complete"] = True
-    res["elapsed_s"] = time.perf_counter() - started
-    return res
+    return finish()
 
 
 def main(argv=None) -> dict:

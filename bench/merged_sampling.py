@@ -35,6 +35,9 @@ from ctrl_core.recipes import make_trainer
 from ctrl_core.rewards import make_reward
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
+# (name, autocast dtype, merged copy): float32 and bf16 autocast, each without and with the copy
+CONFIGS = (("fp32", None, False), ("fp32_merged", None, True), ("bf16", torch.bfloat16, False),
+           ("bf16_merged", torch.bfloat16, True))
 
 
 def tuned_problem(seed: int, lora_rank: int, autocast: torch.dtype | None, merged: bool, adapter_std: float):
@@ -59,8 +62,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     outputs = {}
-    for name, amp, merged in (("fp32", None, False), ("fp32_merged", None, True), ("bf16", torch.bfloat16, False),
-                              ("bf16_merged", torch.bfloat16, True)):  # fmt: skip
+    for name, amp, merged in CONFIGS:
         problem, model = tuned_problem(args.seed, args.lora_rank, amp, merged, args.adapter_std)
         g.manual_seed(args.seed)
         n = 4 * len(PROMPTS)
@@ -77,8 +79,7 @@ def run(args: argparse.Namespace) -> dict:
     }
 
     first = {}
-    for name, amp, merged in (("fp32", None, False), ("fp32_merged", None, True), ("bf16", torch.bfloat16, False),
-                              ("bf16_merged", torch.bfloat16, True)):  # fmt: skip
+    for name, amp, merged in CONFIGS:
         problem, model = tuned_problem(args.seed, args.lora_rank, amp, merged, args.adapter_std)
         reward = problem.wrap_reward(make_reward("jpeg_compressibility"))
         cfg = OptimConfig(algorithm="ddpo", iterations=1, batch_size=args.batch, train_steps=args.steps,

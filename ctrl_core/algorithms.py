@@ -468,41 +468,38 @@ class Trainer:
         mu = self.policy.mean(torch.full((len(idx),), s, dtype=torch.float64), x, c)
         return gaussian_log_prob(x_next, self.policy.transition_mean(coef, x, mu), coef.std), mu
 
-    def trainer_log_probs(self, ro: Rollout) -> dict[int, Tensor]:
-        """This rank's log-probs at the K steps recomputed by the training forward (gradients on, as in the
-        update, then dropped) in blocks of the update's minibatch size (per rank: minibatch / world, which the
-        update's shares only match on average), before any update."""
-        n = ro.traj.states.shape[1]  # a rank's share of a minibatch is about minibatch / world rows (it varies)
+    def trainer_log_probs(self, ro: Rollout, idx: Tensor | None = None) -> dict[int, Tensor]:
+        """Log-probs at the K steps of this rank's paths ``idx`` (default: all) recomputed by the training forward
+        (gradients on, as in the update, then dropped) in blocks of the update's minibatch size (per rank:
+        minibatch / world, which the update's shares only match on average), before any update."""
+        idx = torch.arange(ro.traj.states.shape[1]) if idx is None else idx
+        n = len(idx)  # a rank's share of a minibatch is about minibatch / world rows (it varies)
         block = max(1, min(math.ceil(self.cfg.minibatch_size / self.dist.world), n))
         out = {}
         for k in ro.steps:
             parts = []
             for a in range(0, n, block):
                 with torch.enable_grad():  # the update's numerics (a sampling copy serves no-grad calls)
-                    logp, _ = self._log_prob(ro.traj, k, torch.arange(a, min(a + block, n)))
+                    logp, _ = self._log_prob(ro.traj, k, idx[a : a + block])
                 parts.append(logp.detach())
             out[k] = torch.cat(parts)
         return out
 
     @torch.no_grad()
-    def sampling_mismatch(self, ro: Rollout, idx: Tensor | None = None) -> dict[str, float]:
+    def sampling_mismatch(self, ro: Rollout, idx: Tensor | None = None,
+                          recomputed: dict[int, Tensor] | None = None) -> dict[str, float]:
         """How far the log-probabilities recorded while sampling are from the trainer's own at the same weights:
         the PPO ratios of a first pass before any update, which should be 1. Rounding makes them differ where
         the sampler computes differently from the training forward (a merged or lower-precision sampling copy,
         or kernels chosen by batch shape on a GPU). Returns the approx KL (mean of log-ratio^2 / 2), the share
         of ratios PPO would clip, and the largest |log-ratio|, over the K steps of the paths ``idx`` (default:
-        all of this rank's). Costs K forwards, no update."""
+        all of this rank's; every rank's, gathered). Costs K forwards (none given ``recomputed``,
+        ``trainer_log_probs`` of the same paths), no update."""
         traj = ro.traj
         idx = torch.arange(traj.states.shape[1]) if idx is None else idx
-        logr = []
-        for k in ro.steps:
-            with torch.enable_grad():  # the training forward's numerics (a sampling copy serves no-grad calls)
-                logp, _ = self._log_prob(traj, k, idx)
-            logr.append((logp.detach() - traj.log_probs[k][idx]).double())
-        return self._ratio_stats(torch.cat(logr))
-
-    def _ratio_stats(self, log_ratio: Tensor) -> dict[str, float]:
-        r = log_ratio.double()
+        recomputed = self.trainer_log_probs(ro, idx) if recomputed is None else recomputed
+        local = torch.stack([recomputed[k] - traj.log_probs[k][idx] for k in ro.steps], dim=1)  # (paths, K)
+        r = self.dist.gather_rows(local.contiguous()).double().flatten()
         return {"approx_kl": float(0.5 * r.pow(2).mean()),
                 "clipfrac": float(((r.exp() - 1).abs() > self.cfg.clip_range).double().mean()),
                 "max_abs_log_ratio": float(r.abs().max())}
@@ -567,8 +564,7 @@ class Trainer:
         if cfg.old_log_probs == "trainer":  # PPO's pi_old from the update's own forward (see OptimConfig)
             t_re = time.perf_counter()
             recomputed = self.trainer_log_probs(ro)
-            local = torch.stack([recomputed[k] - ro.traj.log_probs[k] for k in ro.steps], dim=1)  # (b, K)
-            gap = self._ratio_stats(self.dist.gather_rows(local.contiguous()).flatten())  # over the global batch
+            gap = self.sampling_mismatch(ro, recomputed=recomputed)  # over the global batch
             extra = {f"sampler_{key}": value for key, value in gap.items()}
             for k in ro.steps:
                 ro.traj.log_probs[k] = recomputed[k]

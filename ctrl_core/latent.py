@@ -347,7 +347,8 @@ def latent_problem(
 
     vae.to(compute_device())  # the decode for the reward runs where the UNet does
     if autocast_dtype == torch.bfloat16:  # and in bf16 with a bf16 UNet (the decode costs more than a UNet step);
-        vae.to(dtype=torch.bfloat16)  # fp16 keeps float32, as diffusers' force_upcast: SD's VAE overflows in fp16
+        nn.Module.to(vae, dtype=torch.bfloat16)  # fp16 keeps float32 (diffusers' force_upcast: SD's VAE
+        # overflows in fp16); nn.Module.to: diffusers' .to warns about fp32-kept modules, of which it has none
     model = LatentScoreModel(
         unet,
         schedule,

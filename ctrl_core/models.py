@@ -189,7 +189,11 @@ class DiffusersScoreModel(ScoreModel):
             raise ValueError(f"unknown torch.compile mode {mode!r}: choose one of {COMPILE_MODES}")
         self._compile = (mode, backend, dynamic)
         for unet in self._unets():
-            unet.compile(mode=None if backend != "inductor" else mode, backend=backend, dynamic=dynamic)
+            self._compile_one(unet)
+
+    def _compile_one(self, unet: nn.Module) -> None:
+        mode, backend, dynamic = self._compile
+        unet.compile(mode=None if backend != "inductor" else mode, backend=backend, dynamic=dynamic)
 
     def use_channels_last(self) -> None:
         """NHWC memory format for the UNet's weights (inputs follow in ``model_output``)."""
@@ -210,15 +214,15 @@ class DiffusersScoreModel(ScoreModel):
         gradients) and mu_pre (``pretrained()``) keep the LoRA model. The copy is refreshed in place (compiled
         graphs stay valid) whenever the adapter's weights changed since its last refresh: ``adapter_changed()``
         (the trainer calls it after every optimiser step, load and restore: a fused AdamW kernel does not bump
-        the weights' version counters) or their in-place version counters (any other in-place write); the base weights are never written, so they
-        cannot drift. The copy is not a submodule: it is not in state dicts or checkpoints."""
+        the weights' version counters) or their in-place version counters (any other in-place write). The base
+        weights are never written, so they cannot drift. The copy is not a submodule: it is not in state dicts
+        or checkpoints."""
         sampler = MergedSampler(self, dtype, fuse_qkv and self.conditional_2d)
         self.__dict__["_sampler"] = sampler
         if self._channels_last:
             sampler.unet.to(memory_format=torch.channels_last)
         if self._compile is not None:
-            mode, backend, dynamic = self._compile
-            sampler.unet.compile(mode=None if backend != "inductor" else mode, backend=backend, dynamic=dynamic)
+            self._compile_one(sampler.unet)
 
     def adapter_changed(self) -> None:
         sampler = self.__dict__.get("_sampler")
