@@ -9,6 +9,13 @@ rest; nothing but safetensors and JSON is ever read (no pickles).
 
 ``run_key`` identifies "the same run": a hash of the step's parameters and the digests of its inputs. A
 checkpoint of another run (other params, another base checkpoint) is never resumed.
+
+Two attempts of the same run can be alive at once: a KFP retry starts while the old pod still terminates on a lost
+node, or a user starts the same run twice. The folder has one writer at a time, the attempt that started last:
+``acquire`` writes a lease naming it, and the writer checks the lease before every change it makes (save, clear).
+An attempt that finds itself superseded raises :class:`SupersededError` and touches nothing; its work continues in
+the newer attempt, which resumed from the same checkpoints. Without this the two cleared each other's temporary
+folders, the first to finish deleted the other's checkpoints and snapshots, and a crash in either lost work.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,7 +34,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import fsync_path, sha256_file
+from .io import atomic_write_json, fsync_path, sha256_file
 
 DEFAULT_ROOT_ENV = "CTRL_CHECKPOINT_ROOT"
 DEFAULT_ROOT = ".ctrl-checkpoints"
@@ -33,6 +42,10 @@ DEFAULT_ROOT = ".ctrl-checkpoints"
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint folder whose content does not match its metadata."""
+
+
+class SupersededError(RuntimeError):
+    """A newer attempt of the same run took over its checkpoint folder: this attempt must stop writing."""
 
 
 # --- state <-> (tensors, JSON structure) ----------------------------------------------------------------------
@@ -120,11 +133,43 @@ class CheckpointStore:
 
     PREFIX = "ckpt-"
 
+    LEASE = ".lease.json"
+
     def __init__(self, root: str | os.PathLike, step: str, key: str, keep: int = 2):
         if keep < 1:
             raise ValueError("keep must be >= 1")
         self.dir = Path(root) / step / key
         self.key, self.keep = key, keep
+        self.owner: str | None = None  # set by acquire(): this attempt writes only while the lease names it
+
+    def acquire(self) -> None:
+        """Become the folder's writer. The newest attempt wins: an older one still alive finds the lease gone at
+        its next save or clear and stops (SupersededError)."""
+        self.owner = uuid.uuid4().hex
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, self.dir / self.LEASE)
+        fsync_path(self.dir)
+
+    def holder(self) -> dict | None:
+        """The lease's content (owner, host, pid, since), or None when no attempt holds the folder."""
+        try:
+            return json.loads((self.dir / self.LEASE).read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:  # unreadable: atomic writes make this another writer's doing; nobody holds it
+            return None
+
+    def check(self) -> None:
+        """Raise SupersededError unless this attempt holds the lease (no-op for a store that never acquired)."""
+        if self.owner is None:
+            return
+        lease = self.holder()
+        if lease is None or lease.get("owner") != self.owner:
+            who = (f"by the attempt started {lease.get('since')} on {lease.get('host')} (pid {lease.get('pid')})"
+                   if lease else "(the lease is gone: the newer attempt finished and cleared the folder)")
+            raise SupersededError(f"{self.dir}: a newer attempt of this run took over the checkpoint folder {who}; "
+                                  "this attempt stops without writing: the run goes on there")
 
     def _complete(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -135,8 +180,9 @@ class CheckpointStore:
         """Write a checkpoint for ``iteration`` atomically; keeps the newest ``keep`` checkpoints."""
         tensors, structure = flatten_state(state)
         check_finite(tensors)
+        self.check()
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(".tmp-*"):  # left by a process killed while writing
+        for stale in self.dir.glob(".tmp-*"):  # left by a process killed while writing (or by a superseded one)
             shutil.rmtree(stale, ignore_errors=True)
         tmp = self.dir / f".tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -148,10 +194,14 @@ class CheckpointStore:
             (tmp / "meta.json").write_text(json.dumps(meta))
             for f in (tmp / "state.safetensors", tmp / "meta.json", tmp):
                 fsync_path(f)
+            self.check()  # taken over while writing: the newer attempt may already be past this iteration
             if final.exists():  # re-saving the same iteration (a resumed run that reached it again)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_path(self.dir)
+        except OSError:  # a newer attempt removed our temporary folder: say so, not ENOENT
+            self.check()
+            raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -181,4 +231,7 @@ class CheckpointStore:
         return None
 
     def clear(self) -> None:
+        """Remove the folder (checkpoints, snapshots, lease): the run's output is committed or resume is off."""
+        self.check()
         shutil.rmtree(self.dir, ignore_errors=True)
+        self.owner = None

@@ -65,15 +65,18 @@ def checkpoint_store(params: Params, step: str, blocks: tuple[str, ...], input_d
                      extra: dict | None = None):
     """The resumable-checkpoint store of this step of this run: keyed by the step's parameter blocks (run's
     seed, not its resume settings) and the digests of its input folders. With ``run.resume: false`` any earlier
-    checkpoints of the same run are discarded."""
+    checkpoints of the same run are discarded. The main process takes the folder's writer lease: an older attempt
+    of the same run still alive stops at its next write (resume.SupersededError)."""
     from .resume import CheckpointStore, default_root, dir_digest, run_key
 
     dump = params.model_dump()
     config = {b: dump[b] for b in blocks} | {"seed": params.run.seed} | (extra or {})
     key = run_key(step, config, [dir_digest(d) for d in input_dirs if d is not None])
     store = CheckpointStore(default_root(params.run.checkpoint_root), step, key)
-    if not params.run.resume and _dist().is_main:
-        store.clear()
+    if _dist().is_main:
+        if not params.run.resume:
+            store.clear()
+        store.acquire()
     return store
 
 
@@ -195,6 +198,7 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
     with staged_output(out_dir) as tmp:
         atomic_save_weights(sel.value.residual.state_dict(), tmp / "value.safetensors")
         atomic_write_json({k: result[k] for k in ("chosen", "mse", "seconds")}, tmp / "link.json")
+        store.check()  # a superseded attempt commits nothing: the newer one writes this output
     store.clear()  # the output is committed: the checkpoints have done their job
     return result
 
@@ -281,6 +285,7 @@ def optimize(
             fh.writelines(json.dumps(row) + "\n" for row in history)
 
         def on_iteration(st) -> None:
+            store.check()  # superseded: stop now (the newer attempt has already replaced our staging folder)
             row = row_of(st)
             history.append(row)
             with open(tmp / "metrics.jsonl", "a") as fh:
@@ -315,6 +320,7 @@ def optimize(
             "skipped_iterations": getattr(trainer, "skipped", 0),
         }
         atomic_write_json({"summary": summary, "history": history}, tmp / "metrics.json")
+        store.check()  # a superseded attempt commits nothing: the newer one writes this output
     store.clear()  # the output is committed: the checkpoints have done their job
     return summary
 

@@ -11,7 +11,7 @@ import torch
 from bench.kill_campaign import run_kill_campaign
 from ctrl_core.algorithms import OptimConfig, Trainer
 from ctrl_core.recipes import gaussian_problem
-from ctrl_core.resume import CheckpointStore, flatten_state, unflatten_state
+from ctrl_core.resume import CheckpointStore, SupersededError, flatten_state, unflatten_state
 from ctrl_core.rewards import make_reward
 from ctrl_core.value import MLPResidual, ValueFunction
 
@@ -54,6 +54,61 @@ def test_store_is_atomic_verified_and_keyed(tmp_path):
     with pytest.raises(FloatingPointError, match="w holds non-finite"):
         store.save(5, {"w": torch.tensor([1.0, float("nan")])})
     assert store.latest()[0] == 4
+
+
+def test_newest_attempt_owns_the_checkpoint_folder(tmp_path):
+    """Two live attempts of one run (a KFP retry beside a pod that still terminates): the one started last writes;
+    the older one stops at its next write and deletes nothing of the newer one's."""
+    old = CheckpointStore(tmp_path, "optimize", "run-a")
+    old.acquire()
+    old.save(1, {"w": torch.ones(2)})
+    new = CheckpointStore(tmp_path, "optimize", "run-a")
+    new.acquire()
+    assert new.latest()[0] == 1  # the newer attempt resumes from the older one's checkpoint
+    (new.dir / ".tmp-newer-writing").mkdir()  # as if the newer attempt were mid-save
+    with pytest.raises(SupersededError, match=r"newer attempt .* on .* \(pid \d+\)"):
+        old.save(2, {"w": torch.full((2,), 2.0)})
+    with pytest.raises(SupersededError):
+        old.clear()
+    assert (new.dir / ".tmp-newer-writing").is_dir() and not (new.dir / "ckpt-00000002").exists()
+    assert new.latest()[0] == 1
+    new.save(2, {"w": torch.full((2,), 2.0)})
+    new.clear()  # committed: the folder goes, lease included
+    assert not new.dir.exists()
+    with pytest.raises(SupersededError, match="lease is gone"):
+        old.save(3, {"w": torch.ones(2)})
+    assert not new.dir.exists()  # the superseded attempt recreated nothing
+
+
+def test_superseded_step_commits_nothing_and_the_newer_attempt_finishes(tmp_path, monkeypatch):
+    """The optimize step of the embedded default: a second attempt of the same run starts after iteration 1; the
+    first stops at its next iteration with a clear error and no output, the second resumes and commits."""
+    from ctrl_core import params as params_mod
+    from ctrl_core import steps
+
+    monkeypatch.setenv("CTRL_CHECKPOINT_ROOT", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("CTRL_DEVICE", "cpu")
+    torch.set_num_threads(1)
+    p = params_mod.load(None, ["value.num_paths=8", "value.steps=4", "value.epochs=1", "value.candidates=[cos_sin]",
+                               "optimize.iterations=3", "optimize.batch_size=4", "optimize.train_steps=4",
+                               "optimize.train_timesteps=2", "optimize.minibatch_size=4", "optimize.checkpoint_every=1"])
+    steps.fetch(p, tmp_path / "checkpoint")
+    steps.pretrain_value(p, tmp_path / "checkpoint", tmp_path / "value")
+    args = (p, tmp_path / "checkpoint", tmp_path / "value", tmp_path / "optimize")
+
+    def newer_attempt_starts(row: dict) -> None:
+        if row["iteration"] == 0:  # after checkpoint 1: the retry takes the folder (what its start does)
+            (folder,) = (tmp_path / "ckpt" / "optimize").iterdir()
+            CheckpointStore(tmp_path / "ckpt", "optimize", folder.name).acquire()
+
+    with pytest.raises(SupersededError, match="stops without writing"):
+        steps.optimize(*args, progress=newer_attempt_starts)
+    assert not (tmp_path / "optimize").exists()  # nothing committed
+    (folder,) = (tmp_path / "ckpt" / "optimize").iterdir()
+    assert sorted(f.name for f in folder.glob("ckpt-*")) == ["ckpt-00000001"]  # the old attempt wrote no more
+    summary = steps.optimize(*args)
+    assert summary["resumed_from_iteration"] == 1 and summary["iterations"] == 3
+    assert (tmp_path / "optimize" / "adapter").is_dir() and not folder.exists()
 
 
 def _trainer(seed: int = 0, reward=None, **kw) -> Trainer:
