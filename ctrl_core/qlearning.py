@@ -88,6 +88,7 @@ import torch
 from torch import Tensor, nn
 
 from .algorithms import lr_factor
+from .distributed import Dist
 from .models import ScoreModel, sinusoidal_time_features
 from .policy import GaussianScorePolicy, canonical_solver, sample, step_coefficients
 from .schedule import DiscreteVPSchedule, LinearVPSchedule, VPSchedule, score_from_model_output
@@ -105,6 +106,7 @@ def ratio_score(
     generator: torch.Generator | None = None,
     conditions: Tensor | None = None,
     data_labels: Tensor | None = None,
+    idx: Tensor | None = None,
 ) -> Tensor:
     """Self-normalised estimate of grad log p_s(y) from data samples x_i (paper §5):
 
@@ -115,7 +117,9 @@ def ratio_score(
     s: scalar or (B,) forward times; y: (B, ...) states; data: (N, ...) samples. ``num_samples`` m: each row uses
     m samples drawn with replacement (None: all N, then the estimate is the exact score of the noised empirical
     distribution). With ``conditions`` (B,) and ``data_labels`` (N,), row b only uses samples of its class
-    (the conditional score). Log-sum-exp stable; returns (B, ...) in y's dtype.
+    (the conditional score). ``idx`` (B, m): the sample indices, drawn beforehand by :func:`ratio_sample_index`
+    (data-parallel ranks draw them for the global batch and keep their rows). Log-sum-exp stable; returns (B, ...)
+    in y's dtype.
     """
     B = y.shape[0]
     s_vec = s.to(torch.float64) if isinstance(s, Tensor) else torch.full((B,), float(s), dtype=torch.float64)
@@ -137,21 +141,30 @@ def ratio_score(
         w = torch.softmax(logits, dim=1)
         x_bar = w @ xf  # (B, D): posterior mean of X_0 under the empirical prior
     else:
-        if num_samples < 1:
-            raise ValueError(f"ratio_score: num_samples must be >= 1, got {num_samples}")
-        if conditions is None:
-            idx = torch.randint(0, xf.shape[0], (B, num_samples), generator=generator)
-        else:
-            same = (conditions.view(-1, 1).to(data_labels.device) == data_labels.view(1, -1)).to(torch.float64)
-            if not torch.all(same.sum(1) > 0):
-                raise ValueError("ratio_score: a condition has no data samples")
-            idx = torch.multinomial(same, num_samples, replacement=True, generator=generator)
+        if idx is None:
+            idx = ratio_sample_index(xf.shape[0], B, num_samples, generator, conditions, data_labels)
+        if idx.shape != (B, num_samples):
+            raise ValueError(f"ratio_score: idx has shape {tuple(idx.shape)}, expected {(B, num_samples)}")
         xs = xf[idx]  # (B, m, D)
         logits = (alpha * torch.einsum("bd,bmd->bm", yf, xs) - 0.5 * alpha**2 * xs.pow(2).sum(2)) / var
         w = torch.softmax(logits, dim=1)
         x_bar = torch.einsum("bm,bmd->bd", w, xs)
     score = (alpha * x_bar - yf) / var
     return score.reshape(y.shape).to(y.dtype)
+
+
+def ratio_sample_index(num_data: int, B: int, num_samples: int, generator: torch.Generator | None = None,
+                       conditions: Tensor | None = None, data_labels: Tensor | None = None) -> Tensor:
+    """(B, m) indices of the data samples each row's ratio estimate uses, drawn with replacement (with
+    ``conditions``: among the samples of the row's class)."""
+    if num_samples < 1:
+        raise ValueError(f"ratio_score: num_samples must be >= 1, got {num_samples}")
+    if conditions is None:
+        return torch.randint(0, num_data, (B, num_samples), generator=generator)
+    same = (conditions.view(-1, 1).to(data_labels.device) == data_labels.view(1, -1)).to(torch.float64)
+    if not torch.all(same.sum(1) > 0):
+        raise ValueError("ratio_score: a condition has no data samples")
+    return torch.multinomial(same, num_samples, replacement=True, generator=generator)
 
 
 class RatioScoreModel(ScoreModel):
@@ -478,6 +491,11 @@ class QLearningTrainer:
     model:   the actor, any ``ScoreModel`` with trainable parameters (its ``score`` is mu_psi).
     data:    (m, ...) data samples for the ratio estimator; ``data_labels`` (m,) for class-conditional models.
     reward_fn: h(x, c) -> (B,); may be None when beta = 0.
+    dist:    data parallelism (``distributed.Dist``), as the CTRL trainer's: every rank draws the random numbers of
+             the global batch (initial states, conditions, actions, noise, ratio-estimator samples, permutations)
+             and computes its own paths; the critic's and the actor's gradients are summed over ranks before
+             clipping and each step, and the statistics the updates use (the actor's delta clip) and log are
+             taken over the global batch. W processes then run the one-process run, up to summation order.
     """
 
     def __init__(
@@ -490,9 +508,15 @@ class QLearningTrainer:
         critic: nn.Module | None = None,
         condition_sampler: Callable[[int, torch.Generator], Tensor | None] = lambda n, g: None,
         data_labels: Tensor | None = None,
+        dist: Dist | None = None,
     ):
         if config.beta > 0 and reward_fn is None:
             raise ValueError("optimize.beta > 0 needs a reward function")
+        self.dist = dist or Dist()
+        if config.batch_size % self.dist.world:
+            raise ValueError(f"qlearning.batch_size ({config.batch_size}) must be a multiple of the number of "
+                             f"processes ({self.dist.world})")
+        self.rows = self.dist.shard(config.batch_size)  # this rank's paths of the global batch
         self.model, self.cfg, self.schedule = model, config, model.schedule
         self.data = data.detach().float()
         self.data_labels = None if data_labels is None else data_labels.detach().long()
@@ -522,10 +546,16 @@ class QLearningTrainer:
             return sch.random_time_grid(cfg.train_steps, self.generator, s_end=s_end)
         return sch.time_grid(cfg.train_steps, s_end=s_end)
 
-    def score_hat(self, s: Tensor, y: Tensor, c: Tensor | None) -> Tensor:
+    def score_hat(self, s: Tensor, y: Tensor, c: Tensor | None, c_global: Tensor | None) -> Tensor:
+        """The ratio estimate at this rank's rows ``y`` of the global batch (``c`` their conditions, ``c_global``
+        the batch's): the data samples are drawn for the global batch and sliced, as one process draws them."""
         m = self.cfg.ratio_samples or None
         labels = self.data_labels if c is not None else None
-        return ratio_score(self.schedule, s, y, self.data, m, self.generator, c if labels is not None else None, labels)
+        idx = None
+        if m is not None:
+            idx = ratio_sample_index(len(self.data), self.cfg.batch_size, m, self.generator,
+                                     c_global if labels is not None else None, labels)[self.rows]  # fmt: skip
+        return ratio_score(self.schedule, s, y, self.data, m, None, c if labels is not None else None, labels, idx=idx)
 
     def terminal(self, y: Tensor, c: Tensor | None) -> Tensor:
         """J(T, y) = beta h(y), the boundary condition."""
@@ -545,11 +575,14 @@ class QLearningTrainer:
     # -- rollout ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self) -> QRollout:
-        cfg, sch, gen = self.cfg, self.schedule, self.generator
+        cfg, sch, gen, rows = self.cfg, self.schedule, self.generator, self.rows
         grid = self.grid()
-        K, B = cfg.train_steps, cfg.batch_size
-        c = self.condition_sampler(B, gen)
-        y = torch.randn((B, *self.x_shape), generator=gen)
+        K, B_all = cfg.train_steps, cfg.batch_size
+        draw = lambda: torch.randn((B_all, *self.x_shape), generator=gen)[rows]  # noqa: E731  (global draws)
+        c_all = self.condition_sampler(B_all, gen)
+        c = None if c_all is None else c_all[rows]
+        y = draw()
+        B = y.shape[0]  # this rank's paths
         states = torch.empty((K + 1, B, *self.x_shape))
         actions, means, cf, sh = (torch.empty((K, B, *self.x_shape)) for _ in range(4))
         states[0] = y
@@ -558,14 +591,14 @@ class QLearningTrainer:
             s_vec = torch.full((B,), s, dtype=torch.float64)
             mu = self.model.score(s_vec, y, c).float()
             var = cfg.theta / float(sch.g2(s))  # Prop. 1: Sigma_t = theta / g^2(T - t)
-            a = mu + math.sqrt(var) * torch.randn(mu.shape, generator=gen)
+            a = mu + math.sqrt(var) * draw()
             coef = step_coefficients(sch, self.solver, s, s_next)
-            noise = coef.std.float() * torch.randn(y.shape, generator=gen) if coef.std > 0 else 0.0
+            noise = coef.std.float() * draw() if coef.std > 0 else 0.0
             base = coef.A.float() * y + noise
             y_next = base + coef.B.float() * a
             actions[k], means[k] = a, mu
             cf[k] = base + coef.B.float() * mu
-            sh[k] = self.score_hat(s_vec, y, c)
+            sh[k] = self.score_hat(s_vec, y, c, c_all)
             states[k + 1] = y = y_next
         return QRollout(grid, states, actions, means, cf, sh, c)
 
@@ -633,28 +666,44 @@ class QLearningTrainer:
         c = None if ro.conditions is None else ro.conditions.repeat(len(steps))
         return s, y, c
 
+    def _my_pairs(self, idx: Tensor) -> Tensor:
+        """This rank's pairs among ``idx``, indices of (step, path) pairs of the global batch (step-major), as
+        indices into its own step-major rows (in one process: ``idx`` itself)."""
+        B_all, r = self.cfg.batch_size, self.rows
+        k, b = idx // B_all, idx % B_all
+        mine = (b >= r.start) & (b < r.stop)
+        return k[mine] * (r.stop - r.start) + (b[mine] - r.start)
+
     def critic_update(self, ro: QRollout, target: Tensor, terms: tuple[Tensor, Tensor] | None = None) -> float:
         """``terms``: a linked critic's (x_hat, beta h(x_hat)) at these states, as ``increments`` computed them
-        (computed here when not given)."""
+        (computed here when not given). Minibatches are drawn over the global batch's (step, path) pairs; each
+        rank backpropagates its own and the gradients are summed over ranks."""
         cfg, K = self.cfg, self.cfg.train_steps
         s, y, c = self._flat(ro, list(range(K)))
         tgt = target.reshape(-1).float()
-        n, mb = len(tgt), cfg.minibatch_size or len(tgt)
+        n = K * cfg.batch_size
+        mb = cfg.minibatch_size or n
         if terms is None:
             terms = self._reward_terms(s, y, c)
+        params = list(self.critic.parameters())
         losses = []
         for _ in range(cfg.critic_epochs):
             perm = torch.randperm(n, generator=self.generator)
             for j in range(0, n, mb):
-                i = perm[j : j + mb]
-                # semi-gradient: the gradient of 1/2 (J - sg(target))^2 is -dJ/dTheta * delta (test function xi)
-                J = self.critic(s[i], y[i], None if c is None else c[i], terms=_rows(terms, i))
-                loss = 0.5 * (J - tgt[i]).pow(2).mean()
+                idx = perm[j : j + mb]
+                i = self._my_pairs(idx)
                 self.critic_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
+                part = 0.0
+                if len(i):
+                    # semi-gradient: the gradient of 1/2 (J - sg(target))^2 is -dJ/dTheta * delta (test function xi)
+                    J = self.critic(s[i], y[i], None if c is None else c[i], terms=_rows(terms, i))
+                    loss = 0.5 * (J - tgt[i]).pow(2).sum() / len(idx)
+                    loss.backward()
+                    part = float(loss.detach())
+                self.dist.sync_grads(params)
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 self.critic_opt.step()
-                losses.append(float(loss.detach()))
+                losses.append(self.dist.sum(part))
         return sum(losses) / len(losses)
 
     # -- actor: E int zeta dM = 0, zeta = w dq_psi/dpsi --------------------------------------------------------
@@ -668,30 +717,37 @@ class QLearningTrainer:
         a = ro.actions[steps].reshape(len(steps) * B, *self.x_shape)
         delta = delta_actor[steps].float()
         if cfg.delta_clip > 0:  # robustness against the heavy tails of the ratio estimate far from the data
-            lim = cfg.delta_clip * delta.std(dim=1, keepdim=True)
+            every = self.dist.gather_rows(delta.T.contiguous()).T.contiguous()  # (steps, global paths)
+            lim = cfg.delta_clip * every.std(dim=1, keepdim=True)
             delta = torch.maximum(torch.minimum(delta, lim), -lim)
         delta = delta.reshape(-1)
         s_k, dt = ro.grid[steps], (ro.grid[steps] - ro.grid[[k + 1 for k in steps]])
         g2 = sch.g2(s_k).float()
         w = (sch.sigma(s_k) ** 2 / (cfg.theta * sch.g2(s_k) * dt)).float() if cfg.test_weight == "eps" else torch.ones(len(steps))
         g2, w = g2.repeat_interleave(B), w.repeat_interleave(B)
-        n, mb = len(delta), cfg.minibatch_size or len(delta)
+        n = len(steps) * cfg.batch_size
+        mb = cfg.minibatch_size or n
         losses = []
         for _ in range(cfg.actor_epochs):
             perm = torch.randperm(n, generator=self.generator)
             for j in range(0, n, mb):
-                i = perm[j : j + mb]
-                mu = self.model.score(s[i], y[i], None if c is None else c[i])
-                q = -0.5 * g2[i] * (a[i] - mu).flatten(1).pow(2).sum(1)  # q_psi = theta log pi_psi + t-only const
-                # ascent on sum_k zeta_k delta_k: minimise -w q_psi sg(delta) (gradient: -w dq/dpsi delta)
-                loss = -(w[i] * q * delta[i]).mean()
+                idx = perm[j : j + mb]
+                i = self._my_pairs(idx)
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                part = 0.0
+                if len(i):
+                    mu = self.model.score(s[i], y[i], None if c is None else c[i])
+                    q = -0.5 * g2[i] * (a[i] - mu).flatten(1).pow(2).sum(1)  # q_psi = theta log pi_psi + t-only const
+                    # ascent on sum_k zeta_k delta_k: minimise -w q_psi sg(delta) (gradient: -w dq/dpsi delta)
+                    loss = -(w[i] * q * delta[i]).sum() / len(idx)
+                    loss.backward()
+                    part = float(loss.detach())
+                self.dist.sync_grads(self.params)
                 if not all(p.grad is None or torch.all(torch.isfinite(p.grad)) for p in self.params):
                     raise FloatingPointError("non-finite actor gradient: the step was skipped, weights are unchanged")
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.opt.step()
-                losses.append(float(loss.detach()))
+                losses.append(self.dist.sum(part))
         return sum(losses) / len(losses)
 
     # -- one iteration ---------------------------------------------------------------------------------------
@@ -711,14 +767,15 @@ class QLearningTrainer:
         actor_loss = self.actor_update(ro, inc["delta_actor"])
         t3 = time.perf_counter()
         sig2 = (self.schedule.sigma(ro.grid[:-1]) ** 2).float().view(-1, *([1] * (ro.means.ndim - 1)))
-        score_err = float((sig2 * (ro.means - ro.score_hat).pow(2)).mean())
+        # statistics of the global batch: per-path values gathered over ranks (equal counts per path)
+        every = lambda per_path: float(self.dist.gather_rows(per_path.contiguous()).mean())  # noqa: E731
         stats = QStats(
             iteration=self.iteration,
-            reward_mean=float(inc["reward"].mean()),
-            objective=float(inc["return"].mean()),
-            running=float(inc["rq"].sum(0).mean()),
-            score_error=score_err,
-            td_error=float(inc["delta"].abs().mean()),
+            reward_mean=every(inc["reward"]),
+            objective=every(inc["return"]),
+            running=every(inc["rq"].sum(0)),
+            score_error=every((sig2 * (ro.means - ro.score_hat).pow(2)).transpose(0, 1).flatten(1).mean(1)),
+            td_error=every(inc["delta"].abs().mean(0)),
             critic_loss=critic_loss,
             actor_loss=actor_loss,
             sample_s=t1 - t0,

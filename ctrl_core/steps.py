@@ -231,14 +231,12 @@ def optimize(
     if cfg.algorithm == "qlearning":
         from .qlearning import QLearningScoreModel, QLearningTrainer, make_critic
 
-        if dist.world > 1:
-            raise ValueError("optimize.algorithm qlearning runs in one process (data parallelism covers ctrl and ddpo)")
         qcfg = params.qlearning_config()
         model, problem, data, labels, num_classes = qlearning_setup(params, checkpoint_dir)
         reward = make_reward_fn(params, problem)
         trainer = QLearningTrainer(model, data, reward, qcfg, x_shape=problem.x_shape,
                                    critic=make_critic(problem.x_shape, num_classes, qcfg.critic, model, reward, qcfg.beta),
-                                   condition_sampler=problem.condition_sampler, data_labels=labels)
+                                   condition_sampler=problem.condition_sampler, data_labels=labels, dist=dist)
         iterations, blocks, timing = qcfg.iterations, ("qlearning",), ("sample", "critic", "actor")
         save_model = model.save if isinstance(model, QLearningScoreModel) else model.save_adapter
         extra_outputs = lambda tmp: atomic_save_weights(trainer.critic.state_dict(), tmp / "critic.safetensors")  # noqa: E731

@@ -360,8 +360,10 @@ def step(name, params_path, overrides, checkpoint, value_dir, optimize_dir, eval
 
     params = _load_params(params_path, overrides)  # validated before any process is started
     n = num_processes or int(os.environ.get("CTRL_NUM_PROCESSES", "1") or 1)
-    data_parallel = name in ("pretrain_value", "optimize") and params.optimize.algorithm != "qlearning"
+    # q-learning has no value pretraining (the step only writes "skipped"): one process is enough there
+    data_parallel = name == "optimize" or (name == "pretrain_value" and params.optimize.algorithm != "qlearning")
     if n > 1 and data_parallel and "WORLD_SIZE" not in os.environ:
+        _check_split(params, name, n)  # before any process starts
         argv = ["step", name, *(["--params", params_path] if params_path else []),
                 *[a for o in overrides for a in ("--set", o)], "--checkpoint", checkpoint, "--value", value_dir,
                 "--optimize-dir", optimize_dir, "--evaluate-dir", evaluate_dir]
@@ -390,6 +392,19 @@ def num_processes() -> int:
     return max(int(os.environ.get("CTRL_NUM_PROCESSES", "1") or 1), 1)
 
 
+def _check_split(params, name: str, n: int) -> None:
+    """Every rank computes its equal share of the global batches: refuse sizes that do not split over n."""
+    if name == "pretrain_value":
+        sizes = {"value.num_paths": params.value.num_paths, "value.batch_size": params.value.batch_size}
+    elif params.optimize.algorithm == "qlearning":
+        sizes = {"qlearning.batch_size": params.qlearning.batch_size}
+    else:
+        sizes = {"optimize.batch_size": params.optimize.batch_size}
+    bad = [f"{k} = {v}" for k, v in sizes.items() if v % n]
+    if bad:
+        raise click.UsageError(f"{', '.join(bad)}: must be a multiple of the number of processes ({n})")
+
+
 def run_step_data_parallel(name: str, params_json: str, checkpoint: str, out_dir: str, value_dir: str | None = None) -> dict:
     """For the KFP components: run ``ctrl step NAME`` over ``num_processes()`` processes and return the step's
     result (read back from the outputs rank 0 wrote)."""
@@ -397,6 +412,9 @@ def run_step_data_parallel(name: str, params_json: str, checkpoint: str, out_dir
 
     import yaml
 
+    from ctrl_core.params import from_json
+
+    _check_split(from_json(params_json), name, num_processes())
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
         fh.write(yaml.safe_dump(json.loads(params_json)))  # (PyYAML reads JSON's 1e-05 as a string)
     argv = ["step", name, "--params", fh.name, "--checkpoint", checkpoint, "--num-processes", str(num_processes())]

@@ -98,3 +98,43 @@ def test_global_batch_must_split_over_the_processes():
     with pytest.raises(ValueError, match=r"optimize.batch_size \(10\) must be a multiple of the number of processes \(3\)"):
         Trainer(problem.policy, make_reward("quadratic"), cfg, problem.x_shape, dist=Dist(rank=0, world=3))
     assert Dist(rank=1, world=4).shard(8) == slice(2, 4)
+
+
+@pytest.mark.slow
+def test_qlearning_two_processes_equal_one_process(tmp_path):
+    """q-learning data-parallel, as CTRL: ranks draw the global batch's random numbers (class conditions, ratio
+    estimator samples, noise, permutations), compute their own paths and sum critic and actor gradients. With a
+    class-conditional data set, subsampled ratio estimates and the actor's delta clip (a global statistic)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (120,), generator=g)
+    data = torch.tensor([[-1.5, 0.0], [1.5, 0.0]])[labels] + 0.3 * torch.randn((120, 2), generator=g)
+    (tmp_path / "dataset").mkdir()
+    save_file({"data": data, "labels": labels}, str(tmp_path / "dataset" / "data.safetensors"))
+    raw = {"checkpoint": {"source": str(tmp_path / "dataset")},
+           "reward": {"name": "quadratic", "options": {"target": [1.5, 0.0]}},
+           "optimize": {"algorithm": "qlearning", "checkpoint_every": 2},
+           "qlearning": {"iterations": 3, "batch_size": 16, "train_steps": 6, "train_timesteps": 4, "beta": 1.0,
+                         "width": 16, "ratio_samples": 24, "delta_clip": 2.0, "minibatch_size": 20}}  # fmt: skip
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    _ctrl_step(tmp_path, "fetch")
+    _ctrl_step(tmp_path, "optimize", "--value", "", "--optimize-dir", str(tmp_path / "q1"))
+    res = _ctrl_step(tmp_path, "optimize", "--value", "", "--optimize-dir", str(tmp_path / "q2"), processes=2)
+    assert "launching 2 processes" in res.stderr
+    s2 = json.loads((tmp_path / "q2" / "metrics.json").read_text())["summary"]
+    assert s2["processes"] == 2 and s2["ranks_identical"] is True
+    for name in ("adapter/model.safetensors", "critic.safetensors"):
+        one, two = (load_file(str(tmp_path / d / name)) for d in ("q1", "q2"))
+        assert _rel_diff(one, two) < 1e-3, name
+        assert any(not torch.equal(one[k], two[k]) for k in one), f"{name}: bitwise equal, so not 2 real processes"
+    h1, h2 = (json.loads((tmp_path / d / "metrics.json").read_text())["history"] for d in ("q1", "q2"))
+    for key in ("reward_mean", "objective", "td_error", "score_error"):
+        assert [r[key] for r in h2] == pytest.approx([r[key] for r in h1], rel=1e-4), key
+    # sizes that do not split are refused before any process starts
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bad = subprocess.run([sys.executable, "-m", "pipelines.cli", "step", "optimize", "--params", str(tmp_path / "params.yaml"),
+                          "--checkpoint", str(tmp_path / "checkpoint"), "--num-processes", "3"],
+                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "qlearning.batch_size = 16: must be a multiple of the number of processes (3)" in bad.stderr
+    assert "launching" not in bad.stderr

@@ -29,7 +29,7 @@ def ctrl_optimize(
     value_dir = value.path if p.optimize.algorithm == "ctrl" else None
     from pipelines.cli import num_processes, run_step_data_parallel
 
-    if num_processes() > 1 and p.optimize.algorithm != "qlearning":  # one process per GPU; gradients all-reduced
+    if num_processes() > 1:  # one process per GPU; gradients all-reduced
         out = run_step_data_parallel("optimize", params, checkpoint.path, adapter.path, value_dir)
     else:
         out = steps.optimize(p, checkpoint.path, value_dir, adapter.path, progress=progress)
