@@ -27,7 +27,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,37 @@ DEFAULT_ROOT = ".ctrl-checkpoints"
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint folder whose content does not match its metadata."""
+
+
+class IncompatibleCheckpointError(RuntimeError):
+    """A checkpoint of this run whose state this code cannot take (written by another version of the code)."""
+
+
+def code_version() -> str:
+    """Which code writes a checkpoint: the package version and, in the image or a checkout, the git SHA."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = f"ctrl-pipeline {version('ctrl-pipeline')}"
+    except PackageNotFoundError:
+        v = "ctrl-pipeline (not installed)"
+    sha = os.environ.get("CTRL_GIT_SHA", "")
+    return f"{v} at {sha[:12]}" if sha else v
+
+
+def restore(store: CheckpointStore, found: tuple[int, Any, dict], load: Callable[[Any], Any]) -> Any:
+    """Hand a checkpoint's state to ``load``. The run key covers parameters and inputs, not code: a new image can
+    meet a checkpoint whose state layout it does not know. That is a clear error naming both versions and the
+    way out (``run.resume: false``), not a KeyError from deep inside the trainer."""
+    iteration, state, extra = found
+    try:
+        return load(state)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        raise IncompatibleCheckpointError(
+            f"{store.dir}: cannot resume from its checkpoint at {iteration}: the state does not fit this code "
+            f"({type(err).__name__}: {err}). It was written by {extra.get('written_by', 'an unrecorded version')}, "
+            f"this is {code_version()}. Run the version that wrote it, or set run.resume: false to start this "
+            "step over (the folder is cleared).") from err
 
 
 class SupersededError(RuntimeError):
@@ -190,7 +221,7 @@ class CheckpointStore:
         try:
             save_file(tensors, str(tmp / "state.safetensors"))
             meta = {"iteration": iteration, "run_key": self.key, "structure": structure, "extra": extra or {},
-                    "sha256": sha256_file(tmp / "state.safetensors")}
+                    "sha256": sha256_file(tmp / "state.safetensors"), "written_by": code_version()}
             (tmp / "meta.json").write_text(json.dumps(meta))
             for f in (tmp / "state.safetensors", tmp / "meta.json", tmp):
                 fsync_path(f)
@@ -219,10 +250,12 @@ class CheckpointStore:
             raise CorruptCheckpointError(f"{folder}: belongs to run {meta.get('run_key')!r}, not {self.key!r}")
         if not data_path.is_file() or sha256_file(data_path) != meta.get("sha256"):
             raise CorruptCheckpointError(f"{folder}: state.safetensors does not match its recorded sha256")
-        return int(meta["iteration"]), unflatten_state(load_file(str(data_path)), meta["structure"]), meta.get("extra", {})
+        extra = {**meta.get("extra", {}), "written_by": meta.get("written_by", "an unrecorded version")}
+        return int(meta["iteration"]), unflatten_state(load_file(str(data_path)), meta["structure"]), extra
 
     def latest(self) -> tuple[int, Any, dict] | None:
-        """(iteration, state, extra) of the newest checkpoint that verifies, or None."""
+        """(iteration, state, extra) of the newest checkpoint that verifies, or None (extra["written_by"]: the
+        code version that wrote it)."""
         for folder in self._complete():
             try:
                 return self._read(folder)

@@ -159,10 +159,25 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
     store = checkpoint_store(params, "pretrain_value", ("checkpoint", "model", "reward", "value"),
                              [checkpoint_dir, params.model.prompts or None], extra={"solver": params.optimize.solver})
     found = store.latest() if params.run.resume else None  # (rank 0 may not have cleared it yet)
-    state = found[1] if found else {"collecting": None, "data": None, "fitted": {}}
     problem = load_problem(params, checkpoint_dir)
     reward = make_reward_fn(params, problem)
     value_reward, make_residual = value_parts(params, problem, reward)
+
+    def fits(st: dict) -> dict:  # the layout this code writes; fitted candidates' weights fit its residual
+        if set(st) != {"collecting", "data", "fitted"}:
+            raise KeyError(f"state keys {sorted(st)}")
+        if st["data"] is not None:
+            ValueDataset(**st["data"])
+        if st["fitted"]:
+            fresh = make_residual().state_dict()
+            for name, f in st["fitted"].items():
+                if set(f["weights"]) != set(fresh) or any(f["weights"][k].shape != fresh[k].shape for k in fresh):
+                    raise ValueError(f"the fitted {name!r} value net's weights do not fit this residual")
+        return st
+
+    from .resume import restore
+
+    state = restore(store, found, fits) if found else {"collecting": None, "data": None, "fitted": {}}
     vp, seed = params.value, params.run.seed
     saves = [found[0] if found else 0]
 
@@ -263,7 +278,9 @@ def optimize(
     found = store.latest() if params.run.resume else None  # (rank 0 may not have cleared it yet)
     resumed_from = None
     if found is not None:
-        trainer.load_state_dict(found[1])
+        from .resume import restore
+
+        restore(store, found, trainer.load_state_dict)
         resumed_from = found[0]
     def row_of(st) -> dict:  # numeric extras (old_log_probs=trainer: the sampler/trainer gap) join the row
         row = {k: v for k, v in st.__dict__.items() if k != "extra"}

@@ -11,7 +11,13 @@ import torch
 from bench.kill_campaign import run_kill_campaign
 from ctrl_core.algorithms import OptimConfig, Trainer
 from ctrl_core.recipes import gaussian_problem
-from ctrl_core.resume import CheckpointStore, SupersededError, flatten_state, unflatten_state
+from ctrl_core.resume import (
+    CheckpointStore,
+    IncompatibleCheckpointError,
+    SupersededError,
+    flatten_state,
+    unflatten_state,
+)
 from ctrl_core.rewards import make_reward
 from ctrl_core.value import MLPResidual, ValueFunction
 
@@ -80,9 +86,8 @@ def test_newest_attempt_owns_the_checkpoint_folder(tmp_path):
     assert not new.dir.exists()  # the superseded attempt recreated nothing
 
 
-def test_superseded_step_commits_nothing_and_the_newer_attempt_finishes(tmp_path, monkeypatch):
-    """The optimize step of the embedded default: a second attempt of the same run starts after iteration 1; the
-    first stops at its next iteration with a clear error and no output, the second resumes and commits."""
+def _embedded_optimize(tmp_path, monkeypatch, *overrides: str):
+    """The embedded default's checkpoint and value net, and optimize-step arguments (3 tiny iterations)."""
     from ctrl_core import params as params_mod
     from ctrl_core import steps
 
@@ -91,10 +96,19 @@ def test_superseded_step_commits_nothing_and_the_newer_attempt_finishes(tmp_path
     torch.set_num_threads(1)
     p = params_mod.load(None, ["value.num_paths=8", "value.steps=4", "value.epochs=1", "value.candidates=[cos_sin]",
                                "optimize.iterations=3", "optimize.batch_size=4", "optimize.train_steps=4",
-                               "optimize.train_timesteps=2", "optimize.minibatch_size=4", "optimize.checkpoint_every=1"])
+                               "optimize.train_timesteps=2", "optimize.minibatch_size=4", "optimize.checkpoint_every=1",
+                               *overrides])  # fmt: skip
     steps.fetch(p, tmp_path / "checkpoint")
     steps.pretrain_value(p, tmp_path / "checkpoint", tmp_path / "value")
-    args = (p, tmp_path / "checkpoint", tmp_path / "value", tmp_path / "optimize")
+    return p, tmp_path / "checkpoint", tmp_path / "value", tmp_path / "optimize"
+
+
+def test_superseded_step_commits_nothing_and_the_newer_attempt_finishes(tmp_path, monkeypatch):
+    """The optimize step of the embedded default: a second attempt of the same run starts after iteration 1; the
+    first stops at its next iteration with a clear error and no output, the second resumes and commits."""
+    from ctrl_core import steps
+
+    args = _embedded_optimize(tmp_path, monkeypatch)
 
     def newer_attempt_starts(row: dict) -> None:
         if row["iteration"] == 0:  # after checkpoint 1: the retry takes the folder (what its start does)
@@ -109,6 +123,35 @@ def test_superseded_step_commits_nothing_and_the_newer_attempt_finishes(tmp_path
     summary = steps.optimize(*args)
     assert summary["resumed_from_iteration"] == 1 and summary["iterations"] == 3
     assert (tmp_path / "optimize" / "adapter").is_dir() and not folder.exists()
+
+
+def test_a_checkpoint_from_other_code_is_a_clear_error(tmp_path, monkeypatch):
+    """The run key covers parameters and inputs, not code: a new image meeting a checkpoint whose state layout it
+    does not know says so (both versions, and run.resume: false), and run.resume: false starts over."""
+    from ctrl_core import steps
+
+    monkeypatch.setenv("CTRL_GIT_SHA", "0123456789abcdef")
+    p, *dirs = _embedded_optimize(tmp_path, monkeypatch)
+
+    def preempted(row: dict) -> None:
+        if row["iteration"] == 0:
+            raise KeyboardInterrupt  # the pod goes after checkpoint 1
+
+    with pytest.raises(KeyboardInterrupt):
+        steps.optimize(p, *dirs, progress=preempted)
+    (ckpt,) = (tmp_path / "ckpt" / "optimize").glob("*/ckpt-00000001")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["written_by"] == "ctrl-pipeline 0.1.0 at 0123456789ab"
+    for item in meta["structure"]["__dict__"]:  # the top-level keys: call "opt" what another version might
+        item[0] = "optimiser" if item[0] == "opt" else item[0]
+    meta["written_by"] = "ctrl-pipeline 0.0.9 at fedcba987654"
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(IncompatibleCheckpointError, match=r"(?s)KeyError: 'opt'.*written by ctrl-pipeline 0\.0\.9 at "
+                       r"fedcba987654, this is ctrl-pipeline 0\.1\.0 at 0123456789ab.*run\.resume: false"):
+        steps.optimize(p, *dirs)
+    assert ckpt.is_dir() and not (tmp_path / "optimize").exists()  # nothing lost, nothing half-written
+    summary = steps.optimize(p.model_copy(update={"run": p.run.model_copy(update={"resume": False})}), *dirs)
+    assert summary["resumed_from_iteration"] is None and summary["iterations"] == 3
 
 
 def _trainer(seed: int = 0, reward=None, **kw) -> Trainer:
