@@ -703,8 +703,8 @@ class QLearningTrainer:
                 self.dist.sync_grads(params)
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 self.critic_opt.step()
-                losses.append(self.dist.sum(part))
-        return sum(losses) / len(losses)
+                losses.append(part)
+        return self.dist.sum(sum(losses)) / len(losses)  # (each rank's parts: one reduction)
 
     # -- actor: E int zeta dM = 0, zeta = w dq_psi/dpsi --------------------------------------------------------
     def actor_update(self, ro: QRollout, delta_actor: Tensor) -> float:
@@ -747,8 +747,8 @@ class QLearningTrainer:
                     raise FloatingPointError("non-finite actor gradient: the step was skipped, weights are unchanged")
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.opt.step()
-                losses.append(self.dist.sum(part))
-        return sum(losses) / len(losses)
+                losses.append(part)
+        return self.dist.sum(sum(losses)) / len(losses)  # (each rank's parts: one reduction)
 
     # -- one iteration ---------------------------------------------------------------------------------------
     def step(self) -> QStats:

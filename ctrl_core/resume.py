@@ -60,19 +60,32 @@ def code_version() -> str:
     return f"{v} at {sha[:12]}" if sha else v
 
 
+def _layout_error(err: BaseException) -> bool:
+    """Errors that mean "this state does not fit": missing or renamed keys, shapes, structure. Not out-of-memory,
+    CUDA or other runtime failures, which must surface as themselves (a retry may well resume)."""
+    if isinstance(err, KeyError | IndexError | TypeError | ValueError):
+        return True
+    text = str(err)  # nn.Module.load_state_dict's own RuntimeError
+    return type(err) is RuntimeError and ("Error(s) in loading state_dict" in text or "size mismatch" in text)
+
+
 def restore(store: CheckpointStore, found: tuple[int, Any, dict], load: Callable[[Any], Any]) -> Any:
     """Hand a checkpoint's state to ``load``. The run key covers parameters and inputs, not code: a new image can
     meet a checkpoint whose state layout it does not know. That is a clear error naming both versions and the
-    way out (``run.resume: false``), not a KeyError from deep inside the trainer."""
+    way out, not a KeyError from deep inside the trainer."""
     iteration, state, extra = found
     try:
         return load(state)
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
-        raise IncompatibleCheckpointError(
-            f"{store.dir}: cannot resume from its checkpoint at {iteration}: the state does not fit this code "
-            f"({type(err).__name__}: {err}). It was written by {extra.get('written_by', 'an unrecorded version')}, "
-            f"this is {code_version()}. Run the version that wrote it, or set run.resume: false to start this "
-            "step over (the folder is cleared).") from err
+    except Exception as err:
+        if not _layout_error(err):
+            raise
+        written, this = extra.get("written_by", "an unrecorded version"), code_version()
+        way_out = (f"It was written by {written}, this is {this}: run the version that wrote it, or set run.resume: "
+                   "false to start this step over (the folder is cleared)." if written != this else
+                   f"The same code ({this}) wrote it, so the checkpoint is damaged or this is a bug: please report "
+                   "it; run.resume: false starts this step over (the folder is cleared).")  # fmt: skip
+        raise IncompatibleCheckpointError(f"{store.dir}: cannot resume from its checkpoint at {iteration}: the "
+                                          f"state does not fit this code ({type(err).__name__}: {err}). {way_out}") from err
 
 
 class SupersededError(RuntimeError):
@@ -198,7 +211,8 @@ class CheckpointStore:
         lease = self.holder()
         if lease is None or lease.get("owner") != self.owner:
             who = (f"by the attempt started {lease.get('since')} on {lease.get('host')} (pid {lease.get('pid')})"
-                   if lease else "(the lease is gone: the newer attempt finished and cleared the folder)")
+                   if lease else "(the lease is gone: a newer attempt cleared the folder, because it finished or "
+                   "started over with run.resume: false)")
             raise SupersededError(f"{self.dir}: a newer attempt of this run took over the checkpoint folder {who}; "
                                   "this attempt stops without writing: the run goes on there")
 
@@ -250,8 +264,12 @@ class CheckpointStore:
             raise CorruptCheckpointError(f"{folder}: belongs to run {meta.get('run_key')!r}, not {self.key!r}")
         if not data_path.is_file() or sha256_file(data_path) != meta.get("sha256"):
             raise CorruptCheckpointError(f"{folder}: state.safetensors does not match its recorded sha256")
-        extra = {**meta.get("extra", {}), "written_by": meta.get("written_by", "an unrecorded version")}
+        extra = {"written_by": meta.get("written_by", "an unrecorded version"), **meta.get("extra", {})}
         return int(meta["iteration"]), unflatten_state(load_file(str(data_path)), meta["structure"]), extra
+
+    def load(self, iteration: int) -> tuple[int, Any, dict]:
+        """The checkpoint of ``iteration`` (CorruptCheckpointError if it is missing or does not verify)."""
+        return self._read(self.dir / f"{self.PREFIX}{iteration:08d}")
 
     def latest(self) -> tuple[int, Any, dict] | None:
         """(iteration, state, extra) of the newest checkpoint that verifies, or None (extra["written_by"]: the
@@ -264,7 +282,23 @@ class CheckpointStore:
         return None
 
     def clear(self) -> None:
-        """Remove the folder (checkpoints, snapshots, lease): the run's output is committed or resume is off."""
+        """Remove the folder (checkpoints, snapshots, lease): the run's output is committed or resume is off.
+        The folder is first renamed aside and the lease checked again there, so a newer attempt that took it
+        over between the check and the removal gets it back instead of losing it."""
         self.check()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir.is_dir():
+            aside = self.dir.with_name(f".{self.dir.name}.clearing-{uuid.uuid4().hex[:8]}")
+            os.replace(self.dir, aside)
+            if self.owner is not None:
+                try:
+                    taken = json.loads((aside / self.LEASE).read_text()).get("owner") != self.owner
+                except (OSError, ValueError):
+                    taken = False
+                if taken:  # (the newer attempt has not written since: it checks its lease before every write)
+                    os.replace(aside, self.dir)
+                    self.owner = None
+                    return
+            shutil.rmtree(aside, ignore_errors=True)
+        for stale in self.dir.parent.glob(f".{self.dir.name}.clearing-*"):  # left by a process killed mid-clear
+            shutil.rmtree(stale, ignore_errors=True)
         self.owner = None

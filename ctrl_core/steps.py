@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -78,6 +79,31 @@ def checkpoint_store(params: Params, step: str, blocks: tuple[str, ...], input_d
             store.clear()
         store.acquire()
     return store
+
+
+def resume_point(params: Params, store, dist) -> tuple[int, Any, dict] | None:
+    """The checkpoint every rank resumes from: rank 0 (which holds the folder's lease) picks the newest that
+    verifies and tells the others which, so that no rank can pick another (an older attempt's last write, or
+    one pruned in between)."""
+    from .resume import CorruptCheckpointError
+
+    found = store.latest() if params.run.resume and dist.is_main else None
+    if dist.world == 1:
+        return found
+    chosen = int(dist.sum(float(found[0]) if found else 0.0))  # 0: none (checkpoints start at iteration 1)
+    if dist.is_main or chosen == 0:
+        return found
+    try:
+        return store.load(chosen)
+    except CorruptCheckpointError as err:
+        raise RuntimeError(f"rank {dist.rank}: cannot read the checkpoint rank 0 resumes from ({err})") from None
+
+
+def _synchronised(trainer) -> list:
+    """The weights data parallelism keeps equal on every rank: the policy/actor, and the value net or critic."""
+    value = getattr(getattr(trainer, "value", None), "residual", None)
+    nets = [m for m in (value, getattr(trainer, "critic", None)) if m is not None]
+    return [*trainer.params, *(q.detach() for m in nets for q in m.parameters())]
 
 
 def _dist():
@@ -158,7 +184,7 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
     dist = _dist()  # first: it picks this rank's GPU before any model is built
     store = checkpoint_store(params, "pretrain_value", ("checkpoint", "model", "reward", "value"),
                              [checkpoint_dir, params.model.prompts or None], extra={"solver": params.optimize.solver})
-    found = store.latest() if params.run.resume else None  # (rank 0 may not have cleared it yet)
+    found = resume_point(params, store, dist)
     problem = load_problem(params, checkpoint_dir)
     reward = make_reward_fn(params, problem)
     value_reward, make_residual = value_parts(params, problem, reward)
@@ -166,6 +192,8 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
     def fits(st: dict) -> dict:  # the layout this code writes; fitted candidates' weights fit its residual
         if set(st) != {"collecting", "data", "fitted"}:
             raise KeyError(f"state keys {sorted(st)}")
+        if st["collecting"] is not None and not {"generator", "parts", "next"} <= set(st["collecting"]):
+            raise KeyError(f"collecting state keys {sorted(st['collecting'])}")
         if st["data"] is not None:
             ValueDataset(**st["data"])
         if st["fitted"]:
@@ -275,7 +303,7 @@ def optimize(
                 atomic_write_json({"chosen": value.link_name}, tmp / "link.json")
 
     store = checkpoint_store(params, "optimize", ("checkpoint", "model", "reward", "optimize", *blocks), inputs, key_extra)
-    found = store.latest() if params.run.resume else None  # (rank 0 may not have cleared it yet)
+    found = resume_point(params, store, dist)
     resumed_from = None
     if found is not None:
         from .resume import restore
@@ -292,7 +320,7 @@ def optimize(
     snapshots = store.dir / "snapshots"  # model snapshots survive restarts with the checkpoints
     if not dist.is_main:  # the other ranks train in lockstep; rank 0 writes checkpoints and outputs
         trainer.train()
-        if not dist.identical(trainer.params):
+        if not dist.identical(_synchronised(trainer)):
             raise RuntimeError("data-parallel ranks ended with different adapters (gradients not synchronised)")
         return {"rank": dist.rank, "iterations": trainer.iteration}
     with staged_output(out_dir) as tmp:
@@ -315,7 +343,7 @@ def optimize(
 
         t0 = time.perf_counter()
         trainer.train(on_iteration)
-        if not dist.identical(trainer.params):
+        if not dist.identical(_synchronised(trainer)):
             raise RuntimeError("data-parallel ranks ended with different adapters (gradients not synchronised)")
         if snapshots.is_dir():
             shutil.copytree(snapshots, tmp / "checkpoints")

@@ -131,6 +131,30 @@ def test_qlearning_two_processes_equal_one_process(tmp_path):
     h1, h2 = (json.loads((tmp_path / d / "metrics.json").read_text())["history"] for d in ("q1", "q2"))
     for key in ("reward_mean", "objective", "td_error", "score_error"):
         assert [r[key] for r in h2] == pytest.approx([r[key] for r in h1], rel=1e-4), key
+    # a run stopped after checkpoint 1 (here: one process) resumes on two: rank 0 picks the checkpoint and every
+    # rank loads that one
+    from ctrl_core import params as params_mod
+    from ctrl_core import steps
+
+    os.environ["CTRL_CHECKPOINT_ROOT"] = str(tmp_path / "ckpt-resume")
+    try:
+        def preempted(row: dict) -> None:
+            if row["iteration"] == 1:
+                raise KeyboardInterrupt  # after checkpoint 2
+
+        with pytest.raises(KeyboardInterrupt):
+            steps.optimize(params_mod.load(tmp_path / "params.yaml"), tmp_path / "checkpoint", None, tmp_path / "q3",
+                           progress=preempted)
+    finally:
+        del os.environ["CTRL_CHECKPOINT_ROOT"]
+    (tmp_path / "ckpt-2").rename(tmp_path / "ckpt-2-done")
+    (tmp_path / "ckpt-resume").rename(tmp_path / "ckpt-2")  # where the 2-process run looks
+    _ctrl_step(tmp_path, "optimize", "--value", "", "--optimize-dir", str(tmp_path / "q3"), processes=2)
+    s3 = json.loads((tmp_path / "q3" / "metrics.json").read_text())["summary"]
+    assert s3["resumed_from_iteration"] == 2 and s3["processes"] == 2 and s3["ranks_identical"] is True
+    for name in ("adapter/model.safetensors", "critic.safetensors"):
+        one, three = (load_file(str(tmp_path / d / name)) for d in ("q1", "q3"))
+        assert _rel_diff(one, three) < 1e-3, name
     # sizes that do not split are refused before any process starts
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     bad = subprocess.run([sys.executable, "-m", "pipelines.cli", "step", "optimize", "--params", str(tmp_path / "params.yaml"),

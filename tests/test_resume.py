@@ -86,6 +86,42 @@ def test_newest_attempt_owns_the_checkpoint_folder(tmp_path):
     assert not new.dir.exists()  # the superseded attempt recreated nothing
 
 
+def test_clear_gives_the_folder_back_to_an_attempt_that_took_it_over_meanwhile(tmp_path):
+    """The old attempt's clear() passed its lease check, then the newer attempt acquired before the removal: the
+    folder is renamed aside, the lease re-read there, and the folder put back with the newer attempt's lease."""
+    old, new = (CheckpointStore(tmp_path, "optimize", "run-a") for _ in range(2))
+    old.acquire()
+    old.save(1, {"w": torch.ones(2)})
+    new.acquire()
+    old.check = lambda: None  # the check ran just before new.acquire()
+    old.clear()
+    assert new.latest()[0] == 1 and new.holder()["owner"] == new.owner
+    new.save(2, {"w": torch.ones(2)})  # the newer attempt goes on
+    new.clear()
+    assert not new.dir.exists() and not list(tmp_path.glob("optimize/.*clearing*"))
+
+
+def test_restore_names_versions_and_lets_other_failures_through(tmp_path):
+    from ctrl_core.resume import restore
+
+    store = CheckpointStore(tmp_path, "optimize", "run-a")
+    store.save(1, {"w": torch.ones(2)})
+    found = store.latest()
+
+    def bad_layout(state):
+        raise RuntimeError("Error(s) in loading state_dict for Linear: size mismatch for weight")
+
+    with pytest.raises(IncompatibleCheckpointError, match="same code .* damaged or this is a bug"):
+        restore(store, found, bad_layout)  # same version: not "run the version that wrote it"
+
+    def out_of_memory(state):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):  # a retry may resume: never reported as incompatible
+        restore(store, found, out_of_memory)
+    assert store.latest()[0] == 1
+
+
 def _embedded_optimize(tmp_path, monkeypatch, *overrides: str):
     """The embedded default's checkpoint and value net, and optimize-step arguments (3 tiny iterations)."""
     from ctrl_core import params as params_mod
