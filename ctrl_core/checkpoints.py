@@ -66,6 +66,7 @@ class Manifest:
     sha256: str
     size_bytes: int
     files: dict[str, str] = field(default_factory=dict)  # relpath (posix) -> sha256
+    skipped: list[str] = field(default_factory=list)  # source files a diffusers pipeline does not need (not fetched)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,6 +78,7 @@ class Manifest:
             sha256=str(d["sha256"]),
             size_bytes=int(d["size_bytes"]),
             files={str(k): str(v) for k, v in dict(d["files"]).items()},
+            skipped=[str(x) for x in d.get("skipped", [])],
         )
 
 
@@ -141,8 +143,9 @@ def fetch_checkpoint(
     tmp = dest.parent / f".{dest.name}.tmp-{secrets.token_hex(6)}"
     tmp.mkdir()  # not mkdtemp: its 0700 mode would become dest's; this one follows the umask
     try:
-        fetch(tmp)
+        skipped = fetch(tmp) or []  # fetchers return what they left out (select_pipeline_files)
         manifest = _verify_tree(tmp, source, expected)
+        manifest.skipped = skipped
         atomic_write_json(manifest.to_dict(), tmp / MANIFEST_NAME)
         _swap_into_place(tmp, dest)
     except BaseException:
@@ -197,6 +200,48 @@ def _make_parents(parent: Path) -> list[Path]:
         p = p.parent
     parent.mkdir(parents=True, exist_ok=True)
     return list(reversed(missing))
+
+
+#: Folders of a diffusers pipeline that no step loads (Stable Diffusion's NSFW checker and its image processor).
+PIPELINE_UNUSED_FOLDERS = ("safety_checker", "feature_extractor")
+_WEIGHT_NAME_RE = re.compile(r"^(?P<base>[^.]+?)(?:\.(?P<variant>[A-Za-z0-9_]+))?(?P<shard>-\d+-of-\d+)?\.safetensors$")
+
+
+def select_pipeline_files(rels: list[str]) -> tuple[list[str], list[str]]:
+    """(files to fetch, files skipped) of a source. A diffusers pipeline folder (``model_index.json`` at the
+    top, or unet/, vae/ and text_encoder/ folders), as published on the hub, carries much that no step loads: the
+    single-file checkpoints at the top (``v1-5-pruned.safetensors``, 4-8 GB each), the safety checker, pickled
+    and Flax/TF twins of the safetensors weights, and extra precisions (``.fp16``, ``.non_ema``) beside the
+    full-precision weights. Those are skipped, before any download. In a folder whose only weights are variants,
+    one is kept (fp16 first). Any other source is fetched whole; pickles left in it are refused later."""
+    tops = {r.split("/", 1)[0] for r in rels if "/" in r}
+    if "model_index.json" not in rels and not {"unet", "vae", "text_encoder"} <= tops:
+        return list(rels), []
+    keep, skip = [], []
+    by_folder: dict[str, list[str]] = {}
+    for r in rels:
+        folder, _, name = r.rpartition("/")
+        if not folder and (name.lower().endswith(".safetensors") or _is_unsafe_weight_name(name)):
+            skip.append(r)  # a single-file checkpoint: the component folders hold the same weights
+        elif folder.split("/", 1)[0] in PIPELINE_UNUSED_FOLDERS:
+            skip.append(r)
+        else:
+            by_folder.setdefault(folder, []).append(name)
+    for folder, names in by_folder.items():
+        weights = {n: _WEIGHT_NAME_RE.match(n) for n in names if n.lower().endswith(".safetensors")}
+        plain = {m["base"] for m in weights.values() if m and not m["variant"]}
+        variants = sorted({m["variant"] for m in weights.values() if m and m["variant"] and m["base"] not in plain})
+        chosen = ("fp16" if "fp16" in variants else variants[0]) if variants else None
+        for n in names:
+            m = weights.get(n)
+            if _is_unsafe_weight_name(n) and weights:
+                ok = False  # a pickled / Flax / TF twin of safetensors weights
+            elif m and m["variant"]:
+                ok = m["base"] not in plain and m["variant"] == chosen
+            else:
+                ok = True
+            (keep if ok else skip).append(f"{folder}/{n}" if folder else n)
+    return sorted(keep), sorted(skip)
 
 
 def _is_unsafe_weight_name(name: str) -> bool:
@@ -322,14 +367,20 @@ def _local_fetcher(source: str, path: Path, dest: Path) -> Callable:
     if src.is_dir() and (target == src or src in target.parents):
         raise CheckpointError(f"{source}: dest {dest} is the source directory or inside it")
 
-    def fetch(tmp: Path) -> None:
+    def fetch(tmp: Path) -> list[str]:
         try:
             if src.is_dir():
-                shutil.copytree(src, tmp, dirs_exist_ok=True)  # follows symlinks: copies their contents
-            elif src.is_file():
+                rels = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+                keep, skipped = select_pipeline_files(rels)
+                _refuse_unsafe(source, keep)  # before copying gigabytes
+                for rel in keep:
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src / rel, tmp / rel)  # follows symlinks: copies their contents
+                return skipped
+            if src.is_file():
                 shutil.copyfile(src, tmp / src.name)
-            else:
-                raise CheckpointError(f"{source}: not a regular file or directory")
+                return []
+            raise CheckpointError(f"{source}: not a regular file or directory")
         except OSError as e:
             raise CheckpointError(f"{source}: could not copy: {e}") from e
 
@@ -358,7 +409,7 @@ def _hf_fetcher(source: str, spec: str) -> Callable:
     if not _HF_ID_RE.match(repo_id):
         raise CheckpointError(f"{source}: not a Hugging Face repo id (expected org/name[@revision])")
 
-    def fetch(tmp: Path) -> None:
+    def fetch(tmp: Path) -> list[str]:
         try:
             from huggingface_hub import snapshot_download
         except ImportError as e:  # pragma: no cover - it is a dependency
@@ -383,7 +434,8 @@ def _hf_fetcher(source: str, spec: str) -> Callable:
             ) from e
         snap_dir = Path(snap)
         all_rels = [p.relative_to(snap_dir).as_posix() for p in sorted(snap_dir.rglob("*")) if p.is_file()]
-        wanted = [r for r in all_rels if any(fnmatch.fnmatch(r, pat) for pat in HF_ALLOW_PATTERNS)]
+        wanted = select_pipeline_files([r for r in all_rels if any(fnmatch.fnmatch(r, pat) for pat in HF_ALLOW_PATTERNS)])[0]
+        skipped = sorted(set(all_rels) - set(wanted))
         if not any(r.endswith(".safetensors") for r in wanted):
             # a repo with only pickled weights: say so rather than hand back a config without weights
             _refuse_unsafe(source, all_rels)
@@ -391,6 +443,7 @@ def _hf_fetcher(source: str, spec: str) -> Callable:
             out = tmp / rel
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(snap_dir / rel, out)  # snapshot entries are symlinks into blobs/: copy contents
+        return skipped
 
     return fetch
 
@@ -467,12 +520,15 @@ def _s3_fetcher(source: str, allowed_prefix: str | None) -> Callable:
         a = allowed_prefix.strip()
         return (f"s3://{bucket}/{k}" if a.startswith("s3://") else k).startswith(a)
 
-    def fetch(tmp: Path) -> None:
+    def fetch(tmp: Path) -> list[str]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         client = _s3_client()
         try:
             objects = _s3_plan(client, source, bucket, key)
+            keep, skipped = select_pipeline_files([rel for _, rel, _ in objects])
+            kept = set(keep)
+            objects = [o for o in objects if o[1] in kept]
             for obj_key, _, _ in objects:
                 if not allowed_key(obj_key):
                     raise CheckpointError(
@@ -481,6 +537,7 @@ def _s3_fetcher(source: str, allowed_prefix: str | None) -> Callable:
             _refuse_unsafe(source, [rel for _, rel, _ in objects])  # before downloading anything
             for obj_key, rel, size in objects:
                 _s3_download(client, source, bucket, obj_key, tmp, rel, size)
+            return skipped
         except ClientError as e:
             err = e.response.get("Error", {})
             raise CheckpointError(

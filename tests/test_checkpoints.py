@@ -367,3 +367,76 @@ def test_hf_from_local_cache(hf_home, tmp_path):
     with pytest.raises(CheckpointError, match="refusing non-safetensors weights: pytorch_model.bin"):
         fetch_checkpoint("org/pickled", tmp_path / "ckpt2")
     assert_nothing_left(tmp_path, {"hf", "ckpt"})
+
+
+# -- diffusers pipelines as the hub publishes them ------------------------------------------------------
+
+
+def _hub_layout_sd(root: Path, fp16_only: bool = False) -> dict[str, bytes]:
+    """A tiny SD folder laid out as runwayml/stable-diffusion-v1-5 is on the hub: single-file checkpoints at the
+    top, a safety checker, pickled and Flax twins, fp16 and non-EMA variants beside the weights."""
+    from safetensors.torch import load_file
+
+    from ctrl_core.latent import save_tiny_sd
+
+    src = save_tiny_sd(root / "plain")
+    files = {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    unet = load_file(str(src / "unet" / "diffusion_pytorch_model.safetensors"))
+    half = st_save({k: v.half() for k, v in unet.items()})
+    files |= {"model_index.json": b'{"_class_name": "StableDiffusionPipeline"}',
+              "v1-5-pruned.safetensors": st_bytes(1), "v1-5-pruned-emaonly.ckpt": pickle_bytes(),
+              "unet/diffusion_pytorch_model.fp16.safetensors": half,
+              "unet/diffusion_pytorch_model.non_ema.safetensors": files["unet/diffusion_pytorch_model.safetensors"],
+              "unet/diffusion_pytorch_model.bin": pickle_bytes(), "unet/diffusion_flax_model.msgpack": b"\x80flax",
+              "text_encoder/pytorch_model.bin": pickle_bytes(), "safety_checker/config.json": b"{}",
+              "safety_checker/model.safetensors": st_bytes(2), "safety_checker/pytorch_model.bin": pickle_bytes(),
+              "feature_extractor/preprocessor_config.json": b"{}"}  # fmt: skip
+    if fp16_only:
+        del files["unet/diffusion_pytorch_model.safetensors"], files["unet/diffusion_pytorch_model.non_ema.safetensors"]
+    return files
+
+
+def _write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, body in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(body)
+    return root
+
+
+def test_hub_layout_pipelines_fetch_only_what_the_steps_load(tmp_path, bucket, hf_home):
+    """Local folder, S3 prefix and HF cache alike: the single-file checkpoints, the safety checker, pickled and
+    Flax twins and the extra precisions are skipped (before any download), nothing is refused, and the folder
+    loads; a component published only in fp16 loads that variant."""
+    from ctrl_core.checkpoints import select_pipeline_files
+    from ctrl_core.latent import load_sd_folder
+
+    files = _hub_layout_sd(tmp_path)
+    keep, skipped = select_pipeline_files(sorted(files))
+    assert set(skipped) == {"v1-5-pruned.safetensors", "v1-5-pruned-emaonly.ckpt",
+                            "unet/diffusion_pytorch_model.fp16.safetensors",
+                            "unet/diffusion_pytorch_model.non_ema.safetensors", "unet/diffusion_pytorch_model.bin",
+                            "unet/diffusion_flax_model.msgpack", "text_encoder/pytorch_model.bin",
+                            "safety_checker/config.json", "safety_checker/model.safetensors",
+                            "safety_checker/pytorch_model.bin", "feature_extractor/preprocessor_config.json"}  # fmt: skip
+    assert "unet/diffusion_pytorch_model.safetensors" in keep and "prompts.txt" in keep and "model_index.json" in keep
+    assert select_pipeline_files(["a.bin", "w.safetensors"]) == (["a.bin", "w.safetensors"], [])  # not a pipeline
+
+    client, b = bucket
+    for rel, body in files.items():
+        client.put_object(Bucket=b, Key=f"sd15/{rel}", Body=body)
+    _fake_hf_snapshot(hf_home, "org/sd15", files)
+    local = fetch_checkpoint(str(_write_tree(tmp_path / "hub", files)), tmp_path / "from-local")
+    s3 = fetch_checkpoint(f"s3://{b}/sd15/", tmp_path / "from-s3")
+    hf = fetch_checkpoint("hf:org/sd15", tmp_path / "from-hf")
+    assert sorted(local.files) == keep and local.skipped == sorted(skipped)
+    assert local.sha256 == s3.sha256 == hf.sha256 and s3.skipped == hf.skipped == local.skipped
+    assert read_manifest(tmp_path / "from-s3")["skipped"] == sorted(skipped)
+    reference = load_sd_folder(tmp_path / "plain")["unet"]
+    unet = load_sd_folder(tmp_path / "from-s3")["unet"]
+    assert all(torch.equal(p, q) for p, q in zip(reference.parameters(), unet.parameters(), strict=True))
+
+    half = _hub_layout_sd(tmp_path / "half", fp16_only=True)
+    fetched = fetch_checkpoint(str(_write_tree(tmp_path / "hub-half", half)), tmp_path / "from-half")
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in fetched.files
+    unet16 = load_sd_folder(tmp_path / "from-half")["unet"]
+    assert all(torch.equal(q, p.half().to(q.dtype)) for p, q in zip(reference.parameters(), unet16.parameters(), strict=True))
