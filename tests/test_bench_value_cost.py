@@ -64,3 +64,11 @@ def test_meta_device_counts_equal_real_counts():
     # 7 prompt tokens at 16 channels, in 3 transformers (1 down, 2 up); the mid block's at 4x4 = 16 tokens, 32 ch
     per_image = sum(2 * 2 * 64 * lk * 16 for lk in (64, 7)) * 3 + sum(2 * 2 * 16 * lk * 32 for lk in (16, 7))
     assert set(meta) - set(cpu) == {"aten.bmm"} and meta["aten.bmm"] == 2 * per_image
+
+
+def test_fit_spread_is_mean_and_sample_std_of_r2():
+    out = vc._spread([0.1, 0.3], var=0.5)
+    assert out["r2_by_seed"] == pytest.approx([0.8, 0.4])
+    assert out["r2"] == pytest.approx(0.6) and out["val_mse"] == pytest.approx(0.2)
+    assert out["r2_std"] == pytest.approx(0.2 * 2**0.5)  # sample (n - 1) standard deviation
+    assert vc._spread([0.1], var=0.5)["r2_std"] != vc._spread([0.1], var=0.5)["r2_std"]  # one fit: no spread (nan)
