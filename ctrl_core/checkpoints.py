@@ -66,7 +66,7 @@ class Manifest:
     sha256: str
     size_bytes: int
     files: dict[str, str] = field(default_factory=dict)  # relpath (posix) -> sha256
-    skipped: list[str] = field(default_factory=list)  # source files a diffusers pipeline does not need (not fetched)
+    skipped: list[str] = field(default_factory=list)  # source files not fetched (see select_pipeline_files)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,42 +204,60 @@ def _make_parents(parent: Path) -> list[Path]:
 
 #: Folders of a diffusers pipeline that no step loads (Stable Diffusion's NSFW checker and its image processor).
 PIPELINE_UNUSED_FOLDERS = ("safety_checker", "feature_extractor")
-_WEIGHT_NAME_RE = re.compile(r"^(?P<base>[^.]+?)(?:\.(?P<variant>[A-Za-z0-9_]+))?(?P<shard>-\d+-of-\d+)?\.safetensors$")
+#: Top-level weight files of this project that a pipeline folder may carry (q-learning's data set).
+PROJECT_TOP_FILES = ("data.safetensors",)
+# name[-shard][.variant][-shard].safetensors: diffusers/transformers' current ("name.fp16-00001-of-00002") and
+# legacy ("name-00001-of-00002.fp16") variant shard names
+_WEIGHT_NAME_RE = re.compile(r"^(?P<base>[^.]+?)(?P<legacy_shard>-\d+-of-\d+)?(?:\.(?P<variant>[A-Za-z0-9_]+))?"
+                             r"(?P<shard>-\d+-of-\d+)?\.safetensors$", re.IGNORECASE)
+
+
+def is_pipeline_layout(rels: list[str]) -> bool:
+    """A diffusers pipeline folder: ``model_index.json`` at the top, or unet/, vae/ and text_encoder/ folders."""
+    tops = {r.split("/", 1)[0] for r in rels if "/" in r}
+    return "model_index.json" in rels or {"unet", "vae", "text_encoder"} <= tops
+
+
+def weight_variant(names: list[str], base: str) -> str | None:
+    """The variant of ``base``'s weights among a folder's file ``names`` that a loader should ask for: None when
+    full-precision weights (plain or sharded) are there, else the one variant present (fp16 first)."""
+    found = [m for m in map(_WEIGHT_NAME_RE.match, names) if m and m["base"] == base]
+    if not found or any(not m["variant"] for m in found):
+        return None
+    variants = sorted({m["variant"] for m in found})
+    return next((v for v in variants if v.lower() == "fp16"), variants[0])
 
 
 def select_pipeline_files(rels: list[str]) -> tuple[list[str], list[str]]:
-    """(files to fetch, files skipped) of a source. A diffusers pipeline folder (``model_index.json`` at the
-    top, or unet/, vae/ and text_encoder/ folders), as published on the hub, carries much that no step loads: the
-    single-file checkpoints at the top (``v1-5-pruned.safetensors``, 4-8 GB each), the safety checker, pickled
-    and Flax/TF twins of the safetensors weights, and extra precisions (``.fp16``, ``.non_ema``) beside the
-    full-precision weights. Those are skipped, before any download. In a folder whose only weights are variants,
-    one is kept (fp16 first). Any other source is fetched whole; pickles left in it are refused later."""
-    tops = {r.split("/", 1)[0] for r in rels if "/" in r}
-    if "model_index.json" not in rels and not {"unet", "vae", "text_encoder"} <= tops:
+    """(files to fetch, files skipped) of a source. A diffusers pipeline folder as published on the hub carries
+    much that no step loads: single-file checkpoints at the top (``v1-5-pruned.safetensors``, 4-8 GB each), the
+    safety checker, pickled and Flax/TF twins of the safetensors weights, extra precisions (``.fp16``,
+    ``.non_ema``) beside the full-precision weights, ONNX/OpenVINO exports, READMEs. Only safetensors weights
+    (one precision per component: full, else fp16) and json/txt/model files are fetched, the same from a local
+    folder, S3 or the HF cache; pickles in a folder without safetensors are kept, to be refused by name. Any
+    other source is fetched whole (pickles in it are refused too)."""
+    if not is_pipeline_layout(rels):
         return list(rels), []
     keep, skip = [], []
     by_folder: dict[str, list[str]] = {}
     for r in rels:
         folder, _, name = r.rpartition("/")
-        if not folder and (name.lower().endswith(".safetensors") or _is_unsafe_weight_name(name)):
-            skip.append(r)  # a single-file checkpoint: the component folders hold the same weights
-        elif folder.split("/", 1)[0] in PIPELINE_UNUSED_FOLDERS:
-            skip.append(r)
+        weight = name.lower().endswith(".safetensors") or _is_unsafe_weight_name(name)
+        if (not folder and weight and name not in PROJECT_TOP_FILES) or folder.split("/", 1)[0] in PIPELINE_UNUSED_FOLDERS:
+            skip.append(r)  # a single-file checkpoint (the component folders hold the same weights), or unused
         else:
             by_folder.setdefault(folder, []).append(name)
     for folder, names in by_folder.items():
-        weights = {n: _WEIGHT_NAME_RE.match(n) for n in names if n.lower().endswith(".safetensors")}
-        plain = {m["base"] for m in weights.values() if m and not m["variant"]}
-        variants = sorted({m["variant"] for m in weights.values() if m and m["variant"] and m["base"] not in plain})
-        chosen = ("fp16" if "fp16" in variants else variants[0]) if variants else None
+        has_safetensors = any(n.lower().endswith(".safetensors") for n in names)
+        chosen = {m["base"]: weight_variant(names, m["base"]) for m in map(_WEIGHT_NAME_RE.match, names) if m}
         for n in names:
-            m = weights.get(n)
-            if _is_unsafe_weight_name(n) and weights:
-                ok = False  # a pickled / Flax / TF twin of safetensors weights
-            elif m and m["variant"]:
-                ok = m["base"] not in plain and m["variant"] == chosen
+            m = _WEIGHT_NAME_RE.match(n)
+            if m:
+                ok = (m["variant"] or None) == chosen[m["base"]]
+            elif _is_unsafe_weight_name(n):
+                ok = not has_safetensors  # a twin of safetensors weights, or to be refused
             else:
-                ok = True
+                ok = n.lower().endswith(".safetensors") or any(fnmatch.fnmatch(n, pat) for pat in HF_ALLOW_PATTERNS)
             (keep if ok else skip).append(f"{folder}/{n}" if folder else n)
     return sorted(keep), sorted(skip)
 
@@ -370,7 +388,8 @@ def _local_fetcher(source: str, path: Path, dest: Path) -> Callable:
     def fetch(tmp: Path) -> list[str]:
         try:
             if src.is_dir():
-                rels = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+                rels = sorted(Path(root, f).relative_to(src).as_posix()  # follows symlinked folders, as copytree did
+                              for root, _, files in os.walk(src, followlinks=True) for f in files)
                 keep, skipped = select_pipeline_files(rels)
                 _refuse_unsafe(source, keep)  # before copying gigabytes
                 for rel in keep:
@@ -434,8 +453,12 @@ def _hf_fetcher(source: str, spec: str) -> Callable:
             ) from e
         snap_dir = Path(snap)
         all_rels = [p.relative_to(snap_dir).as_posix() for p in sorted(snap_dir.rglob("*")) if p.is_file()]
-        wanted = select_pipeline_files([r for r in all_rels if any(fnmatch.fnmatch(r, pat) for pat in HF_ALLOW_PATTERNS)])[0]
-        skipped = sorted(set(all_rels) - set(wanted))
+        if is_pipeline_layout(all_rels):
+            wanted = select_pipeline_files(all_rels)[0]
+            _refuse_unsafe(source, wanted)  # a component with pickled weights only
+        else:
+            wanted = [r for r in all_rels if any(fnmatch.fnmatch(r, pat) for pat in HF_ALLOW_PATTERNS)]
+        skipped = sorted(set(all_rels) - set(wanted))  # not fetched: unneeded, or not weights and configs
         if not any(r.endswith(".safetensors") for r in wanted):
             # a repo with only pickled weights: say so rather than hand back a config without weights
             _refuse_unsafe(source, all_rels)
@@ -526,14 +549,14 @@ def _s3_fetcher(source: str, allowed_prefix: str | None) -> Callable:
         client = _s3_client()
         try:
             objects = _s3_plan(client, source, bucket, key)
-            keep, skipped = select_pipeline_files([rel for _, rel, _ in objects])
-            kept = set(keep)
-            objects = [o for o in objects if o[1] in kept]
             for obj_key, _, _ in objects:
                 if not allowed_key(obj_key):
                     raise CheckpointError(
                         f"{source}: object s3://{bucket}/{obj_key} is outside the allowed prefix {allowed_prefix!r}"
                     )
+            keep, skipped = select_pipeline_files([rel for _, rel, _ in objects])
+            kept = set(keep)
+            objects = [o for o in objects if o[1] in kept]
             _refuse_unsafe(source, [rel for _, rel, _ in objects])  # before downloading anything
             for obj_key, rel, size in objects:
                 _s3_download(client, source, bucket, obj_key, tmp, rel, size)

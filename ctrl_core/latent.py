@@ -378,15 +378,6 @@ def is_sd_folder(path: str | Path) -> bool:
     return (d / "unet" / "config.json").is_file() and (d / "vae").is_dir() and (d / "text_encoder").is_dir()
 
 
-def weight_variant(folder: Path, name: str) -> str | None:
-    """The variant to load from a component folder: None when ``name.safetensors`` (or its shard index) is
-    there, else the one variant the fetch kept (e.g. ``name.fp16.safetensors``, the hub's half-precision copy)."""
-    if (folder / f"{name}.safetensors").is_file() or (folder / f"{name}.safetensors.index.json").is_file():
-        return None
-    found = {f.name[len(name) + 1 :].split(".")[0].split("-")[0] for f in folder.glob(f"{name}.*.safetensors")}
-    return found.pop() if len(found) == 1 else None
-
-
 def load_sd_folder(path: str | Path) -> dict:
     """Load ``unet/ vae/ text_encoder/ tokenizer/ scheduler/`` of a local diffusers SD folder, offline and
     safetensors only. Returns {unet, vae, text_encoder, tokenizer, scheduler}. The scheduler is read as a
@@ -394,7 +385,7 @@ def load_sd_folder(path: str | Path) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .checkpoints import UNSAFE_WEIGHT_SUFFIXES
+    from .checkpoints import UNSAFE_WEIGHT_SUFFIXES, weight_variant
     from .io import UnsafeWeightsError, require_safetensors
 
     d = Path(path)
@@ -414,12 +405,13 @@ def load_sd_folder(path: str | Path) -> dict:
             raise FileNotFoundError(f"{d / sub}: no {name}.safetensors")
         for f in files:
             require_safetensors(f)
+    variant = lambda sub, name: weight_variant([f.name for f in (d / sub).iterdir()], name)  # noqa: E731  (.fp16 only)
     unet = UNet2DConditionModel.from_pretrained(d / "unet", use_safetensors=True, local_files_only=True,
-                                                variant=weight_variant(d / "unet", "diffusion_pytorch_model")).eval()
+                                                variant=variant("unet", "diffusion_pytorch_model")).eval()
     vae = AutoencoderKL.from_pretrained(d / "vae", use_safetensors=True, local_files_only=True,
-                                        variant=weight_variant(d / "vae", "diffusion_pytorch_model")).eval()
+                                        variant=variant("vae", "diffusion_pytorch_model")).eval()
     text_encoder = CLIPTextModel.from_pretrained(d / "text_encoder", use_safetensors=True, local_files_only=True,
-                                                 variant=weight_variant(d / "text_encoder", "model")).eval()
+                                                 variant=variant("text_encoder", "model")).eval()
     tokenizer = CLIPTokenizer.from_pretrained(d / "tokenizer", local_files_only=True)
     # offline, a tokenizer with missing files can load as a handful of special tokens: check its size
     if len(tokenizer) != text_encoder.config.vocab_size:
