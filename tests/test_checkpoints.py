@@ -452,6 +452,11 @@ def test_hub_layout_pipelines_fetch_only_what_the_steps_load(tmp_path, bucket, h
     (linked / "vae").symlink_to(tmp_path / "hub" / "vae", target_is_directory=True)  # followed, as copytree did
     assert fetch_checkpoint(str(linked), tmp_path / "from-linked").sha256 == local.sha256
 
+    _fake_hf_snapshot(hf_home, "org/pickled-sd", {"model_index.json": b"{}", "unet/config.json": b"{}",
+                                                  "unet/diffusion_pytorch_model.bin": pickle_bytes()})
+    with pytest.raises(CheckpointError, match="refusing non-safetensors weights: unet/diffusion_pytorch_model.bin"):
+        fetch_checkpoint("hf:org/pickled-sd", tmp_path / "from-pickled")
+
     half = _hub_layout_sd(tmp_path / "half", fp16_only=True)
     fetched = fetch_checkpoint(str(_write_tree(tmp_path / "hub-half", half)), tmp_path / "from-half")
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in fetched.files
