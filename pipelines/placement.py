@@ -20,7 +20,9 @@ Per step, :func:`apply` sets on the KFP task
 * S3/MLflow credentials from Kubernetes Secrets as environment variables (names only; never values),
 * ``CTRL_NUM_PROCESSES`` = the step's GPU count (1 on CPU): how many processes a multi-GPU step launches,
   and ``CTRL_LAUNCHER`` = the step's ``launcher`` (torchrun | accelerate; else ``pipeline.env``'s, else torchrun),
-* caching off for steps that read mutable state (``register`` reads the registry's current champion).
+* caching off for steps that read mutable state (``register`` reads the registry's current champion),
+* KFP's retry policy (``retry``: count, backoff, factor, maxDuration): a preempted or failed pod is started
+  again and resumes from its step's checkpoints.
 
 With no values (``ctrl run``, kfp.local, the plain ``ctrl compile``) only the caching rule applies.
 
@@ -105,6 +107,13 @@ class NodePool(_Model):
     resources: Resources = Field(default_factory=Resources)
 
 
+class Retry(_Model):
+    count: int = 0  # retries of a failed pod (0: none)
+    backoff: str = "60s"  # before the first retry; each next waits `factor` times longer
+    factor: float = 2.0
+    maxDuration: str = "24h"  # no retry starts after this long
+
+
 class StepPlacement(_Model):
     pool: str
     gpus: int = 0
@@ -113,6 +122,7 @@ class StepPlacement(_Model):
     cache: bool = False
     launcher: str = ""  # torchrun | accelerate for a multi-GPU step (CTRL_LAUNCHER); "": pipeline.env's, else torchrun
     secrets: list[str] = Field(default_factory=list)
+    retry: Retry = Field(default_factory=Retry)
 
 
 class SecretRef(_Model):
@@ -161,6 +171,7 @@ class StepSettings:
     cache_mount: str
     secrets: list[SecretRef]
     env: dict[str, str]
+    retry: Retry
 
 
 @dataclass(frozen=True)
@@ -296,7 +307,7 @@ def _pool_settings(name: str, sp: StepPlacement, pools: dict[str, NodePool], sec
         cpu_request=res.requests.cpu, cpu_limit=res.limits.cpu,
         memory_request=res.requests.memory, memory_limit=res.limits.memory,
         shm_size=sp.shmSize, cache_claim=cache.claimName if sp.cache else "", cache_mount=cache.mountPath,
-        secrets=refs, env=step_env,
+        secrets=refs, env=step_env, retry=sp.retry,
     )
 
 
@@ -372,6 +383,9 @@ def apply(task, step: str, placement: Placement | None = None, image: str | None
                                      optional=ref.optional)
     for name, value in s.env.items():
         task.set_env_variable(name, value)
+    if s.retry.count:
+        task.set_retry(num_retries=s.retry.count, backoff_duration=s.retry.backoff, backoff_factor=s.retry.factor,
+                       backoff_max_duration=s.retry.maxDuration)
     sc = placement.security_context
     if sc is not None and any(v is not None for v in (sc.runAsUser, sc.runAsGroup, sc.runAsNonRoot)):
         kubernetes.set_security_context(task, run_as_user=sc.runAsUser, run_as_group=sc.runAsGroup,

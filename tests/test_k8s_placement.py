@@ -176,11 +176,32 @@ def _write(tmp_path: Path, values: dict) -> str:
         ({"pipeline": {"steps": {"ctrl_optimize": {"pool": "gpu-h100", "gpus": 8, "launcher": "deepspeed"}}}},
          r"ctrl_optimize\.launcher: 'deepspeed' is not one of"),
         ({"pipeline": {"env": {"CTRL_LAUNCHER": "mpirun"}}}, r"pipeline\.env\.CTRL_LAUNCHER: 'mpirun' is not a launcher"),
+        ({"pipeline": {"steps": {"evaluate": {"pool": "gpu-h100", "gpus": 1, "retry": {"count": -1}}}}},
+         r"evaluate\.retry\.count: -1 is less than"),
+        ({"pipeline": {"steps": {"evaluate": {"pool": "gpu-h100", "gpus": 1, "retry": {"backoff": "1 minute"}}}}},
+         r"evaluate\.retry\.backoff: '1 minute' does not match"),
     ],
 )
 def test_bad_values_fail_compile_naming_the_key(tmp_path, values, message):
     with pytest.raises(P.PlacementError, match=message):
         P.load(CHART, [_write(tmp_path, values)])
+
+
+def test_retry_policies_reach_the_ir(compiled, tmp_path):
+    """Preempted GPU pods are retried (the steps resume from their checkpoints): the chart's retry policies are
+    the tasks' retryPolicy; resolve_params has none."""
+    _, spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks[TASK["ctrl_optimize"]]["retryPolicy"] == {"maxRetryCount": 3, "backoffDuration": "60s",
+                                                           "backoffFactor": 2.0, "backoffMaxDuration": "86400s"}
+    assert {s: tasks[TASK[s]].get("retryPolicy", {}).get("maxRetryCount") for s in P.STEPS} == {
+        "resolve_params": None, "fetch_checkpoint": 2, "pretrain_value": 3, "ctrl_optimize": 3, "evaluate": 3,
+        "register": 2}
+    values = {"pipeline": {"steps": {"ctrl_optimize": {"pool": "gpu-h100", "gpus": 8,
+                                                       "retry": {"count": 5, "backoff": "2m", "maxDuration": "2d"}}}}}
+    spec2, _ = _compile(tmp_path, P.load(CHART, [_write(tmp_path, values)]))
+    assert spec2["root"]["dag"]["tasks"][TASK["ctrl_optimize"]]["retryPolicy"] == {
+        "maxRetryCount": 5, "backoffDuration": "120s", "backoffFactor": 2.0, "backoffMaxDuration": "172800s"}
 
 
 def test_a_steps_launcher_reaches_its_environment(tmp_path):
