@@ -373,19 +373,23 @@ class ImageRewardScorer:
         ids, mask = self.tokenize(prompts)
 
         def fn(images: Tensor, conditions: Tensor | None = None) -> Tensor:
-            if conditions is None:
-                raise ValueError("the imagereward reward needs conditions: the prompt index of each image")
-            idx = torch.as_tensor(conditions).long().reshape(-1).cpu()
-            if idx.numel() != images.shape[0]:
-                raise ValueError(f"imagereward: {images.shape[0]} images but {idx.numel()} prompt indices")
-            if idx.numel() and (idx.min() < 0 or idx.max() >= len(prompts)):
-                raise ValueError(
-                    f"imagereward: prompt index out of range [0, {len(prompts)}): {idx.tolist()}"
-                )
+            idx = prompt_rows(conditions, images.shape[0], len(prompts), "the imagereward reward")
             return self._score_images(images, ids[idx], mask[idx]).to(images.device)
 
         fn.prompts = prompts  # type: ignore[attr-defined]
         return fn
+
+
+def prompt_rows(conditions: Tensor | None, num_images: int, num_prompts: int, who: str) -> Tensor:
+    """The prompt index of each image, checked: one per image, each in [0, num_prompts) -> (B,) long, CPU."""
+    if conditions is None:
+        raise ValueError(f"{who} needs conditions: the prompt index of each image")
+    idx = torch.as_tensor(conditions).long().reshape(-1).cpu()
+    if idx.numel() != num_images:
+        raise ValueError(f"{who}: {num_images} images but {idx.numel()} prompt indices")
+    if idx.numel() and (idx.min() < 0 or idx.max() >= num_prompts):
+        raise ValueError(f"{who}: prompt index out of range [0, {num_prompts}): {idx.tolist()}")
+    return idx
 
 
 class ImageRewardCopy(nn.Module):
@@ -407,10 +411,8 @@ class ImageRewardCopy(nn.Module):
         self.register_buffer("attention_mask", mask, persistent=False)
 
     def forward(self, images: Tensor, conditions: Tensor | None) -> Tensor:
-        if conditions is None:
-            raise ValueError("the ImageReward value copy needs conditions: the prompt index of each image")
         dev = self.input_ids.device
-        idx = torch.as_tensor(conditions).long().reshape(-1).to(dev)
+        idx = prompt_rows(conditions, images.shape[0], len(self.input_ids), "the ImageReward value copy").to(dev)
         pixels = preprocess_images(images.to(dev), self.model.image_size)
         return self.model(pixels, self.input_ids[idx], self.attention_mask[idx])
 

@@ -42,6 +42,8 @@ def test_imagereward_copy_starts_as_the_reward_and_trains_only_its_tail():
     res = RewardCopyResidual(raw.trainable_copy(PROMPTS, 0.7))
     s = torch.full((4,), 0.5)
     torch.testing.assert_close(res(s, images, c), reward(images, c), rtol=1e-5, atol=1e-5)  # a copy of RM
+    with pytest.raises(ValueError, match=rf"value copy: prompt index out of range \[0, {len(PROMPTS)}\)"):
+        res(s, images, torch.tensor([0, 1, 2, len(PROMPTS)]))  # checked as the reward checks them
     res(s, images, c).sum().backward()
     named = dict(res.named_parameters())
     frozen = [n for n, p in named.items() if not p.requires_grad]
