@@ -4,7 +4,8 @@ For each series: run the step once uninterrupted (the reference), then run it ag
 folder, SIGKILL the process at random times (during start-up, training, or a checkpoint write — wherever the
 clock lands), start it again each time, and let it finish after the last kill. The resumed run must end with
 the full iteration count and weights bitwise equal to the reference (same seed, CPU, one thread), and no kill
-may ever leave a partial step output behind.
+may ever leave a partial step output behind. Then two live attempts of one CTRL run (``run_overlap``): the
+newer one must take the checkpoint folder over and finish bitwise, the older one stop without deleting anything.
 
     python -m bench.kill_campaign [--quick] [--launcher fork|cli] --json OUT
 
@@ -172,6 +173,29 @@ def run_series(step: str, kills: int, work: Path, launcher: str, rng: random.Ran
             "checkpoints_cleared": not root.exists() or not any(root.rglob("ckpt-*")), **cmp, "survived": survived}
 
 
+def run_overlap(work: Path, launcher: str, ckpt_dir: Path, value_dir: Path, params_file: Path, iterations: int,
+                ref_out: Path) -> dict:
+    """Two live attempts of one run, as when a KFP retry starts beside a pod that still terminates: attempt A
+    trains; once its first checkpoint exists, attempt B starts on the same checkpoint root and output folder. B
+    takes the folder over (its lease) and resumes; A must stop at its next write without deleting anything; B
+    must end with the reference's weights bitwise."""
+    root, out = work / "overlap-ckpt", work / "overlap-out"
+    older = Attempt(launcher, "optimize", params_file, ckpt_dir, out, value_dir, root)
+    while older.poll() is None and not any(root.rglob("ckpt-*")):
+        time.sleep(0.01)
+    overlapped = older.poll() is None
+    newer = Attempt(launcher, "optimize", params_file, ckpt_dir, out, value_dir, root)
+    newer_exit, older_exit = newer.wait(), older.wait()
+    cmp = _compare("optimize", ref_out, out, iterations) if _output_complete("optimize", out) else {"bitwise_equal": False}
+    summary = json.loads((out / "metrics.json").read_text())["summary"] if (out / "metrics.json").is_file() else {}
+    leftovers = [q.name for q in out.parent.glob(f".{out.name}.*")]
+    survived = (overlapped and older_exit != 0 and newer_exit == 0 and cmp["bitwise_equal"] and not leftovers
+                and cmp.get("lost_iterations", 1) == 0 and not (root.exists() and any(root.rglob("ckpt-*"))))
+    return {"overlapped": overlapped, "older_exit": older_exit, "newer_exit": newer_exit,
+            "newer_resumed_from": summary.get("resumed_from_iteration"), "leftover_temp_dirs": leftovers, **cmp,
+            "survived": survived}
+
+
 def run_kill_campaign(quick: bool = False, seed: int = 0, launcher: str = "fork", workdir: str | None = None,
                       optimize_kills: list[int] | None = None, value_kills: list[int] | None = None) -> dict:
     """The campaign. Returns ``kills_tried``, ``kills_survived``, ``lost_iterations`` and per-series details."""
@@ -205,6 +229,8 @@ def run_kill_campaign(quick: bool = False, seed: int = 0, launcher: str = "fork"
         iterations = p.optimize.iterations
         for k in optimize_kills:
             series.append(run_series("optimize", k, work, launcher, rng, ckpt_dir, value_dir, params_file, iterations))
+        overlap = run_overlap(work, launcher, ckpt_dir, value_dir, params_file, iterations,
+                              sorted(work.glob("optimize-*-ref"))[0])
     tried = sum(s["kills"] for s in series)
     return {
         "kills_tried": tried,
@@ -213,6 +239,7 @@ def run_kill_campaign(quick: bool = False, seed: int = 0, launcher: str = "fork"
         "launcher": launcher,
         "seconds": round(time.perf_counter() - t0, 1),
         "series": series,
+        "overlap": overlap,
         "setting": SMALL_PARAMS,
     }
 
@@ -232,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(text + "\n")
-    print(json.dumps({k: out[k] for k in ("kills_tried", "kills_survived", "lost_iterations", "seconds")}))
+    print(json.dumps({k: out[k] for k in ("kills_tried", "kills_survived", "lost_iterations", "seconds")}
+                     | {"overlap_survived": out["overlap"]["survived"]}))
 
 
 if __name__ == "__main__":

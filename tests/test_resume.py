@@ -274,6 +274,9 @@ def test_sigkill_campaign_resumes_to_the_same_weights(tmp_path):
     assert out["lost_iterations"] == 0
     assert series["optimize"]["iterations_completed"] == 12 and series["optimize"]["bitwise_equal"]
     assert all(s["partial_outputs"] == 0 and not s["leftover_temp_dirs"] and s["checkpoints_cleared"] for s in out["series"])
+    # a second live attempt of the same run (a KFP retry beside a still-running pod) takes over and finishes
+    assert out["overlap"]["overlapped"] and out["overlap"]["survived"], out["overlap"]
+    assert out["overlap"]["older_exit"] != 0 and out["overlap"]["newer_resumed_from"] >= 1
 
 
 def test_run_key_inputs_hash_file_contents(tmp_path):
