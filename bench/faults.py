@@ -369,6 +369,7 @@ def run(quick: bool, seed: int) -> dict:
         "s3_faults_survived": get(s3, "survived"),
         "worse_promotions": get(reg, "worse_promotions"),
         "lost_iterations": get(kills, "lost_iterations"),
+        "overlap_survived": (get(kills, "overlap") or {}).get("survived"),  # two live attempts of one run
     }
     out["ok"] = (
         None not in out.values()
@@ -377,6 +378,7 @@ def run(quick: bool, seed: int) -> dict:
         and out["s3_faults_survived"] == out["s3_faults_tried"]
         and out["worse_promotions"] == 0
         and out["lost_iterations"] == 0
+        and out["overlap_survived"] is True
         and reg.get("ok") is True
     )
     out.update({"quick": quick, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
@@ -396,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
     keys = ("kills_tried", "kills_survived", "invalid_tried", "invalid_rejected", "s3_faults_tried",
-            "s3_faults_survived", "worse_promotions", "lost_iterations", "ok", "seconds")
+            "s3_faults_survived", "worse_promotions", "lost_iterations", "overlap_survived", "ok", "seconds")
     print(json.dumps({k: out[k] for k in keys}))
     sys.exit(0 if out["ok"] else 1)
 
