@@ -118,6 +118,16 @@ def _compare(step: str, ref: Path, got: Path, iterations: int) -> dict:
             "contiguous": contiguous, "lost_iterations": max(iterations - len(hb), 0) + (0 if contiguous else 1)}
 
 
+def _leftovers(out: Path) -> list[str]:
+    """Temporary siblings of a step's output folder that an attempt left behind."""
+    return [q.name for q in out.parent.glob(f".{out.name}.*")]
+
+
+def _cleared(root: Path) -> bool:
+    """No checkpoint is left under the checkpoint root (the committed step removed its folder)."""
+    return not root.exists() or not any(root.rglob("ckpt-*"))
+
+
 def run_series(step: str, kills: int, work: Path, launcher: str, rng: random.Random, ckpt_dir: Path, value_dir: Path,
                params_file: Path, iterations: int) -> dict:
     """Reference run, then a run killed ``kills`` times; returns what happened and whether it survived."""
@@ -164,13 +174,13 @@ def run_series(step: str, kills: int, work: Path, launcher: str, rng: random.Ran
         if code != 0:
             return {"step": step, "kills": len(kill_times), "survived": False, "error": f"exit code {code}"}
         break
-    leftovers = [p.name for p in out.parent.glob(f".{out.name}.*")]
+    leftovers = _leftovers(out)
     cmp = _compare(step, ref_out, out, iterations)
     survived = cmp["bitwise_equal"] and partial_outputs == 0 and not leftovers and cmp.get("history_equal", True) \
         and cmp["lost_iterations"] == 0
     return {"step": step, "kills": len(kill_times), "kill_times_s": kill_times, "attempts": attempts, "resumes": resumes,
             "reference_s": round(ref_s, 2), "first_checkpoint_s": round(first_ckpt_s, 2), "partial_outputs": partial_outputs, "leftover_temp_dirs": leftovers,
-            "checkpoints_cleared": not root.exists() or not any(root.rglob("ckpt-*")), **cmp, "survived": survived}
+            "checkpoints_cleared": _cleared(root), **cmp, "survived": survived}
 
 
 def run_overlap(work: Path, launcher: str, ckpt_dir: Path, value_dir: Path, params_file: Path, iterations: int,
@@ -188,9 +198,9 @@ def run_overlap(work: Path, launcher: str, ckpt_dir: Path, value_dir: Path, para
     newer_exit, older_exit = newer.wait(), older.wait()
     cmp = _compare("optimize", ref_out, out, iterations) if _output_complete("optimize", out) else {"bitwise_equal": False}
     summary = json.loads((out / "metrics.json").read_text())["summary"] if (out / "metrics.json").is_file() else {}
-    leftovers = [q.name for q in out.parent.glob(f".{out.name}.*")]
+    leftovers = _leftovers(out)
     survived = (overlapped and older_exit != 0 and newer_exit == 0 and cmp["bitwise_equal"] and not leftovers
-                and cmp.get("lost_iterations", 1) == 0 and not (root.exists() and any(root.rglob("ckpt-*"))))
+                and cmp.get("lost_iterations", 1) == 0 and _cleared(root))
     return {"overlapped": overlapped, "older_exit": older_exit, "newer_exit": newer_exit,
             "newer_resumed_from": summary.get("resumed_from_iteration"), "leftover_temp_dirs": leftovers, **cmp,
             "survived": survived}

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -171,9 +172,8 @@ def cost_table(f: dict[str, float], B: int, N: int, K: int, E: int) -> dict:
 def _spread(mses: list[float], var: float) -> dict:
     """Mean held-out MSE and R2 over fit seeds, the R2's sample standard deviation and every seed's R2."""
     r2 = [1 - m / var for m in mses]
-    mean = sum(r2) / len(r2)
-    std = math.sqrt(sum((v - mean) ** 2 for v in r2) / (len(r2) - 1)) if len(r2) > 1 else float("nan")
-    return {"val_mse": sum(mses) / len(mses), "r2": mean, "r2_std": std, "r2_by_seed": r2}
+    std = statistics.stdev(r2) if len(r2) > 1 else float("nan")
+    return {"val_mse": statistics.fmean(mses), "r2": statistics.fmean(r2), "r2_std": std, "r2_by_seed": r2}
 
 
 def value_mse(num_paths: int, steps: int, points: int, epochs: int, decoders: list[tuple[int, int]], seed: int,

@@ -249,7 +249,7 @@ def select_pipeline_files(rels: list[str]) -> tuple[list[str], list[str]]:
             by_folder.setdefault(folder, []).append(name)
     for folder, names in by_folder.items():
         has_safetensors = any(n.lower().endswith(".safetensors") for n in names)
-        chosen = {m["base"]: weight_variant(names, m["base"]) for m in map(_WEIGHT_NAME_RE.match, names) if m}
+        chosen = {b: weight_variant(names, b) for b in {m["base"] for m in map(_WEIGHT_NAME_RE.match, names) if m}}
         for n in names:
             m = _WEIGHT_NAME_RE.match(n)
             if m:

@@ -674,6 +674,32 @@ class QLearningTrainer:
         mine = (b >= r.start) & (b < r.stop)
         return k[mine] * (r.stop - r.start) + (b[mine] - r.start)
 
+    def _minibatch_updates(self, n: int, epochs: int, opt: torch.optim.Optimizer, params: list,
+                           loss_sum: Callable[[Tensor], Tensor], finite: str = "") -> float:
+        """``epochs`` passes over minibatches (``minibatch_size``, 0: all) of the global batch's ``n`` (step,
+        path) pairs: each rank sums ``loss_sum`` over its own pairs (indices into its rows), divided by the global
+        minibatch size; gradients are summed over ranks, checked finite (raising ``finite`` when given), clipped,
+        stepped. Returns the mean minibatch loss."""
+        mb, losses = self.cfg.minibatch_size or n, []
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=self.generator)
+            for j in range(0, n, mb):
+                idx = perm[j : j + mb]
+                i = self._my_pairs(idx)
+                opt.zero_grad(set_to_none=True)
+                part = 0.0
+                if len(i):
+                    loss = loss_sum(i) / len(idx)
+                    loss.backward()
+                    part = float(loss.detach())
+                self.dist.sync_grads(params)
+                if finite and not all(p.grad is None or torch.all(torch.isfinite(p.grad)) for p in params):
+                    raise FloatingPointError(finite)
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+                opt.step()
+                losses.append(part)
+        return self.dist.sum(sum(losses)) / len(losses)  # (each rank's parts: one reduction)
+
     def critic_update(self, ro: QRollout, target: Tensor, terms: tuple[Tensor, Tensor] | None = None) -> float:
         """``terms``: a linked critic's (x_hat, beta h(x_hat)) at these states, as ``increments`` computed them
         (computed here when not given). Minibatches are drawn over the global batch's (step, path) pairs; each
@@ -682,29 +708,15 @@ class QLearningTrainer:
         s, y, c = self._flat(ro, list(range(K)))
         tgt = target.reshape(-1).float()
         n = K * cfg.batch_size
-        mb = cfg.minibatch_size or n
         if terms is None:
             terms = self._reward_terms(s, y, c)
-        params = list(self.critic.parameters())
-        losses = []
-        for _ in range(cfg.critic_epochs):
-            perm = torch.randperm(n, generator=self.generator)
-            for j in range(0, n, mb):
-                idx = perm[j : j + mb]
-                i = self._my_pairs(idx)
-                self.critic_opt.zero_grad(set_to_none=True)
-                part = 0.0
-                if len(i):
-                    # semi-gradient: the gradient of 1/2 (J - sg(target))^2 is -dJ/dTheta * delta (test function xi)
-                    J = self.critic(s[i], y[i], None if c is None else c[i], terms=_rows(terms, i))
-                    loss = 0.5 * (J - tgt[i]).pow(2).sum() / len(idx)
-                    loss.backward()
-                    part = float(loss.detach())
-                self.dist.sync_grads(params)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                self.critic_opt.step()
-                losses.append(part)
-        return self.dist.sum(sum(losses)) / len(losses)  # (each rank's parts: one reduction)
+
+        def loss_sum(i: Tensor) -> Tensor:
+            # semi-gradient: the gradient of 1/2 (J - sg(target))^2 is -dJ/dTheta * delta (test function xi)
+            J = self.critic(s[i], y[i], None if c is None else c[i], terms=_rows(terms, i))
+            return 0.5 * (J - tgt[i]).pow(2).sum()
+
+        return self._minibatch_updates(n, cfg.critic_epochs, self.critic_opt, list(self.critic.parameters()), loss_sum)
 
     # -- actor: E int zeta dM = 0, zeta = w dq_psi/dpsi --------------------------------------------------------
     def actor_update(self, ro: QRollout, delta_actor: Tensor) -> float:
@@ -726,29 +738,15 @@ class QLearningTrainer:
         w = (sch.sigma(s_k) ** 2 / (cfg.theta * sch.g2(s_k) * dt)).float() if cfg.test_weight == "eps" else torch.ones(len(steps))
         g2, w = g2.repeat_interleave(B), w.repeat_interleave(B)
         n = len(steps) * cfg.batch_size
-        mb = cfg.minibatch_size or n
-        losses = []
-        for _ in range(cfg.actor_epochs):
-            perm = torch.randperm(n, generator=self.generator)
-            for j in range(0, n, mb):
-                idx = perm[j : j + mb]
-                i = self._my_pairs(idx)
-                self.opt.zero_grad(set_to_none=True)
-                part = 0.0
-                if len(i):
-                    mu = self.model.score(s[i], y[i], None if c is None else c[i])
-                    q = -0.5 * g2[i] * (a[i] - mu).flatten(1).pow(2).sum(1)  # q_psi = theta log pi_psi + t-only const
-                    # ascent on sum_k zeta_k delta_k: minimise -w q_psi sg(delta) (gradient: -w dq/dpsi delta)
-                    loss = -(w[i] * q * delta[i]).sum() / len(idx)
-                    loss.backward()
-                    part = float(loss.detach())
-                self.dist.sync_grads(self.params)
-                if not all(p.grad is None or torch.all(torch.isfinite(p.grad)) for p in self.params):
-                    raise FloatingPointError("non-finite actor gradient: the step was skipped, weights are unchanged")
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                self.opt.step()
-                losses.append(part)
-        return self.dist.sum(sum(losses)) / len(losses)  # (each rank's parts: one reduction)
+
+        def loss_sum(i: Tensor) -> Tensor:
+            mu = self.model.score(s[i], y[i], None if c is None else c[i])
+            q = -0.5 * g2[i] * (a[i] - mu).flatten(1).pow(2).sum(1)  # q_psi = theta log pi_psi + t-only const
+            # ascent on sum_k zeta_k delta_k: minimise -w q_psi sg(delta) (gradient: -w dq/dpsi delta)
+            return -(w[i] * q * delta[i]).sum()
+
+        return self._minibatch_updates(n, cfg.actor_epochs, self.opt, self.params, loss_sum,
+                                       finite="non-finite actor gradient: the step was skipped, weights are unchanged")
 
     # -- one iteration ---------------------------------------------------------------------------------------
     def step(self) -> QStats:

@@ -195,13 +195,12 @@ class CheckpointStore:
                            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, self.dir / self.LEASE)
         fsync_path(self.dir)
 
-    def holder(self) -> dict | None:
-        """The lease's content (owner, host, pid, since), or None when no attempt holds the folder."""
+    def holder(self, folder: Path | None = None) -> dict | None:
+        """The lease's content (owner, host, pid, since) in the folder (or ``folder``), or None when no attempt
+        holds it (no lease, or an unreadable one: atomic writes make that another writer's doing)."""
         try:
-            return json.loads((self.dir / self.LEASE).read_text())
-        except FileNotFoundError:
-            return None
-        except ValueError:  # unreadable: atomic writes make this another writer's doing; nobody holds it
+            return json.loads(((folder or self.dir) / self.LEASE).read_text())
+        except (FileNotFoundError, ValueError):
             return None
 
     def check(self) -> None:
@@ -289,15 +288,12 @@ class CheckpointStore:
         if self.dir.is_dir():
             aside = self.dir.with_name(f".{self.dir.name}.clearing-{uuid.uuid4().hex[:8]}")
             os.replace(self.dir, aside)
-            if self.owner is not None:
-                try:
-                    taken = json.loads((aside / self.LEASE).read_text()).get("owner") != self.owner
-                except (OSError, ValueError):
-                    taken = False
-                if taken:  # (the newer attempt has not written since: it checks its lease before every write)
-                    os.replace(aside, self.dir)
-                    self.owner = None
-                    return
+            lease = self.holder(aside) if self.owner is not None else None
+            if lease is not None and lease.get("owner") != self.owner:
+                # taken over meanwhile (the newer attempt has not written since: it checks its lease before every write)
+                os.replace(aside, self.dir)
+                self.owner = None
+                return
             shutil.rmtree(aside, ignore_errors=True)
         for stale in self.dir.parent.glob(f".{self.dir.name}.clearing-*"):  # left by a process killed mid-clear
             shutil.rmtree(stale, ignore_errors=True)

@@ -294,7 +294,8 @@ def _pool_settings(name: str, sp: StepPlacement, pools: dict[str, NodePool], sec
     step_env[NUM_PROCESSES_ENV] = str(max(sp.gpus, 1))
     if sp.launcher:
         step_env[LAUNCHER_ENV] = sp.launcher
-    if (step_env.get(LAUNCHER_ENV) or "torchrun") not in LAUNCHERS:  # ("" is unset, as `ctrl step` reads it)  # else the pod fails after its GPUs were scheduled
+    # checked here, else the pod fails after its GPUs were scheduled ("" is unset, as `ctrl step` reads it)
+    if (step_env.get(LAUNCHER_ENV) or "torchrun") not in LAUNCHERS:
         where = f"{key}.launcher" if sp.launcher else f"pipeline.env.{LAUNCHER_ENV}"
         raise PlacementError(f"{where}: {step_env[LAUNCHER_ENV]!r} is not a launcher; choose one of {LAUNCHERS}")
     if sp.cache:
