@@ -190,6 +190,39 @@ def running_kl(schedule: VPSchedule, traj: Trajectory, steps: list[int] | None =
     return total * (traj.num_steps / len(steps))
 
 
+def exact_kl_increment(coef: StepCoefficients, mu: Tensor, mu_ref: Tensor) -> Tensor:
+    """KL of one step's transition kernels, KL(N(A x + B mu, std^2 I) || N(A x + B mu_pre, std^2 I))
+    = B^2 ||mu_theta - mu_pre||^2 / (2 std^2), per path -> (B,); 0 at a deterministic step.
+
+    Summed along paths drawn from the tuned chain, this is the exact KL between the two *discrete* path
+    measures (the chain rule of KL), at any grid. Theorem 3.1's g^2/2 ||dmu||^2 Delta is its continuous-time
+    limit: for Euler-Maruyama (B = g^2 Delta, std^2 = g^2 Delta) the two are equal term by term; for DDPM steps
+    they differ on coarse grids (docs/method.md, "KL")."""
+    if not coef.stochastic:
+        return torch.zeros(mu.shape[0], dtype=torch.float64)
+    diff = (mu - mu_ref).flatten(1).to(torch.float64)
+    return (coef.B / coef.std).pow(2) * 0.5 * diff.pow(2).sum(1)
+
+
+def exact_path_kl(policy: GaussianScorePolicy, traj: Trajectory, steps: list[int] | None = None) -> Tensor:
+    """Exact KL between the tuned and the pretrained discrete chains on ``traj``'s grid, per path -> (B,):
+    sum_k of ``exact_kl_increment`` along the sampled (tuned) paths. With ``steps`` a uniform random subset of
+    the steps, rescaled like ``running_kl``. A deterministic sampler (DDIM, Heun) has no path density, so it has
+    no finite path KL: that is a ValueError, not a number."""
+    if policy.solver == "heun" or not any(
+        policy.coefficients(float(traj.grid[k]), float(traj.grid[k + 1])).stochastic for k in range(traj.num_steps)
+    ):
+        raise ValueError(f"the {policy.solver!r} chain (eta={policy.eta}) is deterministic: it has no path KL")
+    steps = sorted(traj.ref_means) if steps is None else steps
+    if not steps:
+        raise ValueError("no reference means were recorded: sample with reference_steps")
+    total = torch.zeros(traj.states.shape[1], dtype=torch.float64)
+    for k in steps:
+        coef = policy.coefficients(float(traj.grid[k]), float(traj.grid[k + 1]))
+        total += exact_kl_increment(coef, traj.means[k], traj.ref_means[k])
+    return total * (traj.num_steps / len(steps))
+
+
 @torch.no_grad()
 def sample(
     policy: GaussianScorePolicy,
