@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -275,11 +276,27 @@ class DiffusersScoreModel(ScoreModel):
         finally:
             self._adapter_off -= 1
 
-    # adapter I/O in the format peft/diffusers load (adapter_config.json + adapter_model.safetensors)
-    def save_adapter(self, directory: str) -> None:
+    # adapter I/O: peft's files, and diffusers' own LoRA file for a UNet diffusers loads a LoRA into
+    def save_adapter(self, directory: str | os.PathLike) -> None:
+        """Write the adapter folder, staged beside ``directory`` and renamed into place whole (a reader sees the
+        complete folder or none, as ``steps.staged_output``; an existing folder is replaced):
+
+        - peft's ``save_pretrained`` files: adapter_config.json + adapter_model.safetensors (``load_adapter``,
+          ``PeftModel.from_pretrained``);
+        - for a UNet2DConditionModel (Stable Diffusion), ``pytorch_lora_weights.safetensors`` as
+          ``StableDiffusionPipeline.save_lora_weights`` writes it (``save_diffusers_lora``), so that
+          ``pipe.load_lora_weights(directory)`` reproduces this model's UNet with no further argument.
+
+        diffusers 0.42 has no LoRA loader for UNet2DModel (it lacks ``PeftAdapterMixin``, DDPMPipeline lacks a
+        LoRA loader mixin): there the diffusers route is the fused pipeline of ``ctrl_core.export``."""
         if not self.has_adapter:
             raise ValueError("this model has no LoRA adapter to save")
-        self.net.save_pretrained(directory, safe_serialization=True)
+        from .steps import staged_output
+
+        with staged_output(directory) as tmp:
+            self.net.save_pretrained(tmp, safe_serialization=True)
+            if self.conditional_2d:
+                save_diffusers_lora(self.net, tmp)
 
     def load_adapter(self, directory: str) -> None:
         from peft import set_peft_model_state_dict
@@ -290,6 +307,31 @@ class DiffusersScoreModel(ScoreModel):
         path = require_safetensors(f"{directory}/adapter_model.safetensors")
         set_peft_model_state_dict(self.net, load_file(path))
         self.adapter_changed()
+
+
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE: what it loads by default
+
+
+def save_diffusers_lora(peft_unet: nn.Module, directory: str | os.PathLike) -> None:
+    """Write ``peft_unet``'s active LoRA (a peft-wrapped UNet2DConditionModel) with
+    ``StableDiffusionPipeline.save_lora_weights`` itself (the classmethod of its StableDiffusionLoraLoaderMixin).
+    ``directory / DIFFUSERS_LORA_FILE`` holds ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (peft's
+    layout, which diffusers' ``load_lora_adapter`` reads natively and its ``save_lora_adapter`` writes) and, as
+    the safetensors metadata ``lora_adapter_metadata``, the adapter's LoraConfig under ``unet.`` (r, lora_alpha,
+    targets). The loader builds its LoraConfig from that metadata, so the update s·B·A keeps s = lora_alpha / r;
+    without it diffusers would assume lora_alpha = r (s = 1)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from peft import get_peft_model_state_dict
+
+    name = peft_unet.active_adapter
+    layers = get_peft_model_state_dict(peft_unet.get_base_model(), adapter_name=name)  # keys without base_model.model.
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        directory,
+        unet_lora_layers={k: v.detach().to("cpu").contiguous() for k, v in layers.items()},
+        unet_lora_adapter_metadata=peft_unet.peft_config[name].to_dict(),
+        weight_name=DIFFUSERS_LORA_FILE,
+        safe_serialization=True,
+    )
 
 
 class MergedSampler:

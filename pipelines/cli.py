@@ -6,6 +6,7 @@
     ctrl schedule --host URL --cron "0 3 * * 1" (a KFP recurring run: max concurrency 1, no catch-up)
     ctrl promote NAME VERSION [--force --reason TEXT]
     ctrl step NAME ...                (one step, for dvc.yaml)
+    ctrl export --fused OUT [--checkpoint DIR --adapter DIR | --run outputs/RUN_ID]  (LoRA merged, for diffusers)
 """
 
 from __future__ import annotations
@@ -463,6 +464,37 @@ def _launch_data_parallel(n: int, step_argv: list[str], launcher: str | None = N
                "-m", "pipelines.cli", *step_argv]
     click.echo(f"launching {n} processes: {' '.join(cmd)}", err=True)
     return subprocess.call(cmd, env={**os.environ, "CTRL_NUM_PROCESSES": "1"})
+
+
+@main.command("export")
+@click.option("--fused", "fused_out", type=click.Path(file_okay=False), required=True,
+              help="write here a diffusers pipeline folder with the LoRA merged into the UNet (replaced whole)")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False), default=None,
+              help="the fetched checkpoint folder (default: data/checkpoint, as `ctrl step`)")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None,
+              help="the LoRA adapter folder (default: data/optimize/adapter, the optimize step's adapter/)")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="a `ctrl run` output folder (outputs/RUN_ID): its checkpoint and adapter")
+def export(fused_out, checkpoint, adapter, run_dir) -> None:
+    """Export the base checkpoint with the LoRA merged into its UNet as a complete diffusers pipeline folder
+    (safetensors), loadable with `DiffusionPipeline.from_pretrained(OUT)`."""
+    from ctrl_core.export import export_fused, run_inputs
+
+    if run_dir is None:
+        checkpoint, adapter = checkpoint or "data/checkpoint", adapter or "data/optimize/adapter"
+    elif checkpoint or adapter:
+        raise click.UsageError("--run takes the checkpoint and the adapter from the run: leave out --checkpoint "
+                               "and --adapter")
+    else:
+        try:
+            checkpoint, adapter = run_inputs(run_dir)
+        except FileNotFoundError as err:
+            raise click.UsageError(str(err)) from None
+    try:
+        info = export_fused(checkpoint, adapter, fused_out)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(json.dumps({"fused": str(Path(fused_out).resolve()), **info}, indent=2))
 
 
 if __name__ == "__main__":
