@@ -37,12 +37,13 @@ CACHED = STAGES[:4]  # register is always_changed
 OUTS = {"fetch_checkpoint": "data/checkpoint", "pretrain_value": "data/value", "ctrl_optimize": "data/optimize",
         "evaluate": "data/evaluate"}
 
-#: Only sizes differ from the repository's params.yaml (same keys, same algorithm, reward and checkpoint).
+#: Only sizes differ from the repository's params.yaml (same keys, same algorithm, reward and checkpoint): the
+#: smallest that still shows two candidate links, two iterations, two step counts and both samplers.
 TINY = {
-    "value": {"num_paths": 16, "steps": 4, "epochs": 1, "candidates": ["cos_sin", "rm_only"]},
-    "optimize": {"iterations": 2, "batch_size": 8, "train_steps": 4, "train_timesteps": 2, "minibatch_size": 8,
+    "value": {"num_paths": 8, "steps": 4, "epochs": 1, "candidates": ["cos_sin", "rm_only"]},
+    "optimize": {"iterations": 2, "batch_size": 4, "train_steps": 4, "train_timesteps": 2, "minibatch_size": 4,
                  "checkpoint_every": 0},
-    "evaluate": {"steps": [2, 4], "num_samples": 8, "samplers": ["sde", "ode"]},
+    "evaluate": {"steps": [2, 4], "num_samples": 4, "samplers": ["sde", "ode"]},
 }
 
 
