@@ -2,7 +2,7 @@
 
 Data N(m0, s0^2) per dimension, the exact pretrained score, reward RM(x) = -k ||x - m||^2 and KL weight beta.
 The KL-regularised optimum is p*(x) ∝ p_pre(x) exp(RM(x) / beta): per dimension a Gaussian with
-precision 1/s0^2 + 2k/beta and mean (m0/s0^2 + 2k m/beta) / precision (DESIGN.md §3).
+precision 1/s0^2 + 2k/beta and mean (m0/s0^2 + 2k m/beta) / precision (docs/method.md#what-the-tests-prove).
 
     python -m bench.tilted_gaussian --dim 2 --data-mean 0 --data-std 1 --target 2 --k 1 --beta 1 --json OUT
 

@@ -19,9 +19,10 @@ step for x_hat at the perturbed state) with beta > 0; td, the temporal differenc
 (the authors' code; optimize.advantage=temporal_difference, value_xhat=policy: no extra UNet call) with beta > 0
 (mu_pre at the K steps for the KL); td_beta0, the same at beta = 0 with optimize.kl_monitor=false (the authors'
 ImageReward run: no mu_pre call at all). The DDPO baseline is ddpo-pytorch's: no mu_pre calls.
-FLOPs are not seconds: the VAE decoder runs at a lower MFU than the UNet (DESIGN.md's H100 numbers: UNet
-~270 TFLOP/s, VAE decode ~175 TFLOP/s), so ``projected_h100_ratio`` also weights each call class by those
-throughputs. That is a projection from quoted timings, not a measurement: bench.gpu measures.
+FLOPs are not seconds: the VAE decoder runs at a lower MFU than the UNet (the H100 numbers of
+docs/method.md#reference-throughputs: UNet ~270 TFLOP/s, VAE decode ~175 TFLOP/s), so ``projected_h100_ratio``
+also weights each call class by those throughputs. That is a projection from quoted timings, not a
+measurement: bench.gpu measures.
 
 Part 2, accuracy (``--mse``, CPU minutes): held-out value MSE of the same designs on the tiny SD-shaped model
 with the tiny ImageReward fixture (random weights; a TAESD-style decoder distilled from the tiny VAE here).
@@ -53,7 +54,8 @@ IR_TEXT = dict(vocab_size=30524, hidden_size=768, encoder_hidden_size=1024, inte
                num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=512, is_decoder=True,
                use_cache=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 IR_TOKENS = 35
-# DESIGN.md / issue 7, measured on an H100 in bf16, eager: TFLOP/s by call class (for the projection only)
+# TFLOP/s by call class, measured on an H100 in bf16, eager (issue 7; docs/method.md#reference-throughputs),
+# for the projection only
 H100_EAGER_TFLOPS = {"unet": 51.4 / 0.189, "decode": 2.51 * 32 / 0.456, "other": 51.4 / 0.189}
 
 

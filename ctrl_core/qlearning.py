@@ -3,8 +3,8 @@
 The score is the action, as in CTRL, but no pretrained score is needed: the running reward is built from a
 *ratio estimator* of the true score computed from m data samples. One module, top to bottom.
 
-Notation (DESIGN.md §2; forward time s in [0, 1] as everywhere in ctrl_core, RL time t = T - s, T = 1)
------------------------------------------------------------------------------------------------------
+Notation (docs/method.md#notation; forward time s in [0, 1] as in all of ctrl_core, RL time t = T - s, T = 1)
+-------------------------------------------------------------------------------------------------------------
 - dynamics (CTRL eq. 10):  dY = [-f(T-t, Y) + g^2(T-t) a] dt + g(T-t) dW,  Y_0 ~ N(0, I),
 - objective:  J(t, y; pi) = E[ int_t^T (r(u, Y_u, a_u) - theta log pi(a_u | u, Y_u)) du + beta h(Y_T) ],
 - running reward  r(t, y, a) = -g^2(T-t)/2 ||grad log p_{T-t}(y) - a||^2: by Girsanov, its integral is minus
@@ -16,7 +16,8 @@ Notation (DESIGN.md §2; forward time s in [0, 1] as everywhere in ctrl_core, RL
 Prop. 1 (optimal policy). The exploratory Hamiltonian is quadratic in a, so the Gibbs policy
 pi* ∝ exp(H(t, y, a, dJ*) / theta) is Gaussian:  N(mu*(t, y), Sigma_t I),  mu* = grad log p + grad_y J*,
 Sigma_t = theta / g^2(T-t). (The exploration variance is fixed by theta and by the weight g^2/2 of the running
-reward; the paper-summary formula "theta2g2(T-t)" in shared/papers is garbled. With g^2/2 as the weight, which
+reward; the formula "theta2g2(T-t)" in a summary of arXiv 2409.04832 is garbled, see
+docs/method.md#deliberate-deviations-of-this-code. With g^2/2 as the weight, which
 makes beta = 0 exact data reproduction and beta a plain exponential tilt, it is theta / g^2.)
 
 q-function (Jia & Zhou's q-learning). With a Gaussian policy of known covariance the parametrised q-function

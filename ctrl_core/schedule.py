@@ -1,7 +1,7 @@
 """Continuous-time VP-SDE view of a diffusion noise schedule.
 
-Notation (paper §2, App. B; DESIGN.md §2)
------------------------------------------
+Notation (arXiv 2502.01819 §2, App. B; docs/method.md#notation)
+---------------------------------------------------------------
 - ``s`` in [0, 1] is the *forward* (noising) time: s = 0 is data, s = 1 is noise. The RL time of the paper
   runs the other way, t = T - s with T = 1; every public function here takes ``s``.
 - Forward VP-SDE: dX = f(s, X) ds + g(s) dB with f(s, x) = -1/2 beta(s) x and g^2(s) = beta(s).

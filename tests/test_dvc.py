@@ -1,6 +1,7 @@
 """dvc.yaml end to end, with the real ``dvc`` and ``ctrl`` executables in subprocesses (no mocks).
 
-One tiny ``dvc repro`` in a throwaway git + DVC repository is shared by the module:
+One tiny ``dvc repro`` in a throwaway git + DVC repository (and its MLflow database) is made once per session;
+every test works on a copy of its own, so one that fails or times out leaves nothing behind for the next:
 
 * the five stages run (``ctrl step NAME``, the code the KFP components wrap) and leave their outputs;
 * a second ``dvc repro`` skips the four cached stages, reruns only ``register`` (always_changed) and
@@ -17,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -35,12 +37,13 @@ CACHED = STAGES[:4]  # register is always_changed
 OUTS = {"fetch_checkpoint": "data/checkpoint", "pretrain_value": "data/value", "ctrl_optimize": "data/optimize",
         "evaluate": "data/evaluate"}
 
-#: Only sizes differ from the repository's params.yaml (same keys, same algorithm, reward and checkpoint).
+#: Only sizes differ from the repository's params.yaml (same keys, same algorithm, reward and checkpoint): the
+#: smallest that still shows two candidate links, two iterations, two step counts and both samplers.
 TINY = {
-    "value": {"num_paths": 16, "steps": 4, "epochs": 1, "candidates": ["cos_sin", "rm_only"]},
-    "optimize": {"iterations": 2, "batch_size": 8, "train_steps": 4, "train_timesteps": 2, "minibatch_size": 8,
+    "value": {"num_paths": 8, "steps": 4, "epochs": 1, "candidates": ["cos_sin", "rm_only"]},
+    "optimize": {"iterations": 2, "batch_size": 4, "train_steps": 4, "train_timesteps": 2, "minibatch_size": 4,
                  "checkpoint_every": 0},
-    "evaluate": {"steps": [2, 4], "num_samples": 8, "samplers": ["sde", "ode"]},
+    "evaluate": {"steps": [2, 4], "num_samples": 4, "samplers": ["sde", "ode"]},
 }
 
 
@@ -51,7 +54,16 @@ class Project:
     tracking_uri: str
     model_name: str
     first: str  # output of the first `dvc repro`
-    second: str  # output of the second
+    lock_after_first: str
+
+
+@dataclass(frozen=True)
+class Template:
+    """A repository after its first ``dvc repro`` and its baseline commit, with the MLflow database beside it."""
+
+    root: Path  # root/repo, root/mlflow.db
+    model_name: str
+    first: str
     lock_after_first: str
 
 
@@ -114,15 +126,36 @@ def _model_versions(tracking_uri: str, name: str) -> list:
     return mlflow.MlflowClient(tracking_uri=tracking_uri).search_model_versions(f"name='{name}'")
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Project:
+def _tracking_uri(root: Path) -> str:
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _relocate(db: Path, old: Path, new: Path) -> None:
+    """Rewrite the absolute paths MLflow stored under ``old`` (artifact locations of the experiment, the runs
+    and the model versions, under repo/mlruns) to ``new``, so a copy's runs write under the copy, not the template."""
+    con = sqlite3.connect(db)
+    try:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for _, column, kind, *_ in con.execute(f'PRAGMA table_info("{table}")').fetchall():
+                if any(k in (kind or "").upper() for k in ("CHAR", "TEXT", "CLOB")):
+                    con.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE instr("{column}", ?) > 0',
+                                (str(old), str(new), str(old)))
+        con.commit()
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory) -> Template:
+    """Made once: a git + DVC repository with the tiny params, its first ``dvc repro`` and a baseline commit."""
     missing = [n for n in ("digits_unet.safetensors", "digits_config.json", "digits_classifier.safetensors")
                if not (WEIGHTS / n).is_file()]
     assert not missing, f"built-in checkpoint files missing from {WEIGHTS}: {missing}"
     for exe in ("ctrl", "dvc"):
         assert (BIN / exe).is_file(), f"{BIN / exe} not found: run the tests with the project's virtualenv python"
 
-    root = tmp_path_factory.mktemp("dvc")
+    root = tmp_path_factory.mktemp("dvc-template")
     repo = root / "repo"
     repo.mkdir()
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
@@ -133,8 +166,7 @@ def project(tmp_path_factory) -> Project:
         params[block].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / ".gitignore").write_text("/mlruns/\n")  # MLflow's local artifact store (cwd of the register stage)
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    env = _env(tracking_uri)
+    env = _env(_tracking_uri(root))
 
     _git(repo, env, "init", "-q")
     _git(repo, env, "config", "user.name", "ctrl-test")
@@ -144,10 +176,20 @@ def project(tmp_path_factory) -> Project:
 
     first = _dvc(repo, env, "repro")
     lock_after_first = (repo / "dvc.lock").read_text()
-    second = _dvc(repo, env, "repro")
     _git(repo, env, "add", "-A")
     _git(repo, env, "commit", "-q", "-m", "tiny pipeline")  # dvc exp run needs a baseline commit
-    return Project(repo, env, tracking_uri, params["register"]["model_name"], first, second, lock_after_first)
+    return Template(root, params["register"]["model_name"], first, lock_after_first)
+
+
+@pytest.fixture
+def project(template, tmp_path) -> Project:
+    """This test's own copy of the template: repository, git and DVC state, DVC cache, outputs and MLflow."""
+    root = tmp_path / "project"
+    shutil.copytree(template.root, root)
+    _relocate(root / "mlflow.db", template.root, root)
+    tracking_uri = _tracking_uri(root)
+    return Project(root / "repo", _env(tracking_uri), tracking_uri, template.model_name, template.first,
+                   template.lock_after_first)
 
 
 def test_repro_runs_the_five_stages(project):
@@ -186,8 +228,9 @@ def test_repro_runs_the_five_stages(project):
 
 
 def test_second_repro_only_reruns_register(project):
-    assert _ran(project.second) == {"register"}, project.second[-4000:]
-    assert _skipped(project.second) == set(CACHED), project.second[-4000:]
+    second = _dvc(project.repo, project.env, "repro")
+    assert _ran(second) == {"register"}, second[-4000:]
+    assert _skipped(second) == set(CACHED), second[-4000:]
     assert (project.repo / "dvc.lock").read_text() == project.lock_after_first
     versions = _model_versions(project.tracking_uri, project.model_name)
     assert len(versions) == 1, [(v.version, v.run_id) for v in versions]  # same run_key: no second version

@@ -1,4 +1,5 @@
-"""Tests that prove the maths (DESIGN.md §3): solvers, Theorem 3.1, the value boundary, the PPO gradient."""
+"""Tests that prove the maths (docs/method.md#what-the-tests-prove): solvers, Theorem 3.1, the value boundary,
+the PPO gradient."""
 
 from __future__ import annotations
 

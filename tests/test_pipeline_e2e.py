@@ -14,11 +14,13 @@ from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: The smallest run that still shows two candidate links, a checkpoint before the last iteration, two step
+#: counts and both samplers.
 TINY = {
-    "value": {"num_paths": 16, "steps": 4, "epochs": 1, "candidates": ["cos_sin", "rm_only"]},
-    "optimize": {"iterations": 2, "batch_size": 8, "train_steps": 4, "train_timesteps": 2, "minibatch_size": 8,
+    "value": {"num_paths": 8, "steps": 4, "epochs": 1, "candidates": ["cos_sin", "rm_only"]},
+    "optimize": {"iterations": 2, "batch_size": 4, "train_steps": 4, "train_timesteps": 2, "minibatch_size": 4,
                  "checkpoint_every": 1},
-    "evaluate": {"steps": [2, 4], "num_samples": 8},
+    "evaluate": {"steps": [2, 4], "num_samples": 4},
     "register": {"model_name": "ctrl-e2e"},
 }
 

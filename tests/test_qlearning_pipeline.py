@@ -50,14 +50,15 @@ def test_pipeline_trains_from_a_data_set_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     src = tmp_path / "dataset"
     src.mkdir()
-    save_file({"data": _mixture(200)}, str(src / "data.safetensors"))
+    save_file({"data": _mixture(64)}, str(src / "data.safetensors"))
     raw = {
         "checkpoint": {"source": str(src)},
         "reward": {"name": "quadratic", "options": {"target": [1.5, 0.0]}},
         "optimize": {"algorithm": "qlearning", "checkpoint_every": 2},
-        "qlearning": {"iterations": 4, "batch_size": 32, "train_steps": 10, "beta": 1.0, "width": 32,
+        # the smallest run that still shows a checkpoint before the last of several iterations
+        "qlearning": {"iterations": 4, "batch_size": 16, "train_steps": 5, "beta": 1.0, "width": 16,
                       "critic_target": "monte_carlo", "minibatch_size": 128},
-        "evaluate": {"steps": [10, 20], "num_samples": 64},
+        "evaluate": {"steps": [10, 20], "num_samples": 16},
         "register": {"model_name": "qlearning-test"},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
