@@ -35,10 +35,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ctrl_core.algorithms import OptimConfig
-from ctrl_core.latent import latent_problem, tiny_sd_components, write_tiny_clip_tokenizer_files
+from ctrl_core.latent import latent_problem
 from ctrl_core.models import compute_device
 from ctrl_core.policy import sample
 from ctrl_core.recipes import make_trainer
+from ctrl_core.testing import tiny_sd_components, write_tiny_clip_tokenizer_files
 from ctrl_core.value import ValueFunction
 
 DEFAULT_JSON = Path("bench/results/gpu.json")
@@ -383,7 +384,8 @@ def run(args: argparse.Namespace, emit=None) -> dict:
         return finish()
 
     # -- CTRL vs DDPO iterations ---------------------------------------------------------------------------
-    from ctrl_core.latent import latent_reward, tiny_decoder_for
+    from ctrl_core.latent import latent_reward
+    from ctrl_core.testing import tiny_decoder_for
     from ctrl_core.value import RewardCopyResidual
 
     tiny_reward = None

@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 
 from ctrl_core.algorithms import OptimConfig
-from ctrl_core.latent import latent_problem, tiny_sd_components
+from ctrl_core.latent import latent_problem
 from ctrl_core.policy import sample
 from ctrl_core.recipes import make_trainer
 from ctrl_core.rewards import make_reward
+from ctrl_core.testing import tiny_sd_components
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
 # (name, autocast dtype, merged copy): float32 and bf16 autocast, each without and with the copy

@@ -181,15 +181,10 @@ def _spread(mses: list[float], var: float) -> dict:
 def value_mse(num_paths: int, steps: int, points: int, epochs: int, decoders: list[tuple[int, int]], seed: int,
               fit_seeds: int = 5) -> dict:
     from ctrl_core.imagereward import load_imagereward  # noqa: F401  (registers the reward)
-    from ctrl_core.latent import (
-        distill_tiny_decoder,
-        latent_problem,
-        latent_reward,
-        tiny_decoder_for,
-        tiny_sd_components,
-    )
+    from ctrl_core.latent import distill_tiny_decoder, latent_problem, latent_reward
     from ctrl_core.recipes import collect_value_data
     from ctrl_core.rewards import make_reward
+    from ctrl_core.testing import tiny_decoder_for, tiny_sd_components
     from ctrl_core.value import RewardCopyResidual, ValueDataset, ValueFunction, select_link
 
     fixture = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "imagereward_tiny"

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from .distributed import Dist
 from .policy import GaussianScorePolicy, Trajectory, gaussian_log_prob, kl_increment, sample, x_hat
+from .trainer_base import TrainerBase
 from .value import ValueDataset, ValueFunction, fit_value
 
 ALGORITHMS = ("ctrl", "ddpo", "qlearning")  # qlearning: settings in the qlearning block (ctrl_core/qlearning.py)
@@ -165,8 +166,11 @@ class IterationStats:
     extra: dict = field(default_factory=dict)
 
 
-class Trainer:
+class Trainer(TrainerBase):
     """CTRL / DDPO trainer over a ``GaussianScorePolicy`` (any score model with trainable parameters)."""
+
+    params_key = "policy"
+    stats_type = IterationStats
 
     def __init__(
         self,
@@ -178,13 +182,10 @@ class Trainer:
         value: ValueFunction | None = None,
         dist: Dist | None = None,
     ):
-        self.dist = dist or Dist()
-        if config.batch_size % self.dist.world:
-            raise ValueError(f"optimize.batch_size ({config.batch_size}) must be a multiple of the number of processes "
-                             f"({self.dist.world})")
+        super().__init__(config, dist, "optimize")
         if config.algorithm == "ctrl" and value is None:
             raise ValueError("CTRL needs a value function (pretrain one with select_link / fit_value)")
-        self.policy, self.reward_fn, self.cfg, self.value = policy, reward_fn, config, value
+        self.policy, self.reward_fn, self.value = policy, reward_fn, value
         self.x_shape, self.condition_sampler = tuple(x_shape), condition_sampler
         self.params = policy.model.trainable_parameters()
         if not self.params:
@@ -197,29 +198,16 @@ class Trainer:
             if value is not None
             else None
         )
-        self.generator = torch.Generator().manual_seed(config.seed)
         self.stat_tracker = (
             PromptStatTracker(config.stat_buffer, config.stat_min_count)
             if config.algorithm == "ddpo" and config.stat_buffer > 0
             else None
         )
-        self.iteration = 0
         self.skipped = 0
-        self.history: list[IterationStats] = []
 
-    # -- resumable state ----------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Everything the next iteration depends on: weights, optimiser moments, RNG states, counters, history.
-        Restoring it into a trainer built from the same config continues the run bitwise (on the CPU)."""
-        state = {
-            "iteration": self.iteration,
-            "skipped": self.skipped,
-            "policy": [p.detach() for p in self.params],
-            "opt": self.opt.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "history": [{k: v for k, v in h.__dict__.items()} for h in self.history],
-        }
+    # -- resumable state (TrainerBase.state_dict: weights, optimiser, RNG states, iteration, history) -------------
+    def extra_state(self) -> dict:
+        state: dict = {"skipped": self.skipped}
         if self.value is not None:
             state["value"] = dict(self.value.residual.state_dict())
             state["value_opt"] = self.value_opt.state_dict()
@@ -227,15 +215,7 @@ class Trainer:
             state["stat_tracker"] = self.stat_tracker.state_dict()
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["policy"]) != len(self.params):
-            raise ValueError(f"checkpoint has {len(state['policy'])} policy tensors, the model {len(self.params)}")
-        with torch.no_grad():
-            for p, saved in zip(self.params, state["policy"], strict=True):
-                if p.shape != saved.shape:
-                    raise ValueError(f"checkpoint tensor of shape {tuple(saved.shape)} for a parameter of shape {tuple(p.shape)}")
-                p.copy_(saved)
-        self.opt.load_state_dict(state["opt"])
+    def load_extra_state(self, state: dict) -> None:
         self.policy.model.adapter_changed()
         if self.value is not None:
             if "value" not in state:
@@ -244,10 +224,7 @@ class Trainer:
             self.value_opt.load_state_dict(state["value_opt"])
         if self.stat_tracker is not None:
             self.stat_tracker.load_state_dict(state.get("stat_tracker", {}))
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        self.iteration, self.skipped = int(state["iteration"]), int(state["skipped"])
-        self.history = [IterationStats(**h) for h in state["history"]]
+        self.skipped = int(state["skipped"])
 
     # -- 1-3: rollout --------------------------------------------------------------------------------------
     def rollout(self) -> Rollout:
@@ -450,11 +427,8 @@ class Trainer:
                         kl_sum += float(0.5 * (logp - traj.log_probs[k][mine]).pow(2).sum())
                         clip_sum += float(((ratio - 1).abs() > cfg.clip_range).float().sum())
                         count += len(mine)
-                self.dist.sync_grads(self.params)
-                if not all(p.grad is None or torch.all(torch.isfinite(p.grad)) for p in self.params):
-                    raise FloatingPointError(f"non-finite policy loss or gradient at iteration {self.iteration}")
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                self.opt.step()
+                self.clipped_step(self.opt, self.params,
+                                  nonfinite=f"non-finite policy loss or gradient at iteration {self.iteration}")
                 self.policy.model.adapter_changed()  # (a fused step leaves the weights' version counters alone)
         count = self.dist.sum(count)
         return self.dist.sum(kl_sum) / count, self.dist.sum(clip_sum) / count
@@ -503,9 +477,6 @@ class Trainer:
         return {"approx_kl": float(0.5 * r.pow(2).mean()),
                 "clipfrac": float(((r.exp() - 1).abs() > self.cfg.clip_range).double().mean()),
                 "max_abs_log_ratio": float(r.abs().max())}
-
-    def learning_rate(self, iteration: int) -> float:
-        return self.cfg.lr * lr_factor(self.cfg.lr_decay, iteration, self.cfg.iterations)
 
     # -- one iteration --------------------------------------------------------------------------------------
     def step(self) -> IterationStats:
@@ -556,8 +527,7 @@ class Trainer:
         else:
             adv, scale = self.normalise(self.advantages(ro))
         t2 = time.perf_counter()
-        for group in self.opt.param_groups:
-            group["lr"] = self.learning_rate(self.iteration)
+        self.schedule_lr(self.opt, cfg.lr)
         if self.dist.any(not all(bool(torch.isfinite(a).all()) for a in adv.values()) or not math.isfinite(scale)):
             raise FloatingPointError(f"non-finite advantages at iteration {self.iteration}")
         extra = {}
@@ -593,22 +563,6 @@ class Trainer:
         self.history.append(stats)
         self.iteration += 1
         return stats
-
-    def train(self, callback: Callable[[IterationStats], None] | None = None) -> list[IterationStats]:
-        while self.iteration < self.cfg.iterations:
-            stats = self.step()
-            if callback is not None:
-                callback(stats)
-        return self.history
-
-
-def lr_factor(decay: str, iteration: int, iterations: int) -> float:
-    """Cosine decay to 10% of the learning rate at the last iteration (``decay="cosine"``), else 1:
-    stochastic-approximation steps must shrink for the iterates to settle. Shared by every trainer."""
-    if decay == "none" or iterations <= 1:
-        return 1.0
-    frac = min(iteration / (iterations - 1), 1.0)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 def sample_and_score(

@@ -82,17 +82,17 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .algorithms import lr_factor
 from .distributed import Dist
 from .models import ScoreModel, sinusoidal_time_features
 from .policy import GaussianScorePolicy, canonical_solver, sample, step_coefficients
 from .schedule import DiscreteVPSchedule, LinearVPSchedule, VPSchedule, score_from_model_output
+from .trainer_base import TrainerBase
 
 RewardFn = Callable[[Tensor, Tensor | None], Tensor]
 
@@ -486,7 +486,7 @@ class QStats:
     extra: dict = field(default_factory=dict)
 
 
-class QLearningTrainer:
+class QLearningTrainer(TrainerBase):
     """Continuous-time q-learning of mu_psi (the score) and J_Theta from data.
 
     model:   the actor, any ``ScoreModel`` with trainable parameters (its ``score`` is mu_psi).
@@ -498,6 +498,9 @@ class QLearningTrainer:
              clipping and each step, and the statistics the updates use (the actor's delta clip) and log are
              taken over the global batch. W processes then run the one-process run, up to summation order.
     """
+
+    params_key = "actor"
+    stats_type = QStats
 
     def __init__(
         self,
@@ -513,12 +516,9 @@ class QLearningTrainer:
     ):
         if config.beta > 0 and reward_fn is None:
             raise ValueError("optimize.beta > 0 needs a reward function")
-        self.dist = dist or Dist()
-        if config.batch_size % self.dist.world:
-            raise ValueError(f"qlearning.batch_size ({config.batch_size}) must be a multiple of the number of "
-                             f"processes ({self.dist.world})")
+        super().__init__(config, dist, "qlearning")
         self.rows = self.dist.shard(config.batch_size)  # this rank's paths of the global batch
-        self.model, self.cfg, self.schedule = model, config, model.schedule
+        self.model, self.schedule = model, model.schedule
         self.data = data.detach().float()
         self.data_labels = None if data_labels is None else data_labels.detach().long()
         self.reward_fn = reward_fn
@@ -533,9 +533,6 @@ class QLearningTrainer:
             raise ValueError("the actor has no trainable parameters")
         self.opt = torch.optim.Adam(self.params, lr=config.lr)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.iteration = 0
-        self.history: list[QStats] = []
         self.solver = canonical_solver(config.rollout_solver)
         self.d = int(torch.tensor(self.x_shape).prod())
 
@@ -693,11 +690,7 @@ class QLearningTrainer:
                     loss = loss_sum(i) / len(idx)
                     loss.backward()
                     part = float(loss.detach())
-                self.dist.sync_grads(params)
-                if finite and not all(p.grad is None or torch.all(torch.isfinite(p.grad)) for p in params):
-                    raise FloatingPointError(finite)
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-                opt.step()
+                self.clipped_step(opt, params, nonfinite=finite)
                 losses.append(part)
         return self.dist.sum(sum(losses)) / len(losses)  # (each rank's parts: one reduction)
 
@@ -756,9 +749,8 @@ class QLearningTrainer:
         ro = self.rollout()
         t1 = time.perf_counter()
         inc = self.increments(ro)
-        for opt, lr in ((self.opt, cfg.lr), (self.critic_opt, cfg.critic_lr)):
-            for group in opt.param_groups:
-                group["lr"] = lr * lr_factor(cfg.lr_decay, self.iteration, cfg.iterations)
+        self.schedule_lr(self.opt, cfg.lr)
+        self.schedule_lr(self.critic_opt, cfg.critic_lr)
         critic_loss = 0.0
         if cfg.value_terms == "full" or cfg.beta > 0:  # else J = 0 exactly (no reward to carry)
             critic_loss = self.critic_update(ro, inc["target"], inc["terms"])
@@ -785,33 +777,13 @@ class QLearningTrainer:
         self.iteration += 1
         return stats
 
-    # -- resumable state (ctrl_core/resume.py): restoring it continues the run bitwise on the CPU --------------
-    def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "actor": [p.detach() for p in self.params], "opt": self.opt.state_dict(),
-                "critic": dict(self.critic.state_dict()), "critic_opt": self.critic_opt.state_dict(),
-                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "history": [dict(h.__dict__) for h in self.history]}
+    # -- resumable state (TrainerBase.state_dict: actor, its optimiser, RNG states, iteration, history) ---------
+    def extra_state(self) -> dict:
+        return {"critic": dict(self.critic.state_dict()), "critic_opt": self.critic_opt.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["actor"]) != len(self.params):
-            raise ValueError(f"checkpoint has {len(state['actor'])} actor tensors, the model {len(self.params)}")
-        with torch.no_grad():
-            for p, saved in zip(self.params, state["actor"], strict=True):
-                p.copy_(saved)
-        self.opt.load_state_dict(state["opt"])
+    def load_extra_state(self, state: dict) -> None:
         self.critic.load_state_dict(state["critic"])
         self.critic_opt.load_state_dict(state["critic_opt"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        self.iteration = int(state["iteration"])
-        self.history = [QStats(**h) for h in state["history"]]
-
-    def train(self, callback: Callable[[QStats], None] | None = None) -> list[QStats]:
-        while self.iteration < self.cfg.iterations:
-            stats = self.step()
-            if callback is not None:
-                callback(stats)
-        return self.history
 
     def sample(self, num: int, steps: int = 100, sampler: str = "sde", conditions: Tensor | None = None,
                seed: int = 0) -> Tensor:
@@ -869,21 +841,6 @@ def scratch_model(schedule: VPSchedule, data: Tensor, data_labels: Tensor | None
     return QLearningScoreModel(net, schedule, reference=RatioScoreModel(schedule, data, data_labels))
 
 
-def save_trainer(trainer: QLearningTrainer, directory: str | Path) -> None:
-    """Actor (``QLearningScoreModel.save`` or the LoRA adapter of a ``DiffusersScoreModel``), critic and config."""
-    from .io import atomic_save_weights, atomic_write_json
-
-    d = Path(directory)
-    if isinstance(trainer.model, QLearningScoreModel):
-        trainer.model.save(d)
-    elif hasattr(trainer.model, "save_adapter"):
-        trainer.model.save_adapter(str(d / "adapter"))
-    else:
-        raise TypeError(f"cannot save actor {type(trainer.model).__name__}")
-    atomic_save_weights(trainer.critic.state_dict(), d / "critic.safetensors")
-    atomic_write_json(asdict(trainer.cfg), d / "qlearning_optimize.json")
-
-
 __all__ = [
     "ratio_score",
     "RatioScoreModel",
@@ -898,5 +855,4 @@ __all__ = [
     "sample_model",
     "qlearning_problem",
     "scratch_model",
-    "save_trainer",
 ]

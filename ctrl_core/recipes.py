@@ -88,10 +88,10 @@ def _load_checkpoint_problem(checkpoint_dir, lora_rank: int, solver: str, prompt
     if (d / "unet" / "config.json").is_file():
         from diffusers import DDPMScheduler, UNet2DModel
 
-        from .io import require_safetensors
+        from .io import UNSAFE_WEIGHT_SUFFIXES, require_safetensors
 
         for f in (d / "unet").glob("*"):
-            if f.suffix in (".bin", ".pt", ".ckpt", ".pth"):
+            if f.suffix.lower() in UNSAFE_WEIGHT_SUFFIXES:
                 raise ValueError(f"{f}: refusing non-safetensors weights")
         require_safetensors(d / "unet" / "diffusion_pytorch_model.safetensors")
         unet = UNet2DModel.from_pretrained(d / "unet", use_safetensors=True).eval()

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import atomic_write_json, fsync_path, sha256_file
+from .io import atomic_folder, atomic_write_json, fsync_path, sha256_file
 
 DEFAULT_ROOT_ENV = "CTRL_CHECKPOINT_ROOT"
 DEFAULT_ROOT = ".ctrl-checkpoints"
@@ -226,29 +226,23 @@ class CheckpointStore:
         check_finite(tensors)
         self.check()
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(".tmp-*"):  # left by a process killed while writing (or by a superseded one)
+        # left by a process killed while writing (or by a superseded one): temporary and set-aside folders of any
+        # iteration (".tmp-*": those of earlier versions of this code)
+        for stale in [*self.dir.glob(".*tmp-*"), *self.dir.glob(f".{self.PREFIX}*.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = self.dir / f".tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
         final = self.dir / f"{self.PREFIX}{iteration:08d}"
         try:
-            save_file(tensors, str(tmp / "state.safetensors"))
-            meta = {"iteration": iteration, "run_key": self.key, "structure": structure, "extra": extra or {},
-                    "sha256": sha256_file(tmp / "state.safetensors"), "written_by": code_version()}
-            (tmp / "meta.json").write_text(json.dumps(meta))
-            for f in (tmp / "state.safetensors", tmp / "meta.json", tmp):
-                fsync_path(f)
-            self.check()  # taken over while writing: the newer attempt may already be past this iteration
-            if final.exists():  # re-saving the same iteration (a resumed run that reached it again)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_path(self.dir)
+            # flushed to disk before the rename; the lease is checked last (taken over while writing: the newer
+            # attempt may already be past this iteration); re-saving an iteration (a resumed run that reached it
+            # again) replaces it
+            with atomic_folder(final, clean_stale=False, before_commit=self.check) as tmp:
+                save_file(tensors, str(tmp / "state.safetensors"))
+                meta = {"iteration": iteration, "run_key": self.key, "structure": structure, "extra": extra or {},
+                        "sha256": sha256_file(tmp / "state.safetensors"), "written_by": code_version()}
+                (tmp / "meta.json").write_text(json.dumps(meta))
         except OSError:  # a newer attempt removed our temporary folder: say so, not ENOENT
             self.check()
             raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         for old in self._complete()[self.keep :]:
             shutil.rmtree(old, ignore_errors=True)
         return final

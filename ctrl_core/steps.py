@@ -7,55 +7,17 @@ it into place at the end: a failed or killed step leaves no half-written artifac
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import io
 import json
-import os
 import shutil
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .io import atomic_save_weights, atomic_write_json, fsync_path, load_weights
+from .io import atomic_folder, atomic_save_weights, atomic_write_json, load_weights
 from .params import Params
-
-
-@contextlib.contextmanager
-def staged_output(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success replace ``out_dir`` with it, on failure remove it.
-    Temporary folders of an earlier attempt that was killed (SIGKILL leaves them) are removed first."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_tree(tmp)  # the data is on disk before the rename makes it the output (and checkpoints go)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        fsync_path(out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for f in files:
-            fsync_path(Path(folder) / f)
-        fsync_path(folder)
 
 
 def _seed(params: Params) -> None:
@@ -176,7 +138,7 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
     if params.optimize.algorithm == "qlearning":  # q-learning trains its own critic from the data
         result = {"chosen": "none", "mse": {}, "seconds": 0.0, "skipped": "optimize.algorithm is qlearning"}
         if _dist().is_main:
-            with staged_output(out_dir) as tmp:
+            with atomic_folder(out_dir) as tmp:
                 atomic_write_json(result, tmp / "link.json")
         return result
     _seed(params)
@@ -238,7 +200,7 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
         raise RuntimeError("value pretraining: the processes ended with different value nets (gradients not synchronised)")
     if not dist.is_main:
         return result
-    with staged_output(out_dir) as tmp:
+    with atomic_folder(out_dir) as tmp:
         atomic_save_weights(sel.value.residual.state_dict(), tmp / "value.safetensors")
         atomic_write_json({k: result[k] for k in ("chosen", "mse", "seconds")}, tmp / "link.json")
         store.check()  # a superseded attempt commits nothing: the newer one writes this output
@@ -323,7 +285,7 @@ def optimize(
         if not dist.identical(_synchronised(trainer)):
             raise RuntimeError("data-parallel ranks ended with different adapters (gradients not synchronised)")
         return {"rank": dist.rank, "iterations": trainer.iteration}
-    with staged_output(out_dir) as tmp:
+    with atomic_folder(out_dir) as tmp:
         with open(tmp / "metrics.jsonl", "w") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in history)
 
@@ -416,6 +378,7 @@ def qlearning_setup(params: Params, checkpoint_dir: str | Path, model_dir: str |
 def evaluate(params: Params, checkpoint_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> dict:
     from .evaluate import evaluate as run_eval
     from .evaluate import robustness_ratio
+    from .report import write_reports
 
     _seed(params)
     if (Path(adapter_dir) / "qlearning_config.json").is_file():  # a from-scratch q-learning model
@@ -432,93 +395,7 @@ def evaluate(params: Params, checkpoint_dir: str | Path, adapter_dir: str | Path
     robustness = robustness_ratio(results, params.optimize.train_steps, "sde")
     out = {"evaluation": evaluation, "robustness": robustness, "robustness_ratio": robustness["overall"],
            "train_steps": params.optimize.train_steps, "seconds": round(time.perf_counter() - t0, 2)}
-    with staged_output(out_dir) as tmp:
+    with atomic_folder(out_dir) as tmp:
         atomic_write_json(out, tmp / "evaluation.json")
-        plot_png = _reward_vs_steps_png(evaluation, params.optimize.train_steps)
-        (tmp / "reward_vs_steps.png").write_bytes(plot_png)
-        show = getattr(reward, "decode", lambda x: x)  # latents are shown decoded
-        grids = {f"{which}/{key}": _grid_png(show(x)) for which, d in kept.items() for key, x in d.items() if x.dim() == 4}
-        (tmp / "report.html").write_text(_html_report(out, plot_png, grids))
-        (tmp / "report.md").write_text(_markdown_report(out))
+        write_reports(tmp, out, kept, decode=getattr(reward, "decode", None))  # latents are shown decoded
     return out
-
-
-def _reward_vs_steps_png(evaluation: dict, train_steps: int) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for smp, cells in evaluation.items():
-        steps = sorted(cells, key=int)
-        xs = [int(n) for n in steps]
-        ax.errorbar(xs, [cells[n]["base"] for n in steps], yerr=[cells[n]["base_ci"] for n in steps], fmt="--o", label=f"base {smp}", alpha=0.7)
-        ax.errorbar(xs, [cells[n]["tuned"] for n in steps], yerr=[cells[n]["tuned_ci"] for n in steps], fmt="-s", label=f"tuned {smp}")
-    ax.axvline(train_steps, color="grey", ls=":", lw=0.8)
-    ax.set(xscale="log", xlabel="sampling steps", ylabel="mean reward (95% CI)", title="reward vs steps")
-    ax.set_xticks(sorted({int(n) for cells in evaluation.values() for n in cells}))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _grid_png(images: torch.Tensor, scale: int = 4) -> bytes:
-    from PIL import Image
-
-    from .rewards import to_uint8
-
-    arr = to_uint8(images)  # (B, H, W, C)
-    n, h, w, c = arr.shape
-    cols = min(10, n)
-    rows = (n + cols - 1) // cols
-    canvas = Image.new("L" if c == 1 else "RGB", (cols * (w + 1), rows * (h + 1)), 0)
-    for i, a in enumerate(arr):
-        canvas.paste(Image.fromarray(a[..., 0] if c == 1 else a), ((i % cols) * (w + 1), (i // cols) * (h + 1)))
-    canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _table_rows(out: dict) -> list[str]:
-    rows = ["| sampler | steps | base | tuned | gain (95% CI) | KL |", "|---|---|---|---|---|---|"]
-    for smp, cells in out["evaluation"].items():
-        for n in sorted(cells, key=int):
-            c = cells[n]
-            rows.append(f"| {smp} | {n} | {c['base']:.4f} | {c['tuned']:.4f} | {c['gain']:+.4f} ± {c['gain_ci']:.4f} | {c['kl']:.4f} |")
-    return rows
-
-
-def _markdown_report(out: dict) -> str:
-    return "\n".join(["# Evaluation", "", *_table_rows(out), "",
-                      f"Robustness ratio (min gain / gain at {out['train_steps']} steps): {_ratio(out)}", ""])
-
-
-def _ratio(out: dict) -> str:
-    r = out["robustness_ratio"]
-    return "n/a (no gain at the training step count)" if r is None else f"{r:.3f}"
-
-
-def _html_report(out: dict, plot_png: bytes, grids: dict[str, bytes]) -> str:
-    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
-    rows = "".join(
-        f"<tr><td>{smp}</td><td>{n}</td><td>{c['base']:.4f}</td><td>{c['tuned']:.4f}</td>"
-        f"<td>{c['gain']:+.4f} ± {c['gain_ci']:.4f}</td><td>{c['kl']:.4f}</td></tr>"
-        for smp, cells in out["evaluation"].items() for n, c in sorted(cells.items(), key=lambda kv: int(kv[0]))
-    )
-    imgs = "".join(f"<figure><img src='data:image/png;base64,{b64(png)}'><figcaption>{name}</figcaption></figure>"
-                   for name, png in sorted(grids.items()))
-    return (
-        "<html><head><meta charset='utf-8'><title>ctrl-pipeline evaluation</title></head><body>"
-        "<h1>Evaluation</h1><table border='1' cellpadding='4'><tr><th>sampler</th><th>steps</th><th>base</th>"
-        f"<th>tuned</th><th>gain (95% CI)</th><th>KL</th></tr>{rows}</table>"
-        f"<p>Robustness ratio: {_ratio(out)}</p>"
-        f"<img src='data:image/png;base64,{b64(plot_png)}'><h2>Samples (base vs tuned, same noise)</h2>{imgs}</body></html>"
-    )

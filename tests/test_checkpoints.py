@@ -377,7 +377,7 @@ def _hub_layout_sd(root: Path, fp16_only: bool = False) -> dict[str, bytes]:
     top, a safety checker, pickled and Flax twins, fp16 and non-EMA variants beside the weights."""
     from safetensors.torch import load_file
 
-    from ctrl_core.latent import save_tiny_sd
+    from ctrl_core.testing import save_tiny_sd
 
     src = save_tiny_sd(root / "plain")
     files = {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*") if p.is_file()}
@@ -407,8 +407,8 @@ def test_hub_layout_pipelines_fetch_only_what_the_steps_load(tmp_path, bucket, h
     """Local folder, S3 prefix and HF cache alike: the single-file checkpoints, the safety checker, pickled and
     Flax twins and the extra precisions are skipped (before any download), nothing is refused, and the folder
     loads; a component published only in fp16 loads that variant."""
-    from ctrl_core.checkpoints import select_pipeline_files
     from ctrl_core.latent import load_sd_folder
+    from ctrl_core.layout import select_pipeline_files
 
     files = _hub_layout_sd(tmp_path)
     keep, skipped = select_pipeline_files(sorted(files))

@@ -10,19 +10,13 @@ from ctrl_core import params as params_mod
 from ctrl_core.algorithms import OptimConfig
 from ctrl_core.checkpoints import fetch_checkpoint
 from ctrl_core.io import UnsafeWeightsError
-from ctrl_core.latent import (
-    LatentProblem,
-    LatentScoreModel,
-    latent_problem,
-    load_sd_folder,
-    save_tiny_sd,
-    tiny_sd_components,
-)
+from ctrl_core.latent import LatentProblem, LatentScoreModel, latent_problem, load_sd_folder
 from ctrl_core.policy import sample
 from ctrl_core.recipes import checkpoint_problem, make_trainer
 from ctrl_core.rewards import make_reward
 from ctrl_core.schedule import score_from_model_output
 from ctrl_core.steps import load_problem
+from ctrl_core.testing import save_tiny_sd, tiny_sd_components
 from ctrl_core.value import ConvResidual, ValueFunction
 
 torch.set_num_threads(1)
@@ -237,7 +231,7 @@ def test_pipeline_steps_run_on_a_latent_checkpoint(tmp_path, monkeypatch):
     """fetch -> value pretraining -> CTRL -> evaluation on a tiny SD-shaped folder: the image reward is applied
     to VAE-decoded latents in every step, and the report shows decoded samples."""
     from ctrl_core import steps
-    from ctrl_core.latent import save_tiny_sd
+    from ctrl_core.testing import save_tiny_sd
 
     monkeypatch.setenv("CTRL_CHECKPOINT_ROOT", str(tmp_path / "ckpt"))
     save_tiny_sd(tmp_path / "sd")

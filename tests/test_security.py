@@ -21,8 +21,8 @@ import pytest
 import torch
 import yaml
 
-from ctrl_core.checkpoints import UNSAFE_WEIGHT_SUFFIXES, CheckpointError, fetch_checkpoint
-from ctrl_core.io import UnsafeWeightsError, load_weights, require_safetensors
+from ctrl_core.checkpoints import CheckpointError, fetch_checkpoint
+from ctrl_core.io import UNSAFE_WEIGHT_SUFFIXES, UnsafeWeightsError, load_weights, require_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 

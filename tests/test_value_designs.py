@@ -12,9 +12,10 @@ import torch
 
 from ctrl_core import params as params_mod
 from ctrl_core.algorithms import OptimConfig
-from ctrl_core.latent import TINY_DECODER_SUBFOLDER, latent_reward, save_tiny_sd, tiny_decoder_for
+from ctrl_core.latent import TINY_DECODER_SUBFOLDER, latent_reward
 from ctrl_core.recipes import gaussian_problem, make_trainer
 from ctrl_core.rewards import make_reward
+from ctrl_core.testing import save_tiny_sd, tiny_decoder_for
 from ctrl_core.value import MLPResidual, RewardCopyResidual, ValueFunction, freeze_leading
 
 torch.set_num_threads(1)
@@ -196,7 +197,8 @@ def test_mu_pre_is_computed_only_where_something_needs_it(algorithm, beta, xhat,
 def test_distilling_a_tiny_decoder_fits_the_vae_on_new_latents():
     """distill_tiny_decoder (TAESD's recipe, for a VAE with no published tiny decoder) lowers the decode error on
     latents it did not train on."""
-    from ctrl_core.latent import distill_tiny_decoder, tiny_sd_components
+    from ctrl_core.latent import distill_tiny_decoder
+    from ctrl_core.testing import tiny_sd_components
 
     vae = tiny_sd_components(0)["vae"]
     g = torch.Generator().manual_seed(0)
