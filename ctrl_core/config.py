@@ -435,6 +435,13 @@ class Params(BaseModel):
         """The q-learning trainer's configuration (the qlearning block less where the actor and data come from)."""
         return self.qlearning.trainer_config()
 
+    def digest(self) -> str:
+        """A stable hash of the parameters (lineage, idempotent registration)."""
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+
 
 BLOCKS = tuple(Params.model_fields)
 
