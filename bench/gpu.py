@@ -416,7 +416,7 @@ def run(args: argparse.Namespace, emit=None) -> dict:
             extra = dict(kl_monitor=False)  # ddpo-pytorch's cost: no mu_pre calls
         cfg = OptimConfig(algorithm=alg, iterations=1 + args.iterations, batch_size=B, train_steps=N,
                           train_timesteps=min(args.train_timesteps, N), minibatch_size=min(args.minibatch, B),
-                          seed=args.seed, old_log_probs=args.old_log_probs, **extra)
+                          seed=args.seed, old_log_probs=args.old_log_probs, lr=3e-4, **extra)
         trainer = make_trainer(problem, reward, cfg, value)
         totals, stats = [], []
         for i in range(1 + args.iterations):

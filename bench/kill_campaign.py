@@ -34,7 +34,7 @@ SMALL_PARAMS = {
     "value": {"candidates": ["rm_only", "linear", "f_only", "cos_sin"], "num_paths": 64, "steps": 8, "points_per_path": 2,
               "epochs": 2, "batch_size": 8},
     "optimize": {"iterations": 12, "batch_size": 8, "train_steps": 8, "train_timesteps": 3, "minibatch_size": 8,
-                 "checkpoint_every": 1, "value_batch_size": 64, "value_epochs": 1},
+                 "checkpoint_every": 1, "value_batch_size": 64, "value_epochs": 1, "lr": 3e-4},
 }
 TIMING_KEYS = {"sample_s", "value_s", "policy_s"}
 

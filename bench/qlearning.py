@@ -83,12 +83,14 @@ def run_gmm1d(quick: bool, seed: int, png: Path | None, critic: str = "free") ->
     t0 = time.perf_counter()
     base_cfg = dict(batch_size=256, train_steps=40, seed=seed)
     model = scratch_model(sch, data, width=64)
-    tr = QLearningTrainer(model, data, None, QLearningConfig(iterations=it0, **base_cfg))
+    free_cfg = QLearningConfig(iterations=it0, reward_weight=0.0, critic_target="td", critic="free", **base_cfg)
+    tr = QLearningTrainer(model, data, None, free_cfg)
     tr.train()
     samples = {0.0: {s: tr.sample(2000, 100, s, seed=seed + 1)[:, 0] for s in ("sde", "ode")}}
     for beta in (1.0, 2.0, 4.0):
         tuned = QLearningScoreModel.from_pretrained(model)
-        cfg = QLearningConfig(iterations=it1, beta=beta, critic_target="monte_carlo", critic=critic, lr=5e-4, **base_cfg)
+        cfg = QLearningConfig(iterations=it1, reward_weight=beta, critic_target="monte_carlo", critic=critic, lr=5e-4,
+                              **base_cfg)
         trb = QLearningTrainer(tuned, data, h, cfg)
         trb.train()
         samples[beta] = {s: trb.sample(2000, 100, s, seed=seed + 1)[:, 0] for s in ("sde", "ode")}
@@ -180,7 +182,7 @@ def run_swissroll(quick: bool, seed: int, png: Path | None, critic: str = "free"
     # q-learning from scratch on the m = 120 samples
     t0 = time.perf_counter()
     it_q = 60 if quick else 200
-    qcfg = QLearningConfig(iterations=it_q, batch_size=256, train_steps=40, beta=beta, critic_target="monte_carlo",
+    qcfg = QLearningConfig(iterations=it_q, batch_size=256, train_steps=40, reward_weight=beta, critic_target="monte_carlo",
                            critic=critic, critic_warmup=it_q // 2, seed=seed)  # fmt: skip
     model = scratch_model(sch, data, width=128)
     QLearningTrainer(model, data, h, qcfg).train()
@@ -205,7 +207,7 @@ def run_swissroll(quick: bool, seed: int, png: Path | None, critic: str = "free"
         # q-learning fine-tuning of the same pretrained model (the paper's "start from a pretrained model")
         t0 = time.perf_counter()
         qft = QLearningScoreModel.from_pretrained(pm)
-        QLearningTrainer(qft, data, h, QLearningConfig(**{**qcfg.__dict__, "iterations": it_q // 2, "critic_warmup": 0,
+        QLearningTrainer(qft, data, h, QLearningConfig(**{**qcfg.model_dump(), "iterations": it_q // 2, "critic_warmup": 0,
                                                           "lr": 5e-4})).train()  # fmt: skip
         samples[f"qlearning_from_{quality}"] = sample_model(qft, n_eval, (2,), eval_steps, "sde", seed=seed + 1)
         results[f"qlearning_from_{quality}"] = {**metrics(samples[f"qlearning_from_{quality}"]),
@@ -248,7 +250,7 @@ def run_digits(quick: bool, seed: int, png: Path | None, critic: str = "linked",
     data, labels = digits_dataset("all")
     reward = make_reward("jpeg_compressibility")
     beta = 10.0 if beta is None else beta
-    cfg = QLearningConfig(iterations=6 if quick else 40, batch_size=32, train_steps=20, train_timesteps=4, beta=beta,
+    cfg = QLearningConfig(iterations=6 if quick else 40, batch_size=32, train_steps=20, train_timesteps=4, reward_weight=beta,
                           ratio_samples=1, critic_target="monte_carlo", minibatch_size=64, lr=3e-4, critic_lr=1e-3,
                           s_min=2e-3, critic=critic, seed=seed)  # fmt: skip
     crit = make_critic(problem.x_shape, NUM_CLASSES, critic, model, reward, beta)
@@ -270,7 +272,7 @@ def run_digits(quick: bool, seed: int, png: Path | None, critic: str = "linked",
     out = {
         "task": "digits", "m": 1, "quick": quick, "seed": seed, "beta": beta,
         "setting": {"start": "shipped digits DDPM + LoRA rank 4 (q-learning from the pretrained model)",
-                    "reward": "jpeg_compressibility (-JPEG bytes / 100)", **{k: v for k, v in cfg.__dict__.items()}},
+                    "reward": "jpeg_compressibility (-JPEG bytes / 100)", **cfg.model_dump()},
         "evaluation": {smp: {n: c.as_dict() for n, c in cells.items()} for smp, cells in results.items()},
         "fidelity_first20": fidelity,
         "history_reward": [round(s.reward_mean, 4) for s in trainer.history],

@@ -256,7 +256,7 @@ def advantage_agreement(problem, reward, tiny_reward, seed: int, batch: int = 64
     from ctrl_core.value import ValueFunction
 
     cfg = OptimConfig(algorithm="ctrl", iterations=1, batch_size=batch, train_steps=steps, train_timesteps=K,
-                      minibatch_size=batch, seed=seed, advantage_norm="none")
+                      minibatch_size=batch, seed=seed, advantage_norm="none", lr=3e-4)
     full = make_trainer(problem, reward, cfg, ValueFunction(reward, problem.make_residual(), "rm_only"))
     tiny = make_trainer(problem, reward, cfg, ValueFunction(tiny_reward, problem.make_residual(), "rm_only"))
     ro = full.rollout()

@@ -42,92 +42,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .config import OptimizeConfig
 from .distributed import Dist
 from .policy import GaussianScorePolicy, Trajectory, gaussian_log_prob, kl_increment, sample, x_hat
 from .trainer_base import TrainerBase
 from .value import ValueDataset, ValueFunction, fit_value
 
-ALGORITHMS = ("ctrl", "ddpo", "qlearning")  # qlearning: settings in the qlearning block (ctrl_core/qlearning.py)
-ADVANTAGES = ("finite_difference", "temporal_difference")
-NORMALISATIONS = ("scale", "per_time", "center", "none")
-TIME_SAMPLING = ("random", "grid")
-
-
-@dataclass
-class OptimConfig:
-    """Policy-optimisation settings (one block of params.yaml)."""
-
-    algorithm: str = "ctrl"  # ctrl | ddpo | qlearning (trains from data; its settings: the qlearning block)
-    iterations: int = 30  # policy iterations
-    batch_size: int = 64  # trajectories per iteration
-    train_steps: int = 25  # step count of the rollout grid during training
-    time_sampling: str = "random"  # random: a stratified random grid every iteration | grid: fixed uniform grid
-    train_timesteps: int = 8  # K: time points per trajectory in the loss (random subset of the steps)
-    solver: str = "ddpm"  # stochastic rollout solver: ddpm | euler_maruyama | ddim (with eta > 0)
-    eta: float = -1.0  # DDIM-family exploration level in [0, 1]; -1: the solver's default (ddpm 1, ddim 0)
-    beta: float = 0.01  # KL weight (Theorem 3.1 running reward)
-    advantage: str = "finite_difference"  # finite_difference | temporal_difference
-    fd_scale: float = 1.0  # lam = sigma_bar / Delta of the finite-difference advantage
-    advantage_norm: str = "scale"  # scale | per_time | center | none
-    advantage_clip: float = 5.0  # clip normalised advantages to +-this (0: no clipping)
-    clip_range: float = 0.2  # PPO ratio clip epsilon
-    ppo_epochs: int = 1  # PPO passes over each iteration's paths
-    minibatch_size: int = 32  # paths per optimiser step (of the global batch)
-    lr: float = 3e-4  # policy (LoRA) learning rate
-    lr_decay: str = "cosine"  # cosine (to 10% of lr at the last iteration) | none
-    weight_decay: float = 0.0  # AdamW weight decay of the adapter
-    max_grad_norm: float = 1.0  # gradient-norm clip of the policy update
-    value_lr: float = 1e-3  # value-net learning rate during policy optimisation
-    value_epochs: int = 2  # value-net epochs per iteration on the fresh returns
-    value_batch_size: int = 256  # value-net minibatch size
-    value_xhat: str = "pretrained"  # Tweedie x_hat in the value skip term from: pretrained | policy (eq. 19)
-    checkpoint_every: int = 0  # resumable checkpoint (+ adapter snapshot) every N iterations (0: only at the end)
-    on_nonfinite: str = "error"  # a NaN/inf reward, loss or gradient: error (stop the step) | skip (drop the iteration)
-    max_skipped: int = 3  # with on_nonfinite=skip: stop after this many dropped iterations
-    reward_chunks: int = 1  # sample each rank's rows in this many blocks, scoring one while the next samples
-    kl_monitor: bool = True  # compute mu_pre at the K steps to log the KL even when nothing else needs it (see below)
-    old_log_probs: str = "sampler"  # PPO's pi_old: sampler (recorded while sampling) | trainer (recomputed, see below)
-    stat_buffer: int = 0  # DDPO: whiten by each condition's last N rewards across iterations (ddpo-pytorch: 16); 0: within the batch
-    stat_min_count: int = 16  # DDPO with stat_buffer > 0: batch statistics until a condition has this many rewards
-    seed: int = 0  # seed of the trainer's generator (rollouts, grids, minibatches)
-
-    def __post_init__(self):
-        checks = [
-            ("algorithm", self.algorithm in ALGORITHMS, f"one of {ALGORITHMS}"),
-            ("advantage", self.advantage in ADVANTAGES, f"one of {ADVANTAGES}"),
-            ("advantage_norm", self.advantage_norm in NORMALISATIONS, f"one of {NORMALISATIONS}"),
-            ("time_sampling", self.time_sampling in TIME_SAMPLING, f"one of {TIME_SAMPLING}"),
-            ("value_xhat", self.value_xhat in ("policy", "pretrained"), "policy or pretrained"),
-            ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
-            ("on_nonfinite", self.on_nonfinite in ("error", "skip"), "error or skip"),
-            ("max_skipped", self.max_skipped >= 0, ">= 0"),
-            ("lr_decay", self.lr_decay in ("cosine", "none"), "cosine or none"),
-            ("iterations", self.iterations >= 0, ">= 0"),
-            ("batch_size", self.batch_size >= 2, ">= 2"),
-            ("train_steps", self.train_steps >= 2, ">= 2"),
-            ("train_timesteps", self.train_timesteps >= 1, ">= 1"),
-            ("beta", self.beta >= 0, ">= 0"),
-            ("eta", self.eta == -1.0 or 0.0 <= self.eta <= 1.0, "in [0, 1] or -1"),
-            # Theorem 3.1's KL rate g^2/2 ||dmu||^2 holds for the SDE (eta = 1); a DDIM-eta<1 rollout follows
-            # another SDE whose path KL is not that integral, so CTRL refuses it
-            ("eta", self.algorithm != "ctrl" or self.eta in (-1.0, 1.0), "-1 or 1 for CTRL (SDE exploration)"),
-            ("fd_scale", self.fd_scale > 0, "> 0"),
-            ("clip_range", self.clip_range > 0, "> 0"),
-            ("ppo_epochs", self.ppo_epochs >= 1, ">= 1"),
-            ("minibatch_size", self.minibatch_size >= 1, ">= 1"),
-            ("lr", self.lr > 0, "> 0"),
-            ("value_lr", self.value_lr > 0, "> 0"),
-            ("value_batch_size", self.value_batch_size >= 1, ">= 1"),
-            ("reward_chunks", 1 <= self.reward_chunks <= self.batch_size, "between 1 and optimize.batch_size"),
-            ("old_log_probs", self.old_log_probs in ("sampler", "trainer"), "sampler or trainer"),
-            ("stat_buffer", self.stat_buffer >= 0, ">= 0"),
-            ("stat_min_count", self.stat_min_count >= 2, ">= 2"),
-            ("stat_min_count", self.stat_buffer == 0 or self.stat_min_count <= self.stat_buffer,
-             "<= optimize.stat_buffer (otherwise the per-prompt statistics are never used)"),
-        ]
-        for name, ok, want in checks:
-            if not ok:
-                raise ValueError(f"optimize.{name} must be {want}, got {getattr(self, name)!r}")
+OptimConfig = OptimizeConfig  # the optimize block of params.yaml (ctrl_core/config.py) configures the trainer
 
 
 @dataclass

@@ -31,11 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .config import SOLVER_ALIASES, SOLVERS  # the names, declared with the config (torch-free)
 from .models import ScoreModel
 from .schedule import VPSchedule, tweedie_x0
-
-SOLVER_ALIASES = {"sde": "ddpm", "ode": "ddim"}
-SOLVERS = ("ddpm", "ddim", "euler_maruyama", "heun")
 
 
 def canonical_solver(name: str) -> str:

@@ -9,9 +9,9 @@ Notation (docs/method.md#notation; forward time s in [0, 1] as in all of ctrl_co
 - objective:  J(t, y; pi) = E[ int_t^T (r(u, Y_u, a_u) - theta log pi(a_u | u, Y_u)) du + beta h(Y_T) ],
 - running reward  r(t, y, a) = -g^2(T-t)/2 ||grad log p_{T-t}(y) - a||^2: by Girsanov, its integral is minus
   the KL between the controlled path and the true backward path (the engine's Theorem 3.1 rate),
-- beta convention (the paper's): beta >= 0 *weights the reward* h. beta = 0: the optimum is the true score, so
-  the samples reproduce the data; beta > 0: the optimum tilts the data, p*(x) ∝ p_data(x) exp(beta h(x)) (for
-  the SDE sampler with a start nearly independent of the sample). CTRL's beta is the inverse: a KL weight.
+- beta convention (the paper's; its config key is ``qlearning.reward_weight``): beta >= 0 *weights the reward*
+  h. beta = 0: the optimum is the true score, so the samples reproduce the data; beta > 0: the optimum tilts
+  the data, p*(x) ∝ p_data(x) exp(beta h(x)) (for the SDE sampler with a start nearly independent of the sample). CTRL's beta is the inverse: a KL weight.
 
 Prop. 1 (optimal policy). The exploratory Hamiltonian is quadratic in a, so the Gibbs policy
 pi* ∝ exp(H(t, y, a, dJ*) / theta) is Gaussian:  N(mu*(t, y), Sigma_t I),  mu* = grad log p + grad_y J*,
@@ -88,6 +88,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .config import CRITICS, QLearningConfig
 from .distributed import Dist
 from .models import ScoreModel, sinusoidal_time_features
 from .policy import GaussianScorePolicy, canonical_solver, sample, step_coefficients
@@ -386,74 +387,8 @@ def _rows(terms: tuple[Tensor, Tensor] | None, idx) -> tuple[Tensor, Tensor] | N
 
 
 # --- 3. configuration -------------------------------------------------------------------------------------------
-ROLLOUT_SOLVERS = ("ddpm", "euler_maruyama", "ddim")
-CRITIC_TARGETS = ("td", "monte_carlo")
-CRITICS = ("linked", "free")
-BASELINES = ("counterfactual", "none")
-VALUE_TERMS = ("reward", "full")
-TEST_WEIGHTS = ("eps", "uniform")
-
-
-@dataclass
-class QLearningConfig:
-    """q-learning settings (the ``optimize`` block of params.yaml when ``algorithm: qlearning``)."""
-
-    iterations: int = 200  # q-learning iterations (one batch of rollouts each)
-    batch_size: int = 256  # paths per iteration
-    train_steps: int = 50  # rollout steps K on [s_min, s_start]
-    train_timesteps: int = 0  # steps per path in the actor update, a random subset (0: all K)
-    time_sampling: str = "random"  # random: stratified random grid each iteration | grid: fixed uniform grid
-    rollout_solver: str = "ddpm"  # ddpm | euler_maruyama (SDE dynamics) | ddim (probability-flow ODE dynamics)
-    s_min: float = 1e-3  # forward time where rollouts stop and h is evaluated (the score blows up at s = 0)
-    beta: float = 0.0  # the paper's reward weight: 0 reproduces the data, p* ∝ p_data exp(beta h)
-    theta: float = 0.1  # entropy temperature; policy covariance theta / g^2(T - t)
-    ratio_samples: int = 0  # m data samples per ratio estimate (0: the whole data set)
-    critic_target: str = "td"  # td: orthogonality with xi = dJ/dTheta (TD(0)) | monte_carlo: martingale loss
-    critic: str = "free"  # free: a residual net | linked: CTRL's value net, beta h(x_hat) + F (LinkedCritic)
-    value_terms: str = "reward"  # reward: J carries beta h only | full: J also carries r_hat - q (the paper)
-    critic_warmup: int = 0  # iterations before the actor uses the critic (the critic trains from the start)
-    baseline: str = "counterfactual"  # counterfactual (same Brownian increment, mean action) | none
-    test_weight: str = "eps"  # eps: w = sigma^2 / (theta g^2 Delta) | uniform: the paper's w = 1
-    delta_clip: float = 5.0  # clip the actor's delta at +-this many of its per-step std (0: no clipping)
-    lr: float = 1e-3  # actor (mu_psi) learning rate, Adam
-    critic_lr: float = 1e-3
-    actor_epochs: int = 2  # actor passes over each batch's (step, path) pairs
-    critic_epochs: int = 2  # critic passes over each batch's (step, path) pairs
-    minibatch_size: int = 1024  # (step, path) pairs per gradient step (0: all of them)
-    lr_decay: str = "cosine"  # cosine (to 10% at the last iteration) | none
-    max_grad_norm: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        checks = [
-            ("iterations", self.iterations >= 0, ">= 0"),
-            ("batch_size", self.batch_size >= 2, ">= 2"),
-            ("train_steps", self.train_steps >= 2, ">= 2"),
-            ("train_timesteps", self.train_timesteps >= 0, ">= 0"),
-            ("time_sampling", self.time_sampling in ("random", "grid"), "random or grid"),
-            ("rollout_solver", self.rollout_solver in ROLLOUT_SOLVERS, f"one of {ROLLOUT_SOLVERS}"),
-            ("s_min", 0.0 < self.s_min < 0.5, "in (0, 0.5)"),
-            ("beta", self.beta >= 0, ">= 0 (the reward weight; 0 reproduces the data)"),
-            ("theta", self.theta > 0, "> 0"),
-            ("ratio_samples", self.ratio_samples >= 0, ">= 0"),
-            ("critic_target", self.critic_target in CRITIC_TARGETS, f"one of {CRITIC_TARGETS}"),
-            ("critic", self.critic in CRITICS, f"one of {CRITICS}"),
-            ("value_terms", self.value_terms in VALUE_TERMS, f"one of {VALUE_TERMS}"),
-            ("critic_warmup", self.critic_warmup >= 0, ">= 0"),
-            ("baseline", self.baseline in BASELINES, f"one of {BASELINES}"),
-            ("test_weight", self.test_weight in TEST_WEIGHTS, f"one of {TEST_WEIGHTS}"),
-            ("delta_clip", self.delta_clip >= 0, ">= 0"),
-            ("lr", self.lr > 0, "> 0"),
-            ("critic_lr", self.critic_lr > 0, "> 0"),
-            ("actor_epochs", self.actor_epochs >= 1, ">= 1"),
-            ("critic_epochs", self.critic_epochs >= 1, ">= 1"),
-            ("minibatch_size", self.minibatch_size >= 0, ">= 0"),
-            ("lr_decay", self.lr_decay in ("cosine", "none"), "cosine or none"),
-            ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
-        ]
-        for name, ok, want in checks:
-            if not ok:
-                raise ValueError(f"optimize.{name} must be {want}, got {getattr(self, name)!r}")
+# The trainer's settings, QLearningConfig, are the qlearning block of params.yaml (less where the actor and the
+# data come from), declared with the other blocks in ctrl_core/config.py.
 
 
 # --- 4. the trainer --------------------------------------------------------------------------------------------
@@ -514,8 +449,8 @@ class QLearningTrainer(TrainerBase):
         data_labels: Tensor | None = None,
         dist: Dist | None = None,
     ):
-        if config.beta > 0 and reward_fn is None:
-            raise ValueError("optimize.beta > 0 needs a reward function")
+        if config.reward_weight > 0 and reward_fn is None:
+            raise ValueError("qlearning.reward_weight > 0 needs a reward function")
         super().__init__(config, dist, "qlearning")
         self.rows = self.dist.shard(config.batch_size)  # this rank's paths of the global batch
         self.model, self.schedule = model, model.schedule
@@ -526,7 +461,7 @@ class QLearningTrainer(TrainerBase):
         if self.x_shape != tuple(self.data.shape[1:]):
             raise ValueError(f"data samples have shape {tuple(self.data.shape[1:])}, the model's x_shape is {self.x_shape}")
         self.critic = critic if critic is not None else make_critic(self.x_shape, kind=config.critic, model=model,
-                                                                    reward_fn=reward_fn, beta=config.beta)  # fmt: skip
+                                                                    reward_fn=reward_fn, beta=config.reward_weight)  # fmt: skip
         self.condition_sampler = condition_sampler
         self.params = model.trainable_parameters()
         if not self.params:
@@ -557,9 +492,9 @@ class QLearningTrainer(TrainerBase):
 
     def terminal(self, y: Tensor, c: Tensor | None) -> Tensor:
         """J(T, y) = beta h(y), the boundary condition."""
-        if self.cfg.beta == 0:
+        if self.cfg.reward_weight == 0:
             return torch.zeros(y.shape[0])
-        return self.cfg.beta * self.reward_fn(y, c).float()
+        return self.cfg.reward_weight * self.reward_fn(y, c).float()
 
     def reward(self, y: Tensor, c: Tensor | None) -> Tensor:
         return torch.zeros(y.shape[0]) if self.reward_fn is None else self.reward_fn(y, c).float()
@@ -620,7 +555,7 @@ class QLearningTrainer(TrainerBase):
         J_cf = torch.empty(K, B)  # J(t_{k+1}, Y'_{k+1})
         J_cf[: K - 1] = v[K * B :].view(K - 1, B)
         h = self.reward(ro.states[K], c)  # the samples' reward: J(T, .) = beta h, and the iteration's statistic
-        J[K] = cfg.beta * h if cfg.beta != 0 else torch.zeros(B)
+        J[K] = cfg.reward_weight * h if cfg.reward_weight != 0 else torch.zeros(B)
         J_cf[K - 1] = self.terminal(ro.counterfactual[K - 1], c)
         rq = torch.empty(K, B, dtype=torch.float64)
         rq_mean = torch.empty(K, B, dtype=torch.float64)
@@ -752,7 +687,7 @@ class QLearningTrainer(TrainerBase):
         self.schedule_lr(self.opt, cfg.lr)
         self.schedule_lr(self.critic_opt, cfg.critic_lr)
         critic_loss = 0.0
-        if cfg.value_terms == "full" or cfg.beta > 0:  # else J = 0 exactly (no reward to carry)
+        if cfg.value_terms == "full" or cfg.reward_weight > 0:  # else J = 0 exactly (no reward to carry)
             critic_loss = self.critic_update(ro, inc["target"], inc["terms"])
         t2 = time.perf_counter()
         actor_loss = self.actor_update(ro, inc["delta_actor"])

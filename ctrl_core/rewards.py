@@ -159,3 +159,14 @@ class WeightedRewardCopy(torch.nn.Module):
 # reward models that live in their own modules register themselves on import (transformers loads lazily)
 from . import aesthetic as _aesthetic_reward  # noqa: E402,F401  registers "aesthetic"
 from . import imagereward as _imagereward_reward  # noqa: E402,F401  registers "imagereward"
+
+
+# --- the registry's contract for ctrl_core.config (temporary shim: the rewards package provides these torch-free)
+def reward_names() -> tuple[str, ...]:
+    """The registered reward names (what ``reward.name`` may be)."""
+    return tuple(sorted(REWARDS))
+
+
+def reward_factory(name: str) -> Callable[..., RewardFn]:
+    """The factory registered as ``name`` (``reward.options`` are its keyword arguments)."""
+    return REWARDS[name]

@@ -240,7 +240,7 @@ def optimize(
         model, problem, data, labels, num_classes = qlearning_setup(params, checkpoint_dir)
         reward = make_reward_fn(params, problem)
         trainer = QLearningTrainer(model, data, reward, qcfg, x_shape=problem.x_shape,
-                                   critic=make_critic(problem.x_shape, num_classes, qcfg.critic, model, reward, qcfg.beta),
+                                   critic=make_critic(problem.x_shape, num_classes, qcfg.critic, model, reward, qcfg.reward_weight),
                                    condition_sampler=problem.condition_sampler, data_labels=labels, dist=dist)
         iterations, blocks, timing = qcfg.iterations, ("qlearning",), ("sample", "critic", "actor")
         save_model = model.save if isinstance(model, QLearningScoreModel) else model.save_adapter

@@ -1,12 +1,16 @@
 """The ``ctrl`` command: run the DAG locally, compile, submit/schedule on Kubeflow Pipelines, promote models.
 
     ctrl run [--params params.yaml] [--set block.key=value ...] [--summary-out PATH]
-    ctrl compile --out pipeline.yaml [--chart charts/ctrl-pipeline] [-f values.yaml] [--image REF]
+    ctrl params [--markdown]          (every parameter: key, type, default, description)
+    ctrl compile --out pipeline.yaml [--chart DIR] [-f values.yaml] [--image REF] [--no-placement]
     ctrl submit --host URL [-f values.yaml]     (upload as a version named by the git SHA, then start a run)
     ctrl schedule --host URL --cron "0 3 * * 1" (a KFP recurring run: max concurrency 1, no catch-up)
     ctrl promote NAME VERSION [--force --reason TEXT]
     ctrl step NAME ...                (one step, for dvc.yaml)
     ctrl export --fused OUT [--checkpoint DIR --adapter DIR | --run outputs/RUN_ID]  (LoRA merged, for diffusers)
+
+compile, submit and schedule place every step on its node pool from the Helm chart's values ($CTRL_CHART, which
+the image sets, else the repository's charts/ctrl-pipeline); --no-placement compiles a generic pipeline.
 """
 
 from __future__ import annotations
@@ -47,6 +51,15 @@ def _default_tracking_uri() -> str:
 @click.group(help=__doc__)
 def main() -> None:
     pass
+
+
+@main.command("params")
+@click.option("--markdown", is_flag=True, help="as a markdown table (docs/params.md)")
+def params_cmd(markdown: bool) -> None:
+    """Every run parameter of params.yaml: key, type, default and description (from ctrl_core/config.py)."""
+    from ctrl_core.config import markdown_table, text_table
+
+    click.echo(markdown_table() if markdown else text_table(), nl=False)
 
 
 params_option = click.option("--params", "params_path", type=click.Path(dir_okay=False), default=None,
@@ -120,24 +133,32 @@ def _print_summary(s: dict) -> None:
 # --- cluster: compile with placement, submit, schedule -------------------------------------------------
 
 chart_option = click.option("--chart", "chart_dir", type=click.Path(file_okay=False), default=None,
-                            help="the Helm chart whose values place the steps on node pools (default with -f: "
-                                 "$CTRL_CHART or charts/ctrl-pipeline)")
+                            help="the Helm chart whose values place the steps on node pools (default: $CTRL_CHART, "
+                                 "else the repository's charts/ctrl-pipeline)")
 values_option = click.option("-f", "--values", "value_files", multiple=True, type=click.Path(dir_okay=False),
                              help="chart values file merged over the chart's values.yaml, as `helm install -f` "
                                   "(repeatable)")
+no_placement_option = click.option("--no-placement", is_flag=True,
+                                   help="a generic pipeline: no node pools, GPUs, tolerations or Secrets (as "
+                                        "`ctrl run` uses); excludes --chart and -f")
 image_option = click.option("--image", default=None, help="image reference for every step (default: the values' "
                             "image, else $CTRL_PIPELINE_IMAGE or components.image.DEFAULT_IMAGE)")
 
 
-def _placement(chart_dir: str | None, value_files: tuple[str, ...], image: str | None):
-    """Compile-time cluster placement from the chart's values, or None (no chart, no values: a generic
-    pipeline with no Kubernetes settings, as ``ctrl run`` uses)."""
-    if chart_dir is None and not value_files:
-        return None
-    from .placement import PlacementError, load
+REPO_CHART = Path(__file__).resolve().parents[1] / "charts" / "ctrl-pipeline"
 
+
+def _placement(chart_dir: str | None, value_files: tuple[str, ...], image: str | None, no_placement: bool = False):
+    """Compile-time cluster placement from the chart's values (``--chart``, else ``$CTRL_CHART``, else the
+    repository's chart), or None with ``--no-placement`` (a generic pipeline, as ``ctrl run`` uses)."""
+    from .placement import CHART_ENV, PlacementError, load
+
+    if no_placement:
+        if chart_dir is not None or value_files:
+            raise click.UsageError("--no-placement compiles a pipeline without the chart: drop --chart and -f")
+        return None
     try:
-        return load(chart_dir, value_files, image)
+        return load(chart_dir or os.environ.get(CHART_ENV) or REPO_CHART, value_files, image)
     except PlacementError as err:
         raise click.UsageError(str(err)) from None
 
@@ -153,15 +174,16 @@ def _compile(out_file: str, params, placement, image: str | None, sha: str) -> s
 @set_option
 @chart_option
 @values_option
+@no_placement_option
 @image_option
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), required=True)
-def compile_cmd(params_path, overrides, chart_dir, value_files, image, out_file) -> None:
-    """Compile the pipeline to KFP IR YAML (parameters default to the params file's values; with --chart/-f,
-    every step is placed on its node pool from the chart's values)."""
+def compile_cmd(params_path, overrides, chart_dir, value_files, no_placement, image, out_file) -> None:
+    """Compile the pipeline to KFP IR YAML (parameters default to the params file's values; every step is
+    placed on its node pool from the chart's values unless --no-placement)."""
     from .register_step import git_sha
 
     params = _load_params(params_path, overrides)
-    placement = _placement(chart_dir, value_files, image)
+    placement = _placement(chart_dir, value_files, image, no_placement)
     _compile(out_file, params, placement, image, git_sha())
     click.echo(out_file)
 
@@ -236,7 +258,7 @@ def _upload(client, package: str, name: str, version: str, sha: str) -> tuple[st
                                "packages; pass --version-name")
 
 
-def _compile_and_upload(params, opts: dict, chart_dir, value_files, image):
+def _compile_and_upload(params, opts: dict, chart_dir, value_files, image, no_placement: bool):
     """Compile with these parameters as defaults (and the chart's placement) and upload it as the pipeline
     version named by the git SHA. Returns (client, pipeline id, version id, version name, service account)."""
     import tempfile
@@ -248,7 +270,7 @@ def _compile_and_upload(params, opts: dict, chart_dir, value_files, image):
     if not version:
         raise click.UsageError("cannot name the pipeline version: not a git checkout and neither CTRL_GIT_SHA nor "
                                "GITHUB_SHA is set; pass --version-name")
-    placement = _placement(chart_dir, value_files, image)
+    placement = _placement(chart_dir, value_files, image, no_placement)
     service_account = opts["service_account"] or (placement.service_account if placement else None) or None
     with tempfile.TemporaryDirectory() as d:
         package = _compile(str(Path(d) / "pipeline.yaml"), params, placement, image, sha)
@@ -262,16 +284,17 @@ def _compile_and_upload(params, opts: dict, chart_dir, value_files, image):
 @set_option
 @chart_option
 @values_option
+@no_placement_option
 @image_option
 @_kfp_options
 @click.option("--run-name", default=None)
-def submit(params_path, overrides, chart_dir, value_files, image, run_name, **opts) -> None:
+def submit(params_path, overrides, chart_dir, value_files, no_placement, image, run_name, **opts) -> None:
     """Upload the pipeline as a version named by the git SHA (it then appears in the KFP UI with every
     parameter, default and description) and start a run with these parameters."""
     from .pipeline import PIPELINE_NAME
 
     params = _load_params(params_path, overrides)
-    client, pid, vid, vname, sa = _compile_and_upload(params, opts, chart_dir, value_files, image)
+    client, pid, vid, vname, sa = _compile_and_upload(params, opts, chart_dir, value_files, image, no_placement)
     exp = client.create_experiment(opts["experiment"], namespace=opts["namespace"])
     run = client.run_pipeline(experiment_id=exp.experiment_id, job_name=run_name or f"{PIPELINE_NAME}-{vname[:12]}",
                               pipeline_id=pid, version_id=vid, params=flatten(params), service_account=sa)
@@ -294,16 +317,17 @@ def kfp_cron(expr: str) -> str:
 @set_option
 @chart_option
 @values_option
+@no_placement_option
 @image_option
 @_kfp_options
 @click.option("--cron", required=True, help="crontab, 5 fields ('0 3 * * 1', Mondays 03:00) or KFP's 6 (seconds first)")
 @click.option("--name", "job_name", default="ctrl-retrain", show_default=True)
-def schedule(params_path, overrides, chart_dir, value_files, image, cron, job_name, **opts) -> None:
+def schedule(params_path, overrides, chart_dir, value_files, no_placement, image, cron, job_name, **opts) -> None:
     """Create (or replace, by name) a recurring run of the pipeline version at this git SHA: max concurrency
     1, no catch-up of missed intervals."""
     cron = kfp_cron(cron)
     params = _load_params(params_path, overrides)
-    client, pid, vid, vname, sa = _compile_and_upload(params, opts, chart_dir, value_files, image)
+    client, pid, vid, vname, sa = _compile_and_upload(params, opts, chart_dir, value_files, image, no_placement)
     exp = client.create_experiment(opts["experiment"], namespace=opts["namespace"])
     old = client.list_recurring_runs(experiment_id=exp.experiment_id, page_size=100,
                                      filter=_name_filter(job_name)).recurring_runs or []

@@ -1,9 +1,9 @@
 """The DAG: resolve_params -> fetch_checkpoint -> pretrain_value -> ctrl_optimize -> evaluate -> register.
 
-The pipeline function's parameters are generated from the params.yaml schema (``block__key`` with the
-schema's defaults, or a params file's values), so the KFP UI shows every run parameter with its default and
-nothing is declared twice. The first task, ``resolve_params``, validates them (before any heavy work) and
-hands the steps one JSON document; its function is generated from the same schema.
+The pipeline function's parameters are the config's fields (``block__key``, ctrl_core/config.py) with the
+schema's defaults, or a params file's values, and the fields' descriptions, so the KFP UI shows every run
+parameter with its default and help and nothing is declared twice. The first task, ``resolve_params``
+(components/resolve_params), validates them before any heavy work and hands the steps one JSON document.
 
 Cluster placement (image, node pools, GPUs, /dev/shm, cache PVC, Secrets) is compile-time configuration
 from the Helm chart's values, applied per step by ``pipelines.placement.apply``; without it (``ctrl run``,
@@ -11,13 +11,13 @@ kfp.local) the pipeline carries no Kubernetes settings.
 """
 
 import inspect
-import linecache
 from typing import NamedTuple
 
 from kfp import compiler, dsl
 
 from components import BASE_IMAGE, ctrl_optimize, evaluate, fetch_checkpoint, pretrain_value, register
-from ctrl_core.params import Params, flatten, kfp_parameter_types
+from components.resolve_params import component as resolve_params_component
+from ctrl_core.params import Params, flatten, kfp_parameter_types, parameter_descriptions
 
 from . import placement as placement_mod
 from .placement import Placement
@@ -35,63 +35,12 @@ class Outputs(NamedTuple):
     registered: str
 
 
-def make_resolve_params(names: list[str], types: dict[str, type]):
-    """A lightweight component taking every flat parameter and returning the validated params as JSON.
-
-    KFP needs the function's source, so it is generated from the schema and registered with ``linecache``
-    (where ``inspect.getsource`` looks). Passing one JSON string avoids KFP's unescaped substitution of
-    parameters inside dict literals.
-    """
-    args = ", ".join(f"{n}: {types[n].__name__}" for n in names)
-    source = (
-        f"def resolve_params({args}) -> str:\n"
-        "    flat = dict(locals())  # first statement: only the parameters are local yet\n"
-        "    import json\n"
-        "    from ctrl_core.params import unflatten\n"
-        "    return json.dumps(unflatten(flat).model_dump())\n"
-    )
-    filename = "<ctrl-pipeline generated resolve_params>"
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    namespace: dict = {}
-    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own generated source
-    return dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)(namespace["resolve_params"])
-
-
-def _field_comments(cls: type) -> dict[str, str]:
-    """``name: type = default  # help`` -> {name: help}: the help of dataclass fields (OptimConfig)."""
-    import io
-    import tokenize
-
-    out: dict[str, str] = {}
-    try:
-        tokens = list(tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline))
-    except (OSError, TypeError, tokenize.TokenError):
-        return out
-    line_start: dict[int, str] = {}
-    for tok in tokens:
-        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in line_start:
-            line_start[tok.start[0]] = tok.string
-        elif tok.type == tokenize.COMMENT and tok.start[0] in line_start:
-            out.setdefault(line_start[tok.start[0]], tok.string.lstrip("# ").strip())
-    return out
-
-
-def parameter_descriptions(defaults: Params) -> dict[str, str]:
-    """``block__key`` -> the schema's help text (shown next to each parameter in the KFP UI)."""
-    from ctrl_core.algorithms import OptimConfig
-
-    comments = _field_comments(OptimConfig)
-    out = {}
-    for block in Params.model_fields:
-        for key, f in type(getattr(defaults, block)).model_fields.items():
-            text = f.description or (comments.get(key) if block == "optimize" else None) or f"{block}.{key}"
-            out[f"{block}__{key}"] = " ".join(text.split())
-    return out
+resolve_params = resolve_params_component.component(BASE_IMAGE)
 
 
 def _docstring(names: list[str], descriptions: dict[str, str]) -> str:
     """Google-style docstring: KFP reads its Args section into the parameters' descriptions."""
-    args = "\n".join(f"    {n}: {descriptions.get(n, n.replace('__', '.'))}" for n in names)
+    args = "\n".join(f"    {n}: {descriptions[n]}" for n in names)
     return f"{PIPELINE_DESCRIPTION}\n\nArgs:\n{args}\n"
 
 
@@ -101,9 +50,8 @@ def build_pipeline(defaults: Params | None = None, git_sha: str = "", placement:
     settings from the chart's values) puts each step on its node pool, or nothing when None; ``image``
     replaces every step's image (default: the placement's, else ``components.BASE_IMAGE``)."""
     defaults = defaults or Params()
-    flat, types = flatten(defaults), kfp_parameter_types(defaults)
+    flat, types = flatten(defaults), kfp_parameter_types()
     names = list(flat)
-    resolve_params = make_resolve_params(names, types)
 
     def ctrl_pipeline(*args) -> Outputs:
         resolved = resolve_params(**dict(zip(names, args, strict=True))).set_display_name("resolve_params")
@@ -130,7 +78,7 @@ def build_pipeline(defaults: Params | None = None, git_sha: str = "", placement:
     ]
     ctrl_pipeline.__signature__ = inspect.Signature(params_sig, return_annotation=Outputs)
     ctrl_pipeline.__annotations__ = {**{n: types[n] for n in names}, "return": Outputs}
-    ctrl_pipeline.__doc__ = _docstring(names, parameter_descriptions(defaults))
+    ctrl_pipeline.__doc__ = _docstring(names, parameter_descriptions())
     return dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)(ctrl_pipeline)
 
 

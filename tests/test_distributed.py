@@ -24,7 +24,7 @@ from ctrl_core.rewards import make_reward
 PARAMS = {
     "value": {"candidates": ["linear"], "num_paths": 32, "steps": 8, "points_per_path": 2, "epochs": 2, "batch_size": 16},
     "optimize": {"iterations": 3, "batch_size": 8, "train_steps": 8, "train_timesteps": 3, "minibatch_size": 4,
-                 "checkpoint_every": 1, "value_batch_size": 16},
+                 "checkpoint_every": 1, "value_batch_size": 16, "lr": 3e-4},
 }
 
 
@@ -94,7 +94,7 @@ def test_accelerate_launch_runs_the_same_data_parallel_step_as_torchrun(tmp_path
 
 def test_global_batch_must_split_over_the_processes():
     problem = gaussian_problem(torch.zeros(2), torch.ones(2), hidden=8)
-    cfg = OptimConfig(algorithm="ddpo", batch_size=10, minibatch_size=5)
+    cfg = OptimConfig(algorithm="ddpo", batch_size=10, minibatch_size=5, train_steps=25, lr=3e-4)
     with pytest.raises(ValueError, match=r"optimize.batch_size \(10\) must be a multiple of the number of processes \(3\)"):
         Trainer(problem.policy, make_reward("quadratic"), cfg, problem.x_shape, dist=Dist(rank=0, world=3))
     assert Dist(rank=1, world=4).shard(8) == slice(2, 4)
@@ -115,8 +115,8 @@ def test_qlearning_two_processes_equal_one_process(tmp_path):
     raw = {"checkpoint": {"source": str(tmp_path / "dataset")},
            "reward": {"name": "quadratic", "options": {"target": [1.5, 0.0]}},
            "optimize": {"algorithm": "qlearning", "checkpoint_every": 2},
-           "qlearning": {"iterations": 3, "batch_size": 16, "train_steps": 6, "train_timesteps": 4, "beta": 1.0,
-                         "width": 16, "ratio_samples": 24, "delta_clip": 2.0, "minibatch_size": 20}}  # fmt: skip
+           "qlearning": {"iterations": 3, "batch_size": 16, "train_steps": 6, "train_timesteps": 4,
+                         "reward_weight": 1.0, "critic_target": "td", "critic": "free", "width": 16, "ratio_samples": 24, "delta_clip": 2.0, "minibatch_size": 20}}  # fmt: skip
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     _ctrl_step(tmp_path, "fetch")
     _ctrl_step(tmp_path, "optimize", "--value", "", "--optimize-dir", str(tmp_path / "q1"))

@@ -61,7 +61,7 @@ def _kind(annotation) -> str:
 
 KIND = {path: _kind(info.annotation) for path, info in FIELDS.items()}
 
-# Range rules: the pydantic constraints (ge/gt/le) plus OptimConfig's and params.validate's own checks.
+# Range rules: the pydantic constraints (ge/gt/le) plus the config models' own rules (ctrl_core/config.py).
 RANGES: dict[tuple[str, str], tuple[str, float]] = {}
 for (block, key), info in FIELDS.items():
     for m in info.metadata:
@@ -79,7 +79,7 @@ RANGES.update({
 })  # fmt: skip
 RANGES.update({
     ("qlearning", k): v for k, v in {
-        "iterations": ("ge", 0), "batch_size": ("ge", 2), "train_steps": ("ge", 2), "beta": ("ge", 0),
+        "iterations": ("ge", 0), "batch_size": ("ge", 2), "train_steps": ("ge", 2), "reward_weight": ("ge", 0),
         "theta": ("gt", 0), "ratio_samples": ("ge", 0), "lr": ("gt", 0), "critic_lr": ("gt", 0),
         "actor_epochs": ("ge", 1), "max_grad_norm": ("gt", 0), "delta_clip": ("ge", 0),
     }.items()

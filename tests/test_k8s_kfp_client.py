@@ -52,7 +52,7 @@ def test_submit_uploads_a_version_named_by_the_git_sha_with_documented_parameter
     stored = kfp.versions[out["version_id"]]["pipeline_spec"]
     declared = stored["pipeline_spec"]["root"]["inputDefinitions"]["parameters"]
     params = load(REPO / "params.yaml")
-    descriptions = parameter_descriptions(params)
+    descriptions = parameter_descriptions()
     for name, value in flatten(params).items():
         assert declared[name].get("defaultValue") == value, name
         assert declared[name]["description"] == descriptions[name], name

@@ -241,6 +241,7 @@ def test_pipeline_steps_run_on_a_latent_checkpoint(tmp_path, monkeypatch):
         "value.epochs=1", "value.batch_size=8", "optimize.iterations=1", "optimize.batch_size=4",
         "optimize.train_steps=4", "optimize.train_timesteps=2", "optimize.minibatch_size=4",
         "evaluate.steps=[4]", "evaluate.samplers=[sde]", "evaluate.num_samples=4", "optimize.old_log_probs=trainer",
+        "optimize.lr=0.0003",
     ])  # fmt: skip
     steps.fetch(p, tmp_path / "checkpoint")
     link = steps.pretrain_value(p, tmp_path / "checkpoint", tmp_path / "value")
@@ -487,7 +488,7 @@ def test_old_log_probs_from_the_trainer_make_the_first_pass_ratios_one():
             model.enable_merged_sampling(torch.bfloat16)
         reward = problem.wrap_reward(make_reward("jpeg_compressibility"))
         cfg = OptimConfig(algorithm="ddpo", iterations=1, batch_size=4, train_steps=4, train_timesteps=4,
-                          minibatch_size=4, kl_monitor=False, old_log_probs=old_log_probs)  # one update: all ratios before it
+                          minibatch_size=4, kl_monitor=False, old_log_probs=old_log_probs, lr=3e-4)  # one update: all ratios before it
         stats = make_trainer(problem, reward, cfg, None).step()
         return stats, [p.detach().clone() for p in model.trainable_parameters()]
 

@@ -212,7 +212,7 @@ def test_clipped_surrogate_gradient_at_ratio_one_is_the_policy_gradient():
     policy = GaussianScorePolicy(model, "ddpm")
     reward = make_reward("quadratic", target=1.0, k=1.0)
     value = ValueFunction(reward, MLPResidual(2), "cos_sin")
-    cfg = OptimConfig(batch_size=32, train_steps=10, train_timesteps=4, beta=0.0, clip_range=0.1)
+    cfg = OptimConfig(batch_size=32, train_steps=10, train_timesteps=4, beta=0.0, clip_range=0.1, lr=3e-4)
     tr = Trainer(policy, reward, cfg, (2,), value=value)
     ro = tr.rollout()
     adv, _ = tr.normalise(tr.advantages(ro))

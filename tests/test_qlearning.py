@@ -49,9 +49,11 @@ def test_ratio_estimator_error_falls_with_m():
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ValueError, match="optimize.beta"):
-        QLearningConfig(beta=-1.0)
-    with pytest.raises(ValueError, match="optimize.rollout_solver"):
+    with pytest.raises(ValueError, match="qlearning.reward_weight"):
+        QLearningConfig(reward_weight=-1.0)
+    with pytest.raises(ValueError, match="qlearning.beta was renamed qlearning.reward_weight"):
+        QLearningConfig(beta=1.0)
+    with pytest.raises(ValueError, match="qlearning.rollout_solver"):
         QLearningConfig(rollout_solver="heun")
 
 
@@ -68,7 +70,8 @@ def test_gmm1d_beta0_reproduces_data_and_beta_tilts(tmp_path):
     data = _mixture(300, g)
     sch = LinearVPSchedule()
     model = scratch_model(sch, data, width=64)
-    trainer = QLearningTrainer(model, data, None, QLearningConfig(iterations=80, batch_size=256, train_steps=40))
+    trainer = QLearningTrainer(model, data, None, QLearningConfig(iterations=80, batch_size=256, train_steps=40, reward_weight=0.0,
+                                                                   critic_target="td", critic="free"))
     trainer.train()
     x0 = trainer.sample(500, steps=100, sampler="sde", seed=1)[:, 0]
     p_model = ks_2samp(x0.numpy(), data[:, 0].numpy()).pvalue
@@ -83,7 +86,8 @@ def test_gmm1d_beta0_reproduces_data_and_beta_tilts(tmp_path):
         return (x[:, 0] > 0).float()
 
     tuned = QLearningScoreModel.from_pretrained(model)
-    cfg = QLearningConfig(iterations=40, batch_size=256, train_steps=40, beta=2.0, critic_target="monte_carlo", lr=5e-4)
+    cfg = QLearningConfig(iterations=40, batch_size=256, train_steps=40, reward_weight=2.0, critic_target="monte_carlo",
+                          lr=5e-4, critic="free")
     tilted = QLearningTrainer(tuned, data, reward, cfg)
     tilted.train()
     x2 = tilted.sample(1000, steps=100, sampler="sde", seed=1)[:, 0]
@@ -140,7 +144,7 @@ def test_linked_critic_is_ctrl_value_net_on_reference_tweedie():
     assert not isinstance(make_critic((2,), kind="linked", model=model, reward_fn=h, beta=0.0), LinkedCritic)
     with pytest.raises(ValueError, match="needs the model"):
         make_critic((2,), kind="linked", reward_fn=h, beta=1.0)
-    with pytest.raises(ValueError, match="optimize.critic"):
+    with pytest.raises(ValueError, match="qlearning.critic"):
         QLearningConfig(critic="deep")
 
 
@@ -157,6 +161,7 @@ def test_linked_critic_reward_terms_are_computed_once_per_iteration():
         return (x[:, 0] > 0).float()
 
     model = QLearningScoreModel.from_pretrained(scratch_model(LinearVPSchedule(), data, width=16))
-    cfg = QLearningConfig(iterations=1, batch_size=8, train_steps=5, beta=1.0, critic="linked", critic_epochs=2)
+    cfg = QLearningConfig(iterations=1, batch_size=8, train_steps=5, reward_weight=1.0, critic="linked", critic_epochs=2,
+                          critic_target="td")
     QLearningTrainer(model, data, reward, cfg).train()
     assert sorted(calls) == [8, 8, (2 * 5 - 1) * 8], calls

@@ -133,6 +133,7 @@ def _embedded_optimize(tmp_path, monkeypatch, *overrides: str):
     p = params_mod.load(None, ["value.num_paths=8", "value.steps=4", "value.epochs=1", "value.candidates=[cos_sin]",
                                "optimize.iterations=3", "optimize.batch_size=4", "optimize.train_steps=4",
                                "optimize.train_timesteps=2", "optimize.minibatch_size=4", "optimize.checkpoint_every=1",
+                               "optimize.lr=0.0003",
                                *overrides])  # fmt: skip
     steps.fetch(p, tmp_path / "checkpoint")
     steps.pretrain_value(p, tmp_path / "checkpoint", tmp_path / "value")

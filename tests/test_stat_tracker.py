@@ -112,9 +112,9 @@ def test_ddpo_with_the_tracker_resumes_bitwise_and_differs_from_batch_whitening(
 
 
 def test_tracker_settings_are_validated():
-    with pytest.raises(ValueError, match="optimize.stat_min_count must be <= optimize.stat_buffer"):
+    with pytest.raises(ValueError, match="optimize.stat_min_count: must be <= optimize.stat_buffer"):
         OptimConfig(algorithm="ddpo", stat_buffer=8, stat_min_count=16)
-    with pytest.raises(ValueError, match="optimize.stat_buffer must be >= 0"):
+    with pytest.raises(ValueError, match="optimize.stat_buffer: must be >= 0"):
         OptimConfig(stat_buffer=-1)
     assert _ddpo_trainer(stat_buffer=16).stat_tracker is not None
     ctrl = OptimConfig(algorithm="ctrl", stat_buffer=16)  # CTRL's advantage comes from the value net: unused

@@ -101,7 +101,7 @@ def test_value_data_reuses_the_advantages_reward_calls():
     from ctrl_core.value import ValueFunction
 
     value = ValueFunction(reward, MLPResidual(2), "cos_sin")
-    cfg = OptimConfig(iterations=1, batch_size=16, train_steps=10, train_timesteps=4, minibatch_size=16, seed=3)
+    cfg = OptimConfig(iterations=1, batch_size=16, train_steps=10, train_timesteps=4, minibatch_size=16, seed=3, lr=3e-4)
     trainer = make_trainer(problem, reward, cfg, value)
     ro = trainer.rollout()
     calls.clear()

@@ -87,7 +87,7 @@ def _counting_trainer(cfg: OptimConfig):
 def test_trainer_scores_x_hat_with_the_values_reward_and_x_T_with_its_own():
     """RM(x_hat) (2 K batches per iteration) goes through the value's reward, the terminal reward (1 batch)
     through the trainer's: a cheaper decoder can serve the value without touching RM(X_T)."""
-    cfg = OptimConfig(iterations=1, batch_size=8, train_steps=6, train_timesteps=3, minibatch_size=8, seed=1)
+    cfg = OptimConfig(iterations=1, batch_size=8, train_steps=6, train_timesteps=3, minibatch_size=8, seed=1, lr=3e-4)
     trainer, terminal, skip = _counting_trainer(cfg)
     trainer.step()
     assert len(terminal) == 1 and len(skip) == 2 * 3
@@ -100,7 +100,7 @@ def test_td_advantage_evaluates_each_value_once(solver):
     step chosen the value's reward runs once per step (DDPM: and once at the deterministic last step's start)
     and the terminal reward once; the advantages equal the ones evaluated afresh."""
     cfg = OptimConfig(iterations=1, batch_size=8, train_steps=5, train_timesteps=5, minibatch_size=8, seed=1,
-                      advantage="temporal_difference", value_xhat="policy", solver=solver)
+                      advantage="temporal_difference", value_xhat="policy", solver=solver, lr=3e-4)
     trainer, terminal, skip = _counting_trainer(cfg)
     ro = trainer.rollout()
     assert ro.steps == ([0, 1, 2, 3] if solver == "ddpm" else [0, 1, 2, 3, 4]) and len(terminal) == 1
@@ -130,7 +130,7 @@ def test_pipeline_value_designs_on_a_latent_checkpoint(tmp_path, monkeypatch):
             f"reward.options={json.dumps(IR_OPTIONS)}", "value.candidates=[cos_sin]", "value.num_paths=8",
             "value.steps=4", "value.points_per_path=1", "value.epochs=1", "value.batch_size=8",
             "optimize.iterations=1", "optimize.batch_size=4", "optimize.train_steps=4", "optimize.train_timesteps=2",
-            "optimize.minibatch_size=4", "optimize.value_batch_size=4"]  # fmt: skip
+            "optimize.minibatch_size=4", "optimize.value_batch_size=4", "optimize.lr=0.0003"]  # fmt: skip
     p = params_mod.load(None, [*base, "value.residual=reward_copy", "value.xhat_decoder=tiny",
                                "value.frozen_fraction=0.8"])  # fmt: skip
     steps.fetch(p, tmp_path / "checkpoint")
@@ -184,7 +184,7 @@ def test_mu_pre_is_computed_only_where_something_needs_it(algorithm, beta, xhat,
     value = ValueFunction(reward, MLPResidual(2), "cos_sin") if algorithm == "ctrl" else None
     cfg = OptimConfig(algorithm=algorithm, iterations=1, batch_size=8, train_steps=6, train_timesteps=3,
                       minibatch_size=8, beta=beta, value_xhat=xhat, kl_monitor=monitor,
-                      advantage="temporal_difference", seed=2)
+                      advantage="temporal_difference", seed=2, lr=3e-4)
     trainer = make_trainer(problem, reward, cfg, value)
     ro = trainer.rollout()
     assert bool(ro.traj.ref_means) == computed and ro.kl_measured == computed
