@@ -9,7 +9,8 @@ from ctrl_core.algorithms import OptimConfig
 from ctrl_core.io import UnsafeWeightsError, atomic_save_weights, load_weights, require_safetensors
 from ctrl_core.models import DiffusersScoreModel
 from ctrl_core.policy import GaussianScorePolicy, canonical_solver, sample
-from ctrl_core.rewards import REWARDS, jpeg_bytes, make_reward
+from ctrl_core.rewards import REWARDS, make_reward
+from ctrl_core.rewards.jpeg import jpeg_bytes
 from ctrl_core.schedule import DiscreteVPSchedule
 from ctrl_core.value import get_link
 
