@@ -157,7 +157,8 @@ def train_dsm(data: torch.Tensor, steps: int, seed: int, batch: int = 256, lr: f
 def run_swissroll(quick: bool, seed: int, png: Path | None, critic: str = "free") -> dict:
     from ctrl_core.algorithms import OptimConfig
     from ctrl_core.policy import GaussianScorePolicy
-    from ctrl_core.recipes import Problem, make_trainer, pretrain_value
+    from ctrl_core.problem import Problem
+    from ctrl_core.recipes import make_trainer, pretrain_value
     from ctrl_core.value import MLPResidual
 
     torch.manual_seed(seed)

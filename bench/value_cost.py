@@ -72,7 +72,7 @@ def component_flops(frozen_fraction: float = 0.7, lora_rank: int = 4) -> tuple[d
     from peft import LoraConfig, get_peft_model
     from transformers import BlipTextConfig, BlipVisionConfig
 
-    from ctrl_core.imagereward import ImageRewardModel
+    from ctrl_core.rewards.imagereward import ImageRewardModel
     from ctrl_core.value import ConvResidual, freeze_leading
 
     n = 2  # images per counted call (per-image numbers divide by it)
@@ -180,7 +180,6 @@ def _spread(mses: list[float], var: float) -> dict:
 
 def value_mse(num_paths: int, steps: int, points: int, epochs: int, decoders: list[tuple[int, int]], seed: int,
               fit_seeds: int = 5) -> dict:
-    from ctrl_core.imagereward import load_imagereward  # noqa: F401  (registers the reward)
     from ctrl_core.latent import distill_tiny_decoder, latent_problem, latent_reward
     from ctrl_core.recipes import collect_value_data
     from ctrl_core.rewards import make_reward

@@ -78,7 +78,7 @@ def merged_unet(unet: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
 def export_fused(checkpoint_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     """Write the base pipeline of ``checkpoint_dir`` with the LoRA of ``adapter_dir`` merged into its UNet to
     ``out_dir`` (replaced whole, atomically). Returns what ``export.json`` records."""
-    from .steps import staged_output
+    from .io import atomic_folder
 
     pipeline_class, parts = base_pipeline(checkpoint_dir)
     parts["unet"] = merged_unet(parts["unet"], adapter_dir)
@@ -93,7 +93,7 @@ def export_fused(checkpoint_dir: str | os.PathLike, adapter_dir: str | os.PathLi
                     "r": adapter_cfg.get("r"), "lora_alpha": adapter_cfg.get("lora_alpha"),
                     "target_modules": sorted(adapter_cfg.get("target_modules") or [])},
     }  # fmt: skip
-    with staged_output(out_dir) as tmp:
+    with atomic_folder(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         atomic_write_json(info, tmp / EXPORT_INFO)
     return info

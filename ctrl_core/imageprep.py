@@ -1,14 +1,17 @@
-"""Image preprocessing shared by the reward models: Pillow's bicubic resize reproduced in torch, bit for bit.
+"""Image preprocessing shared by the reward models: CLIP's, with Pillow's bicubic resize reproduced in torch.
 
 Reward models published with PIL-based preprocessing (CLIPProcessor for the aesthetic predictor, torchvision's
 Resize on PIL images for ImageReward) see uint8 images resized by Pillow. Our rewards receive float tensors on
-the reward's device; ``pil_bicubic_resize`` gives them exactly the pixels Pillow would.
+the reward's device; ``clip_pixel_values`` gives them exactly the pixel values those pipelines compute, and
+``pil_bicubic_resize`` exactly the pixels Pillow's resize would.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -16,6 +19,12 @@ from torch import Tensor
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PIL_PRECISION_BITS = 22  # Pillow's Resample.c: 32 - 8 - 2 bits for its fixed-point 8-bit filter weights
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _pil_bicubic(t: Tensor) -> Tensor:
@@ -88,3 +97,52 @@ def pil_bicubic_resize(x: Tensor, size: tuple[int, int], pillow_major: int | Non
         out = (out.movedim(dim, -1) @ weights.T).movedim(-1, dim)
         out = torch.floor((out + 2 ** (PIL_PRECISION_BITS - 1)) / 2**PIL_PRECISION_BITS).clamp(0, 255)
     return out.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class ClipPreprocess:
+    """CLIP's image preprocessing: resize the shortest side to ``shortest_edge`` (bicubic), center crop
+    ``crop_height`` x ``crop_width``, scale to [0, 1], normalise with ``mean`` / ``std`` per channel.
+
+    ``round_crop_offset``: the crop's offset is ``(H - h) // 2`` in transformers' CLIPImageProcessor (False),
+    ``round((H - h) / 2)`` in torchvision's CenterCrop (True, ImageReward's transform); they differ when
+    ``H - h`` is 3 mod 4."""
+
+    shortest_edge: int
+    crop_height: int
+    crop_width: int
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    round_crop_offset: bool = False
+
+
+def clip_pixel_values(images: Tensor, pre: ClipPreprocess) -> Tensor:
+    """(B, C, H, W) in [-1, 1], C in {1, 3} -> CLIP pixel values (B, 3, crop_height, crop_width): what CLIP's
+    preprocessing does to the same image as an 8-bit PIL image.
+
+    1. to uint8 levels, round((x + 1) * 127.5) (as ``to_uint8``; DDPO's ``(x * 255).round()`` on [0, 1]
+       images), kept as float; grayscale repeated to RGB (convert_rgb);
+    2. resize the shortest side to ``shortest_edge``, long side ``int(S * long / short)``, exactly as Pillow
+       does (``pil_bicubic_resize``; an axis already at its size is not filtered);
+    3. center crop (offsets as ``pre.round_crop_offset`` says);
+    4. ``(x / 255 - mean) / std``.
+    """
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"CLIP preprocessing: expected images (B, 1 or 3, H, W), got {tuple(images.shape)}")
+    x = images.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round()  # uint8 levels 0..255, kept as float
+    h, w = x.shape[-2:]
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(pre.shortest_edge * long / short)
+    h, w = (pre.shortest_edge, new_long) if h <= w else (new_long, pre.shortest_edge)
+    x = pil_bicubic_resize(x, (h, w))
+    if pre.round_crop_offset:
+        top, left = int(round((h - pre.crop_height) / 2.0)), int(round((w - pre.crop_width) / 2.0))
+    else:
+        top, left = (h - pre.crop_height) // 2, (w - pre.crop_width) // 2
+    x = x[..., top : top + pre.crop_height, left : left + pre.crop_width]
+    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
+    return (x / 255.0 - mean) / std

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .models import DiffusersScoreModel
-from .recipes import Problem
+from .problem import Problem
 from .schedule import DiscreteVPSchedule, VPSchedule
 
 LATENT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -279,7 +279,7 @@ class DiffusersScoreModel(ScoreModel):
     # adapter I/O: peft's files, and diffusers' own LoRA file for a UNet diffusers loads a LoRA into
     def save_adapter(self, directory: str | os.PathLike) -> None:
         """Write the adapter folder, staged beside ``directory`` and renamed into place whole (a reader sees the
-        complete folder or none, as ``steps.staged_output``; an existing folder is replaced):
+        complete folder or none, as ``io.atomic_folder``; an existing folder is replaced):
 
         - peft's ``save_pretrained`` files: adapter_config.json + adapter_model.safetensors (``load_adapter``,
           ``PeftModel.from_pretrained``);
@@ -291,9 +291,9 @@ class DiffusersScoreModel(ScoreModel):
         LoRA loader mixin): there the diffusers route is the fused pipeline of ``ctrl_core.export``."""
         if not self.has_adapter:
             raise ValueError("this model has no LoRA adapter to save")
-        from .steps import staged_output
+        from .io import atomic_folder
 
-        with staged_output(directory) as tmp:
+        with atomic_folder(directory) as tmp:
             self.net.save_pretrained(tmp, safe_serialization=True)
             if self.conditional_2d:
                 save_diffusers_lora(self.net, tmp)

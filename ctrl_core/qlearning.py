@@ -751,9 +751,9 @@ def qlearning_problem(
     solver: str = "ddpm",
     num_classes: int = 0,
 ):
-    """A ``recipes.Problem`` over a q-learning model, so that ``ctrl_core.evaluate.evaluate`` (base = the
+    """A ``problem.Problem`` over a q-learning model, so that ``ctrl_core.evaluate.evaluate`` (base = the
     reference score, tuned = mu_psi) and the rest of the pipeline run unchanged."""
-    from .recipes import Problem
+    from .problem import Problem
 
     def make_residual():
         return make_critic(x_shape, num_classes).net

@@ -4,7 +4,6 @@ pretraining. The pipeline steps and the benchmarks build on these, so every entr
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -13,19 +12,9 @@ from .algorithms import OptimConfig, Trainer
 from .distributed import Dist
 from .models import AffineCorrection, DiffusersScoreModel, GaussianScoreModel, compute_device
 from .policy import GaussianScorePolicy, sample, x_hat
+from .problem import Problem
 from .schedule import DiscreteVPSchedule, LinearVPSchedule
 from .value import ConvResidual, LinkSelection, MLPResidual, ValueDataset, ValueFunction, select_link
-
-
-@dataclass
-class Problem:
-    """Everything a trainer/evaluator needs about one task."""
-
-    policy: GaussianScorePolicy
-    x_shape: tuple[int, ...]
-    condition_sampler: Callable[[int, torch.Generator], Tensor | None]
-    eval_conditions: Callable[[int], Tensor | None]
-    make_residual: Callable[[], torch.nn.Module]
 
 
 def digits_problem(lora_rank: int = 8, solver: str = "ddpm", weights_dir=None) -> Problem:

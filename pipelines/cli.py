@@ -24,9 +24,8 @@ from pathlib import Path
 
 import click
 
+from ctrl_core.launch import LAUNCHERS, LaunchError, check_split, launch_data_parallel, launcher_name
 from ctrl_core.params import ParamsError, flatten, load
-
-from .placement import LAUNCHERS  # what starts the processes of a multi-GPU step
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -388,11 +387,15 @@ def step(name, params_path, overrides, checkpoint, value_dir, optimize_dir, eval
     # q-learning has no value pretraining (the step only writes "skipped"): one process is enough there
     data_parallel = name == "optimize" or (name == "pretrain_value" and params.optimize.algorithm != "qlearning")
     if n > 1 and data_parallel and "WORLD_SIZE" not in os.environ:
-        _check_split(params, name, n)  # before any process starts
+        try:  # before any process starts
+            check_split(params, name, n)
+            launcher = launcher_name(launcher)
+        except LaunchError as err:
+            raise click.UsageError(str(err)) from None
         argv = ["step", name, *(["--params", params_path] if params_path else []),
                 *[a for o in overrides for a in ("--set", o)], "--checkpoint", checkpoint, "--value", value_dir,
                 "--optimize-dir", optimize_dir, "--evaluate-dir", evaluate_dir]
-        sys.exit(_launch_data_parallel(n, argv, launcher))
+        sys.exit(launch_data_parallel(n, argv, launcher))
     if name == "fetch":
         out = steps.fetch(params, checkpoint)
     elif name == "pretrain_value":
@@ -410,84 +413,6 @@ def step(name, params_path, overrides, checkpoint, value_dir, optimize_dir, eval
         link = json.loads((Path(value_dir) / "link.json").read_text())
         out = register_from_outputs(params, checkpoint, optimize_dir, evaluation, link, evaluation_dir=evaluate_dir)
     click.echo(json.dumps(out, indent=2, default=str)[:4000])
-
-
-def num_processes() -> int:
-    """Processes a multi-GPU step runs (the placement sets CTRL_NUM_PROCESSES to the step's GPU count)."""
-    return max(int(os.environ.get("CTRL_NUM_PROCESSES", "1") or 1), 1)
-
-
-def _check_split(params, name: str, n: int) -> None:
-    """Every rank computes its equal share of the global batches: refuse sizes that do not split over n."""
-    if name == "pretrain_value":
-        sizes = {"value.num_paths": params.value.num_paths, "value.batch_size": params.value.batch_size}
-    elif params.optimize.algorithm == "qlearning":
-        sizes = {"qlearning.batch_size": params.qlearning.batch_size}
-    else:
-        sizes = {"optimize.batch_size": params.optimize.batch_size}
-    bad = [f"{k} = {v}" for k, v in sizes.items() if v % n]
-    if bad:
-        raise click.UsageError(f"{', '.join(bad)}: must be a multiple of the number of processes ({n})")
-
-
-def run_step_data_parallel(name: str, params_json: str, checkpoint: str, out_dir: str, value_dir: str | None = None) -> dict:
-    """For the KFP components: run ``ctrl step NAME`` over ``num_processes()`` processes and return the step's
-    result (read back from the outputs rank 0 wrote)."""
-    import tempfile
-
-    import yaml
-
-    from ctrl_core.params import from_json
-
-    _check_split(from_json(params_json), name, num_processes())
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        fh.write(yaml.safe_dump(json.loads(params_json)))  # (PyYAML reads JSON's 1e-05 as a string)
-    argv = ["step", name, "--params", fh.name, "--checkpoint", checkpoint, "--num-processes", str(num_processes())]
-    argv += ["--value", value_dir or out_dir] if name == "pretrain_value" else ["--value", value_dir or "", "--optimize-dir", out_dir]
-    if name == "pretrain_value":
-        argv[argv.index("--value") + 1] = out_dir
-    try:
-        code = _launch_data_parallel(num_processes(), argv)
-    finally:
-        os.unlink(fh.name)
-    if code != 0:
-        raise RuntimeError(f"ctrl step {name} failed on {num_processes()} processes (exit code {code})")
-    if name == "pretrain_value":
-        return json.loads((Path(out_dir) / "link.json").read_text())
-    return json.loads((Path(out_dir) / "metrics.json").read_text())["summary"]
-
-
-def launcher_name(launcher: str | None = None) -> str:
-    name = launcher or os.environ.get("CTRL_LAUNCHER", "") or "torchrun"
-    if name not in LAUNCHERS:
-        raise click.UsageError(f"CTRL_LAUNCHER={name!r}: choose one of {LAUNCHERS}")
-    return name
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch_data_parallel(n: int, step_argv: list[str], launcher: str | None = None) -> int:
-    """Re-run this ``ctrl step`` under torchrun or ``accelerate launch --multi_gpu`` with one process per GPU
-    (gloo on the CPU, NCCL on GPUs). Both set RANK / WORLD_SIZE / MASTER_ADDR for ``Dist.from_env``; ranks
-    synchronise gradients (ctrl_core/distributed.py) and rank 0 writes checkpoints and outputs. accelerate's
-    own mixed precision and dynamo are off: model.autocast and model.compile are the run's settings."""
-    import subprocess
-
-    if launcher_name(launcher) == "accelerate":
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={n}",
-               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
-               f"--main_process_port={_free_port()}", "-m", "pipelines.cli", *step_argv]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "pipelines.cli", *step_argv]
-    click.echo(f"launching {n} processes: {' '.join(cmd)}", err=True)
-    return subprocess.call(cmd, env={**os.environ, "CTRL_NUM_PROCESSES": "1"})
 
 
 @main.command("export")

@@ -44,6 +44,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+# CTRL_NUM_PROCESSES (a step's processes, one per GPU) and CTRL_LAUNCHER (what starts them), as the launcher reads them
+from ctrl_core.launch import LAUNCHER_ENV, LAUNCHERS, NUM_PROCESSES_ENV
+
 #: the pipeline's steps in DAG order, with whether they read mutable state (caching off)
 STEPS: dict[str, bool] = {
     "resolve_params": False,
@@ -54,11 +57,6 @@ STEPS: dict[str, bool] = {
     "register": True,  # reads the registry's current champion: a cached result would be stale
 }
 
-#: environment variable telling a step how many processes (one per GPU) to launch
-NUM_PROCESSES_ENV = "CTRL_NUM_PROCESSES"
-#: environment variable naming what starts those processes, and its choices (``ctrl step --launcher``)
-LAUNCHER_ENV = "CTRL_LAUNCHER"
-LAUNCHERS = ("torchrun", "accelerate")
 #: the chart used when ``ctrl compile -f FILE`` names no ``--chart`` (the image sets it to its copy)
 CHART_ENV = "CTRL_CHART"
 DEFAULT_CHART = "charts/ctrl-pipeline"

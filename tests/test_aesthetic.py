@@ -1,4 +1,4 @@
-"""The LAION aesthetic reward (ctrl_core/aesthetic.py) against DDPO's computation, on tiny random CLIPs.
+"""The LAION aesthetic reward (ctrl_core/rewards/aesthetic.py) against DDPO's computation, on tiny random CLIPs.
 
 The reference below is written as kvablack/ddpo-pytorch does it (``rewards.aesthetic_score`` +
 ``aesthetic_scorer.AestheticScorer``): images -> uint8 -> transformers' PIL CLIP image processor ->
@@ -15,18 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import ctrl_core.aesthetic  # noqa: F401  registers "aesthetic" (before rewards.py imports it itself)
-from ctrl_core.aesthetic import (
-    AestheticMLP,
-    clip_pixel_values,
-    load_aesthetic,
-    pil_bicubic_resize,
-    read_preprocess,
-    write_tiny_aesthetic,
-)
-from ctrl_core.imageprep import _pillow_major, pillow_height_first
+from ctrl_core.imageprep import _pillow_major, clip_pixel_values, pil_bicubic_resize, pillow_height_first
 from ctrl_core.io import UnsafeWeightsError, atomic_save_weights, load_weights
 from ctrl_core.rewards import make_reward
+from ctrl_core.rewards.aesthetic import AestheticMLP, load_aesthetic, read_preprocess, write_tiny_aesthetic
 
 LEVEL = 1 / 255 / min((0.26862954, 0.26130258, 0.27577711))  # one uint8 level in CLIP pixel units
 

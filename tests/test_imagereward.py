@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from ctrl_core.imageprep import pil_bicubic_resize
-from ctrl_core.imagereward import (
+from ctrl_core.rewards import bind_prompts, make_reward
+from ctrl_core.rewards.imagereward import (
     CLIP_MEAN,
     CLIP_STD,
     ImageRewardModel,
@@ -30,7 +31,6 @@ from ctrl_core.imagereward import (
     original_key_map,
     preprocess_images,
 )
-from ctrl_core.rewards import bind_prompts, make_reward
 
 FIXTURE = Path(__file__).parent / "fixtures" / "imagereward_tiny"
 REF = json.loads((FIXTURE / "reference.json").read_text())

@@ -15,16 +15,11 @@ from click.testing import CliRunner
 
 from ctrl_core.embedded import WEIGHTS_DIR, load_builtin_unet
 from ctrl_core.export import EXPORT_INFO, export_fused
-from ctrl_core.latent import (
-    LATENT_LORA_TARGETS,
-    load_sd_folder,
-    save_tiny_sd,
-    sd_folder_problem,
-    tiny_sd_components,
-)
+from ctrl_core.latent import LATENT_LORA_TARGETS, load_sd_folder, sd_folder_problem
 from ctrl_core.models import DEFAULT_LORA_TARGETS, DIFFUSERS_LORA_FILE, DiffusersScoreModel
 from ctrl_core.recipes import digits_problem
 from ctrl_core.schedule import DiscreteVPSchedule
+from ctrl_core.testing import save_tiny_sd, tiny_sd_components
 from pipelines.cli import main
 
 torch.set_num_threads(1)

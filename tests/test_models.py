@@ -9,7 +9,8 @@ from ctrl_core.algorithms import OptimConfig
 from ctrl_core.io import UnsafeWeightsError, atomic_save_weights, load_weights, require_safetensors
 from ctrl_core.models import DiffusersScoreModel
 from ctrl_core.policy import GaussianScorePolicy, canonical_solver, sample
-from ctrl_core.rewards import REWARDS, jpeg_bytes, make_reward
+from ctrl_core.rewards import REWARDS, make_reward, register_reward, reward_factory, reward_names
+from ctrl_core.rewards.jpeg import jpeg_bytes
 from ctrl_core.schedule import DiscreteVPSchedule
 from ctrl_core.value import get_link
 
@@ -112,6 +113,25 @@ def test_rewards_registry_and_jpeg():
     )
     torch.testing.assert_close(w(noisy, None), 2 * comp(noisy, None))
     assert {"jpeg_compressibility", "jpeg_incompressibility", "classifier", "quadratic"} <= set(REWARDS)
+
+
+def test_every_registered_reward_resolves_to_its_factory(monkeypatch):
+    """The registry names each factory by "module:function": every entry imports and is callable, and a
+    reward registered from elsewhere joins the same registry (and cannot take a built-in's name)."""
+    import ctrl_core.rewards
+
+    for name in reward_names():
+        assert callable(reward_factory(name)) and REWARDS[name] is reward_factory(name), name
+    with pytest.raises(ValueError, match="already registered"):
+        register_reward("quadratic")(lambda: None)
+    monkeypatch.setattr(ctrl_core.rewards, "_FACTORIES", dict(ctrl_core.rewards._FACTORIES))  # undone after
+
+    @register_reward("test_constant")
+    def constant(value: float = 1.0):
+        return lambda images, conditions=None: torch.full((images.shape[0],), value)
+
+    assert "test_constant" in reward_names() and "test_constant" in REWARDS
+    torch.testing.assert_close(make_reward("test_constant", value=2.0)(torch.zeros(3, 2), None), torch.full((3,), 2.0))
 
 
 @pytest.mark.parametrize(

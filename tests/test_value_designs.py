@@ -218,7 +218,7 @@ def test_distilling_a_tiny_decoder_fits_the_vae_on_new_latents():
 
 
 def test_aesthetic_copy_starts_as_the_reward_and_trains_only_its_tail(tmp_path):
-    from ctrl_core.aesthetic import write_tiny_aesthetic
+    from ctrl_core.rewards.aesthetic import write_tiny_aesthetic
 
     paths = write_tiny_aesthetic(tmp_path, seed=0)
     raw = make_reward("aesthetic", clip_dir=str(paths["clip_dir"]), head=str(paths["head_safetensors"]), device="cpu")
@@ -237,7 +237,7 @@ def test_weighted_sum_copy_is_the_weighted_sum_of_its_terms_copies(tmp_path):
     """value.residual=reward_copy on a weighted_sum reward: F_phi = sum of w_i * copy_i over the terms with a
     network (here aesthetic and ImageReward; jpeg adds nothing), each with its own frozen share; its trainable
     weights round-trip through the state dict. A sum of networkless terms has no copy."""
-    from ctrl_core.aesthetic import write_tiny_aesthetic
+    from ctrl_core.rewards.aesthetic import write_tiny_aesthetic
 
     paths = write_tiny_aesthetic(tmp_path, seed=0)
     aes = {"clip_dir": str(paths["clip_dir"]), "head": str(paths["head_safetensors"]), "device": "cpu"}

@@ -27,7 +27,7 @@ def ctrl_optimize(
         print(f"[ctrl_optimize] iteration {row['iteration'] + 1}/{total} reward {reward}{kl} ({secs:.1f}s)", flush=True)
 
     value_dir = value.path if p.optimize.algorithm == "ctrl" else None
-    from pipelines.cli import num_processes, run_step_data_parallel
+    from ctrl_core.launch import num_processes, run_step_data_parallel
 
     if num_processes() > 1:  # one process per GPU; gradients all-reduced
         out = run_step_data_parallel("optimize", params, checkpoint.path, adapter.path, value_dir)

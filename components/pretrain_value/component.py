@@ -14,7 +14,7 @@ def pretrain_value(params: str, checkpoint: Input[Model], value: Output[Model], 
     from ctrl_core.params import from_json
 
     t0 = time.perf_counter()
-    from pipelines.cli import num_processes, run_step_data_parallel
+    from ctrl_core.launch import num_processes, run_step_data_parallel
 
     p = from_json(params)
     if num_processes() > 1 and p.optimize.algorithm != "qlearning":  # one process per GPU (CTRL_NUM_PROCESSES)

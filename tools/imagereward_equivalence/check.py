@@ -1,4 +1,4 @@
-"""Score make_reference.py's files through ctrl_core.imagereward and compare with the original's scores.
+"""Score make_reference.py's files through ctrl_core.rewards.imagereward and compare with the original's scores.
 
 Run in the project's venv (transformers 5):
 
@@ -40,7 +40,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ctrl_core.imagereward import (  # noqa: E402
+from ctrl_core.rewards.imagereward import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
     convert_to_safetensors,
@@ -178,7 +178,7 @@ def main() -> int:
     n_square = sum((e["width"], e["height"]) == (224, 224) for e in ref["images"])
     vcfg, mcfg = ref["vision"], ref["med_config"]
     summary = {
-        "what": "ctrl_core.imagereward (transformers 5) vs the original ImageReward 1.5 code, same seeded random "
+        "what": "ctrl_core.rewards.imagereward (transformers 5) vs the original ImageReward 1.5 code, same seeded random "
         "weights; relative error = max |ours - original| / |original| over images x prompts",
         "size": ref["size"],
         "device": "cpu",

@@ -11,7 +11,8 @@ cross-attends to the image tokens, and an MLP head on the text [CLS] state:
 with MLP = Linear(768,1024)-Dropout-Linear(1024,128)-Dropout-Linear(128,64)-Dropout-Linear(64,16)-Linear(16,1)
 (no activations: the original comments its ReLUs out), prompts tokenised by bert-base-uncased plus BLIP's
 [DEC] (bos) and [ENC] tokens (vocabulary 30524), padded to 35 tokens, images resized (bicubic) so the short
-side is 224, centre-cropped to 224 and normalised with CLIP's mean and std (Pillow's resize, reproduced here).
+side is 224, centre-cropped to 224 and normalised with CLIP's mean and std (Pillow's resize, reproduced in
+imageprep.py).
 
 Here the towers are transformers' ``BlipVisionModel`` and ``BlipTextModel`` (BLIP's med BERT with
 cross-attention), which compute the same operations; ``original_key_map`` names where every tensor of the
@@ -35,8 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .imageprep import CLIP_MEAN, CLIP_STD, pil_bicubic_resize
-from .rewards import RewardFn, register_reward
+from ..imageprep import CLIP_MEAN, CLIP_STD, ClipPreprocess, clip_pixel_values
+from . import RewardFn
 
 # the original's normalisation of the MLP output (ImageReward.py: self.mean, self.std)
 SCORE_MEAN = 0.16717362830052426
@@ -236,31 +237,12 @@ class ImageRewardModel(nn.Module):
 
 def preprocess_images(images: Tensor, image_size: int = 224) -> Tensor:
     """(B, C, H, W) in [-1, 1] -> (B, 3, S, S): what the original's transform does to the same image as an
-    8-bit PIL image (how ImageReward is used: ``score(prompt, PIL image)``):
-
-    1. to uint8 levels, round((img + 1) * 127.5) (as ``rewards.to_uint8``); grayscale -> RGB;
-    2. Resize(S, bicubic): short side to S, long side int(S * long / short), skipped when already that size,
-       done as Pillow does it (``imageprep.pil_bicubic_resize``);
-    3. CenterCrop(S), offsets rounded as torchvision rounds them;
-    4. ToTensor (x / 255) and Normalize(CLIP mean, std).
-    The pixels equal the original's bit for bit (tools/imagereward_equivalence checks it)."""
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(
-            f"ImageReward: expected images (B, 3, H, W) (or 1 channel), got {tuple(images.shape)}"
-        )
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round()  # uint8 levels, as float
-    if x.shape[1] == 1:  # _convert_image_to_rgb on a grayscale image
-        x = x.expand(-1, 3, -1, -1)
-    h, w = x.shape[-2:]
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = image_size, int(image_size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    x = pil_bicubic_resize(x, (new_h, new_w))
-    top, left = int(round((new_h - image_size) / 2.0)), int(round((new_w - image_size) / 2.0))
-    x = x[..., top : top + image_size, left : left + image_size] / 255  # ToTensor
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    8-bit PIL image (how ImageReward is used: ``score(prompt, PIL image)``): ``imageprep.clip_pixel_values``
+    with its settings, Resize(S, bicubic) (short side to S), CenterCrop(S) with torchvision's rounded offsets,
+    ToTensor and Normalize(CLIP mean, std). The pixels equal the original's bit for bit
+    (tools/imagereward_equivalence checks it)."""
+    pre = ClipPreprocess(image_size, image_size, image_size, CLIP_MEAN, CLIP_STD, round_crop_offset=True)
+    return clip_pixel_values(images, pre)
 
 
 # --- loading --------------------------------------------------------------------------------------------------
@@ -285,7 +267,7 @@ def load_original_state_dict(checkpoint: str | os.PathLike) -> dict[str, Tensor]
 
 def convert_to_safetensors(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     """ImageReward.pt -> safetensors, same keys and values (loadable without unpickling)."""
-    from .io import atomic_save_weights
+    from ..io import atomic_save_weights
 
     state = load_original_state_dict(checkpoint)
     atomic_save_weights(
@@ -402,7 +384,7 @@ class ImageRewardCopy(nn.Module):
         super().__init__()
         import copy
 
-        from .value import freeze_leading
+        from ..value import freeze_leading
 
         self.model = copy.deepcopy(scorer.model).float().train(False)
         freeze_leading(self.model, frozen_fraction)
@@ -431,7 +413,7 @@ def load_imagereward(
     checkpoint: ``ImageReward.pt`` or a ``.safetensors`` made by ``convert_to_safetensors``; med_config: the
     ``med_config.json`` shipped beside it; tokenizer_dir: a local bert-base-uncased folder (vocab.txt); device:
     default ``compute_device()``; dtype: float32 (as the original), float16 or bfloat16."""
-    from .models import compute_device
+    from ..models import compute_device
 
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"ImageReward dtype must be float32, float16 or bfloat16, got {dtype!r}")
@@ -464,8 +446,7 @@ def load_imagereward(
     return ImageRewardScorer(model, tokenizer, device, batch_size)
 
 
-@register_reward("imagereward")
-def _imagereward(
+def imagereward(
     checkpoint: str,
     med_config: str,
     tokenizer_dir: str,

@@ -18,9 +18,9 @@ Everything is local: ``clip_dir`` is a transformers CLIP folder (``CLIPModel`` o
 ``CLIPVisionModelWithProjection``: config.json + safetensors, optional preprocessor_config.json), the head a
 ``.pth`` (read with ``torch.load(weights_only=True)``: tensors only, no code) or ``.safetensors``. CLIP's
 preprocessing runs in torch, batched, on the reward's device, following CLIPProcessor step by step (see
-``clip_pixel_values``). Try it offline with random tiny weights::
+``imageprep.clip_pixel_values``). Try it offline with random tiny weights::
 
-    python -c "from ctrl_core.aesthetic import write_tiny_aesthetic as w; print(w('/tmp/aesthetic_tiny'))"
+    python -c "from ctrl_core.rewards.aesthetic import write_tiny_aesthetic as w; print(w('/tmp/aesthetic_tiny'))"
 
 then ``reward: {name: aesthetic, options: {clip_dir: /tmp/aesthetic_tiny/clip,
 head: /tmp/aesthetic_tiny/head.pth}}``.
@@ -31,15 +31,14 @@ from __future__ import annotations
 import json
 import math
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .imageprep import CLIP_MEAN, CLIP_STD, pil_bicubic_resize
-from .io import UnsafeWeightsError, load_weights, require_safetensors
-from .rewards import RewardFn, register_reward
+from ..imageprep import CLIP_MEAN, CLIP_STD, ClipPreprocess, clip_pixel_values
+from ..io import UnsafeWeightsError, load_weights, require_safetensors
+from . import RewardFn
 
 PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, "resample" in preprocessor_config.json
 HEAD_WIDTHS = (1024, 128, 64, 16, 1)  # hidden widths of the original head; only its input width varies
@@ -65,18 +64,6 @@ class AestheticMLP(nn.Module):
 
     def forward(self, embed: Tensor) -> Tensor:
         return self.layers(embed)
-
-
-@dataclass(frozen=True)
-class ClipPreprocess:
-    """CLIPImageProcessor's settings: resize the shortest side to ``shortest_edge`` (bicubic), center crop
-    ``crop_height`` x ``crop_width``, scale to [0, 1], normalise with ``mean`` / ``std`` per channel."""
-
-    shortest_edge: int
-    crop_height: int
-    crop_width: int
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
 
 
 class AestheticScorer(nn.Module):
@@ -119,7 +106,7 @@ class AestheticCopy(nn.Module):
         super().__init__()
         import copy
 
-        from .value import freeze_leading
+        from ..value import freeze_leading
 
         self.scorer = copy.deepcopy(scorer).float().train(False)
         freeze_leading(self.scorer, frozen_fraction)
@@ -129,33 +116,6 @@ class AestheticCopy(nn.Module):
 
 
 # --- preprocessing ------------------------------------------------------------------------------------------
-def clip_pixel_values(images: Tensor, pre: ClipPreprocess) -> Tensor:
-    """(B, C, H, W) in [-1, 1], C in {1, 3} -> CLIP pixel values (B, 3, crop_height, crop_width).
-
-    What DDPO's reward does, in torch: quantise to uint8 levels (``(x * 255).round()`` on [0, 1] images), then
-    CLIPProcessor: resize the shortest side to ``shortest_edge`` (long side ``int(S * long / short)``) exactly
-    as Pillow does (``pil_bicubic_resize``); center crop at ``(H - h) // 2``; ``(x / 255 - mean) / std``.
-    Grayscale is repeated to RGB (CLIPProcessor's convert_rgb).
-    """
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"aesthetic reward: images must be (B, 1 or 3, H, W), got {tuple(images.shape)}")
-    x = images.float()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round()  # uint8 levels 0..255, kept as float
-    h, w = x.shape[-2:]
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(pre.shortest_edge * long / short)
-    size = (pre.shortest_edge, new_long) if h <= w else (new_long, pre.shortest_edge)
-    x = pil_bicubic_resize(x, size)
-    h, w = size
-    top, left = (h - pre.crop_height) // 2, (w - pre.crop_width) // 2
-    x = x[..., top : top + pre.crop_height, left : left + pre.crop_width]
-    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
-    return (x / 255.0 - mean) / std
-
-
 def read_preprocess(clip_dir: str | Path, image_size: int) -> ClipPreprocess:
     """Preprocessing from ``preprocessor_config.json`` (old ``size: 224`` or ``{"shortest_edge": 224}``
     forms), else CLIP's defaults at the model's ``image_size``. Settings this module does not implement
@@ -279,7 +239,7 @@ def load_aesthetic(
     clip_dir: str | Path, head_path: str | Path, device: str | torch.device | None = None
 ) -> AestheticScorer:
     """CLIP folder + head file -> a frozen ``AestheticScorer`` on ``device`` (else ``compute_device()``)."""
-    from .models import compute_device
+    from ..models import compute_device
 
     vision_model, visual_projection, projection_dim, image_size = load_clip_image_tower(clip_dir)
     head = load_head(head_path, projection_dim)
@@ -289,8 +249,7 @@ def load_aesthetic(
     return scorer
 
 
-@register_reward("aesthetic")
-def _aesthetic(clip_dir: str = "", head: str = "", batch_size: int = 32, device: str = "") -> RewardFn:
+def aesthetic(clip_dir: str = "", head: str = "", batch_size: int = 32, device: str = "") -> RewardFn:
     """LAION aesthetic score (DDPO's 'aesthetic'): ``clip_dir`` a local CLIP ViT-L/14 folder (safetensors),
     ``head`` the predictor's .pth or .safetensors, ``device`` "" for ``compute_device()``. Conditions are
     ignored; scores come back (B,) on the images' device."""
@@ -321,7 +280,7 @@ def write_tiny_aesthetic(folder: str | Path, seed: int = 0, layout: str = "clip"
     """
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from .io import atomic_save_weights
+    from ..io import atomic_save_weights
 
     folder = Path(folder)
     clip_dir = folder / "clip"
