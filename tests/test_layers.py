@@ -104,10 +104,10 @@ TORCH_FREE = [
     pytest.param("ctrl_core", id="ctrl_core"),
     pytest.param("ctrl_core.rewards", id="ctrl_core.rewards"),
     pytest.param("ctrl_core.launch", id="ctrl_core.launch"),
-    pytest.param("ctrl_core.config", id="ctrl_core.config",
-                 marks=pytest.mark.xfail(strict=False, reason="until the config module lands")),
-    pytest.param("pipelines.pipeline", id="pipelines.pipeline",
-                 marks=pytest.mark.xfail(strict=False, reason="until the config module lands")),
+    pytest.param("ctrl_core.config", id="ctrl_core.config"),
+    pytest.param("ctrl_core.params", id="ctrl_core.params"),
+    pytest.param("components", id="components"),
+    pytest.param("pipelines.pipeline", id="pipelines.pipeline"),
 ]  # fmt: skip
 
 
