@@ -1,5 +1,6 @@
 """The register step: lineage + MLflow registration through ``pipelines.registry`` (MLflow lives here, not in
-ctrl_core)."""
+ctrl_core). The version's model is an MLflow pyfunc model (``pipelines.mlflow_model``): base checkpoint, adapter,
+run parameters and model card."""
 
 from __future__ import annotations
 
@@ -33,9 +34,14 @@ def run_key(params: Params, checkpoint_sha256: str) -> str:
 
 
 def register_from_outputs(params: Params, checkpoint_dir: str, adapter_dir: str, evaluation: dict, link: dict,
-                          sha: str = "", evaluation_dir: str | None = None) -> dict:
+                          sha: str = "", evaluation_dir: str | None = None, bundle_checkpoint: bool | None = None) -> dict:
+    """``bundle_checkpoint``: copy the base checkpoint into the MLflow model (None: when it is small enough,
+    ``mlflow_model.BUNDLE_LIMIT_BYTES``), else reference it by source and sha256."""
+    from functools import partial
+
     from ctrl_core.params import flatten
 
+    from .mlflow_model import build_model
     from .registry import GateConfig, register_run
 
     manifest = json.loads((Path(checkpoint_dir) / "manifest.json").read_text())
@@ -51,6 +57,11 @@ def register_from_outputs(params: Params, checkpoint_dir: str, adapter_dir: str,
     if evaluation_dir and Path(evaluation_dir).is_dir():  # the plot, the sample grids and the report
         artifacts["evaluation"] = evaluation_dir
     rp = params.register
+    lineage = {"git_sha": sha or git_sha(), "params_hash": params.digest(), "checkpoint_sha256": manifest["sha256"],
+               "checkpoint_source": manifest["source"], "dvc_revision": dvc_revision(), "value_link": link.get("chosen", "")}
+    model = partial(build_model, params=params, checkpoint_dir=checkpoint_dir, adapter_dir=Path(adapter_dir) / "adapter",
+                    evaluation=evaluation, lineage=lineage, model_name=rp.model_name, evaluation_dir=evaluation_dir,
+                    bundle=bundle_checkpoint)  # fmt: skip
     result = register_run(
         model_name=rp.model_name,
         run_key=run_key(params, manifest["sha256"]),
@@ -58,12 +69,12 @@ def register_from_outputs(params: Params, checkpoint_dir: str, adapter_dir: str,
         metrics=metrics,
         evaluation=evaluation["evaluation"],
         artifacts=artifacts,
-        lineage={"git_sha": sha or git_sha(), "params_hash": params.digest(), "checkpoint_sha256": manifest["sha256"],
-                 "checkpoint_source": manifest["source"], "dvc_revision": dvc_revision(), "value_link": link.get("chosen", "")},
+        lineage=lineage,
         gate=GateConfig(min_gain=rp.min_gain, require_no_worse_than_champion=rp.require_no_worse_than_champion, tolerance=rp.tolerance),
         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
         experiment=params.run.name,
-        model_dir=str(Path(adapter_dir) / "adapter"),
+        logged_model=model,
     )
     return {"name": result.name, "version": result.version, "aliases": sorted(result.aliases), "run_id": result.run_id,
-            "promoted": result.promoted, "gate_passed": result.gate_passed, "gate_reason": result.gate_reason, "created": result.created}
+            "promoted": result.promoted, "gate_passed": result.gate_passed, "gate_reason": result.gate_reason, "created": result.created,
+            "model_uri": f"models:/{result.name}/{result.version}", "model_id": result.model_id}

@@ -11,6 +11,10 @@ Guarantees:
   version number and delete their own losing version (and run), so exactly one version survives.
 * **Never promote a worse model**: ``champion`` moves only when :func:`evaluation_gate` passes against the
   current champion's evaluation, or on an explicit, audited ``promote(..., force=True, reason=...)``.
+* **No half-written version**: with ``logged_model``, the version's source is an MLflow LoggedModel (pyfunc,
+  ``pipelines.mlflow_model``) of the run, created, uploaded and finalised READY before the run is marked
+  FINISHED, and the version is only created from a FINISHED run: a crash in between leaves a run that a retry
+  does not reuse, never a version whose model is missing.
 
 Only the standard library is imported at module level so importing this module stays cheap; MLflow is
 imported lazily inside the functions that need it.
@@ -24,6 +28,7 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +50,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG_RUN_KEY = "ctrl.run_key"
 TAG_MODEL_NAME = "ctrl.model_name"
 TAG_DUPLICATE_OF = "ctrl.duplicate_of"
+TAG_MODEL_ID = "ctrl.model_id"  # run tag: the LoggedModel of the run, set once that model is READY
+LOGGED_MODEL_NAME = "model"
 TAG_EVALUATION = "ctrl.evaluation"
 # Set once the aliases of a freshly created version have been applied. A retry only re-applies aliases while
 # it is absent, so a later retry never undoes history made since (newer challengers, forced promotions).
@@ -69,7 +76,8 @@ _METRICS_PER_BATCH = 1000
 #: process SIGKILL itself at that point, so tests and ``bench.faults`` can check that a retry converges after
 #: a crash anywhere in the registration. Unset in production; the points are listed in ``FAULT_POINTS``.
 FAULT_ENV = "CTRL_FAULT_INJECT"
-FAULT_POINTS = ("after_create_run", "after_create_version", "after_gate_tags", "after_challenger_alias")
+FAULT_POINTS = ("after_model_artifacts", "after_create_run", "after_create_version", "after_gate_tags",
+                "after_challenger_alias")
 
 _RUN_KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]")
@@ -108,6 +116,7 @@ class RegisterResult:
     gate_passed: bool
     gate_reason: str
     created: bool
+    model_id: str | None = None  # the version's LoggedModel (``models:/<model_id>``), when it has one
 
 
 # --------------------------------------------------------------------------------------------- the gate
@@ -512,8 +521,10 @@ def _create_run(
     artifacts: dict[str, str],
     lineage: dict[str, str],
     model_dir: str | None,
-) -> Any:
-    """Create and fully log a run (returns its RunInfo); on failure mark it FAILED (never reused), re-raise."""
+    logged_model: Callable[[str, Any], None] | None = None,
+) -> tuple[Any, str | None]:
+    """Create and fully log a run, with its LoggedModel when ``logged_model`` builds one; returns (RunInfo, the
+    model's id or None). On failure the run (and model) are marked FAILED (never reused) and the error re-raised."""
     tags = {TAG_RUN_KEY: run_key, TAG_MODEL_NAME: model_name}
     tags.update({_safe_key(f"lineage.{k}"): _truncate(str(v), _TAG_VALUE_LIMIT) for k, v in lineage.items()})
     run = client.create_run(experiment_id, tags=tags, run_name=f"{model_name}-{run_key[:12]}")
@@ -528,13 +539,70 @@ def _create_run(
             artifacts=artifacts,
             model_dir=model_dir,
         )
+        model_id = None
+        if logged_model is not None:
+            model_id = _log_model(client, experiment_id, run_id, run_key, logged_model)
+            client.set_tag(run_id, TAG_MODEL_ID, model_id)  # only READY models are named here
     except BaseException:
         # Best effort: the original error matters more than a failure to mark the run.
         with contextlib.suppress(Exception):
             client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
-    return run.info
+    return run.info, model_id
+
+
+def _log_model(client, experiment_id: str, run_id: str, run_key: str, build: Callable[[str, Any], None]) -> str:
+    """The run's LoggedModel, as ``mlflow.pyfunc.log_model`` makes one, through this client only (no global
+    tracking URI or active run): create it, link it to the run as an output, let ``build(path, mlflow_model)``
+    write the MLflow model folder (``mlflow_model``: a ``mlflow.models.Model`` carrying the model's id, run id
+    and artifact location, for ``save_model(..., mlflow_model=...)``), upload the folder, finalise READY.
+    Any failure finalises it FAILED and re-raises. Returns the model id."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    model = client.create_logged_model(experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id,
+                                       tags={TAG_RUN_KEY: run_key})  # fmt: skip
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+        with tempfile.TemporaryDirectory(prefix="ctrl-model-") as tmp:
+            path = os.path.join(tmp, LOGGED_MODEL_NAME)
+            build(path, Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
+                              model_id=model.model_id))  # fmt: skip
+            if not os.path.isfile(os.path.join(path, "MLmodel")):
+                raise FileNotFoundError(f"logged_model wrote no MLflow model (no MLmodel in {path})")
+            client.log_model_artifacts(model.model_id, path)
+        _fault_point("after_model_artifacts")
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    return model.model_id
+
+
+def _version_source(run_info, model_id: str | None) -> str:
+    """The version's source: its LoggedModel's URI ``models:/<model_id>`` (what MLflow 3's UI links to the
+    model), else the run's ``model/`` folder."""
+    if model_id is None:
+        return f"{run_info.artifact_uri.rstrip('/')}/model"
+    return f"models:/{model_id}"
+
+
+def _model_id_of(version) -> str | None:
+    source = version.source or ""
+    return getattr(version, "model_id", None) or (source[len("models:/") :] if source.startswith("models:/m-") else None)
+
+
+def _registry_resolves_with(uri: str):
+    """MLflow's SQL registry store resolves a ``models:/<model_id>`` source with a client on the *global* tracking
+    URI (sqlalchemy_store.create_model_version); point it at this client's store for the call. A server resolves
+    it against its own store, which this changes nothing for."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    except ImportError:  # pragma: no cover - a later MLflow without it
+        return contextlib.nullcontext()
+    return _use_tracking_uri(uri)
 
 
 def _safe_delete(fn, *args) -> None:
@@ -561,6 +629,7 @@ def register_run(
     tracking_uri: str | None = None,
     experiment: str = "ctrl-pipeline",
     model_dir: str | None = None,
+    logged_model: Callable[[str, Any], None] | None = None,
 ) -> RegisterResult:
     """Log a pipeline run to MLflow, register it as a model version and apply the promotion gate.
 
@@ -579,6 +648,10 @@ def register_run(
         experiment: experiment name (created if missing).
         model_dir: local directory (e.g. a LoRA adapter) logged under ``model/``; the version's source is
             ``<run artifact uri>/model``.
+        logged_model: instead of ``model_dir``, ``build(path, mlflow_model)`` writing an MLflow model folder
+            at ``path`` (e.g. ``pipelines.mlflow_model.build_model``); it becomes the run's LoggedModel and the
+            version's model: source its artifact location, ``model_id`` its id, so
+            ``mlflow.pyfunc.load_model("models:/NAME@champion")`` loads it.
 
     Returns:
         The surviving registration. Calling again with the same ``run_key`` returns the same version with
@@ -598,6 +671,8 @@ def register_run(
             raise FileNotFoundError(f"artifact {key!r}: {path} does not exist")
     if model_dir is not None and not os.path.isdir(model_dir):
         raise NotADirectoryError(f"model_dir {model_dir} is not a directory")
+    if logged_model is not None and (model_dir is not None or not callable(logged_model)):
+        raise ValueError("logged_model must be a callable build(path, mlflow_model), and excludes model_dir")
     _cells(evaluation)  # shape check
     # Normalise once: numpy scalars -> float, int step keys -> str, exactly as it will read back from JSON.
     evaluation = json.loads(json.dumps(evaluation, default=float))
@@ -619,12 +694,12 @@ def register_run(
         ]
         own_run: str | None = None
         if finished:  # a previous attempt logged the run but died before creating the version
-            run_info = finished[0].info
+            run_info, model_id = finished[0].info, finished[0].data.tags.get(TAG_MODEL_ID)
         else:
-            run_info = _create_run(
+            run_info, model_id = _create_run(
                 client, experiment_id, model_name=model_name, run_key=run_key, params=params,
                 metrics=metrics, evaluation=evaluation, artifacts=artifacts, lineage=lineage,
-                model_dir=model_dir,
+                model_dir=model_dir, logged_model=logged_model,
             )  # fmt: skip
             own_run = run_info.run_id
             _fault_point("after_create_run")
@@ -634,17 +709,19 @@ def register_run(
             _champion_evaluation(client, model_name, aliases.get(CHAMPION)),
         )
         passed, reason = _gate_vs(evaluation, *known_champion, gate)
-        mine = client.create_model_version(
-            model_name,
-            source=f"{run_info.artifact_uri.rstrip('/')}/model",
-            run_id=run_info.run_id,
-            tags={
-                TAG_RUN_KEY: run_key,
-                TAG_GATE_PASSED: "true" if passed else "false",
-                TAG_GATE_REASON: reason,
-                TAG_EVALUATION: _evaluation_tag(evaluation, run_info.run_id),
-            },
-        )
+        with _registry_resolves_with(client.tracking_uri) if model_id else contextlib.nullcontext():
+            mine = client.create_model_version(
+                model_name,
+                source=_version_source(run_info, model_id),
+                run_id=run_info.run_id,
+                model_id=model_id,
+                tags={
+                    TAG_RUN_KEY: run_key,
+                    TAG_GATE_PASSED: "true" if passed else "false",
+                    TAG_GATE_REASON: reason,
+                    TAG_EVALUATION: _evaluation_tag(evaluation, run_info.run_id),
+                },
+            )
         _fault_point("after_create_version")
         # Race resolution: version numbers only grow, so the lowest live version for this key never
         # changes once it exists; every racer agrees on it and each loser deletes only what it created.
@@ -659,6 +736,8 @@ def register_run(
             _safe_delete(client.delete_model_version, model_name, str(mine.version))
             if own_run is not None and own_run != survivor.run_id:
                 _safe_delete(client.delete_run, own_run)
+                if model_id is not None:
+                    _safe_delete(client.delete_logged_model, model_id)
 
     version = int(survivor.version)
     tags = survivor.tags or {}
@@ -686,6 +765,7 @@ def register_run(
         gate_passed=passed,
         gate_reason=reason,
         created=created,
+        model_id=_model_id_of(survivor),
     )
 
 

@@ -432,3 +432,123 @@ def test_registering_a_sequence_never_moves_champion_to_a_worse_model(sqlite_uri
             assert champ_eval is None or not _worse_than(evaluation, champ_eval, tolerance), r.gate_reason
             champ_eval = evaluation
         assert champion(name, tracking_uri=uri) == (r.version if r.promoted else champion(name, tracking_uri=uri))
+
+
+# ------------------------------------------------ the version's model as an MLflow LoggedModel (logged_model=)
+
+_BUILD = r"""
+def build(path, mlflow_model):  # a minimal MLflow model folder (the pipeline's is pipelines.mlflow_model.build_model)
+    import os
+    os.makedirs(path)
+    mlflow_model.add_flavor("ctrl_test")
+    mlflow_model.save(os.path.join(path, "MLmodel"))
+    with open(os.path.join(path, "weights.txt"), "w") as fh:
+        fh.write("w")
+"""
+_namespace: dict = {}
+exec(_BUILD, _namespace)  # noqa: S102 - the same builder in this process and in the crash worker
+_build = _namespace["build"]
+
+_MODEL_CRASH_WORKER = _BUILD + r"""
+import json, sys
+uri, name, key, ev = sys.argv[1:5]
+from pipelines.registry import GateConfig, register_run
+register_run(model_name=name, run_key=key, params={"p": 1}, metrics={"loss": 0.1}, evaluation=json.loads(ev),
+             artifacts={}, lineage={}, gate=GateConfig(), tracking_uri=uri, logged_model=build)
+print("NOT KILLED")
+"""
+
+
+def _logged_models(uri: str, key: str) -> list:
+    c = _client(uri)
+    exp = c.get_experiment_by_name("ctrl-pipeline")
+    return list(c.search_logged_models([exp.experiment_id], filter_string=f"tags.`ctrl.run_key` = '{key}'"))
+
+
+def test_logged_model_is_the_versions_source_and_survives_a_crash_and_a_retry(sqlite_uri, tmp_path, model_name):
+    """The version's source is a READY LoggedModel of its run; a SIGKILL after the model's upload (before the run
+    is FINISHED) leaves no version, and the retry makes one version with its own READY model; retries reuse it."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.models import Model
+
+    uri, key = sqlite_uri, f"{model_name}-m"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **{registry.FAULT_ENV: "after_model_artifacts"})
+    proc = subprocess.run(
+        [sys.executable, "-c", _MODEL_CRASH_WORKER, uri, model_name, key, json.dumps(GOOD)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == -9, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert _live_versions(uri, model_name) == []  # the run never finished: nothing to register, nothing reused
+    assert [m.status for m in _logged_models(uri, key)] == [LoggedModelStatus.PENDING]
+
+    r = _register(uri, model_name, key, GOOD, logged_model=_build)
+    assert (r.version, r.created, r.promoted) == (1, True, True)
+    c = _client(uri)
+    mv = c.get_model_version(model_name, "1")
+    assert mv.source == f"models:/{r.model_id}"
+    model = c.get_logged_model(r.model_id)
+    assert model.status == LoggedModelStatus.READY and model.source_run_id == r.run_id == mv.run_id
+    assert c.get_run(r.run_id).data.tags["ctrl.model_id"] == r.model_id
+    local = Path(c.download_artifacts(r.run_id, "", str(tmp_path / "run")))  # the run holds no model/ folder
+    assert not (local / "model").exists()
+    import mlflow
+
+    got = Path(mlflow.artifacts.download_artifacts(artifact_uri=c.get_model_version_download_uri(model_name, "1"),
+                                                   dst_path=str(tmp_path / "v"), tracking_uri=uri))  # fmt: skip
+    assert (got / "weights.txt").read_text() == "w"
+    assert (Model.load(str(got / "MLmodel")).model_id, Model.load(str(got / "MLmodel")).run_id) == (r.model_id, r.run_id)
+
+    again = _register(uri, model_name, key, GOOD, logged_model=_build)
+    assert (again.version, again.created, again.model_id, again.run_id) == (1, False, r.model_id, r.run_id)
+    assert sorted(m.status for m in _logged_models(uri, key)) == sorted(
+        [LoggedModelStatus.PENDING, LoggedModelStatus.READY]
+    )  # the crashed attempt's model stays, unreferenced (as its run does)
+    with pytest.raises(ValueError, match="excludes model_dir"):
+        _register(uri, model_name, f"{key}-2", GOOD, logged_model=_build, model_dir=str(tmp_path))
+    assert _live_versions(uri, model_name) == [1]
+
+
+def test_a_failing_model_build_fails_the_run_and_its_model_and_creates_no_version(sqlite_uri, model_name):
+    from mlflow.entities import LoggedModelStatus
+
+    uri, key = sqlite_uri, f"{model_name}-fail"
+
+    def broken(path, mlflow_model):
+        raise OSError("disk full while writing the model")
+
+    with pytest.raises(OSError, match="disk full"):
+        _register(uri, model_name, key, GOOD, logged_model=broken)
+    assert _live_versions(uri, model_name) == []
+    assert [x.info.status for x in _active_runs(uri, key)] == ["FAILED"]
+    assert [m.status for m in _logged_models(uri, key)] == [LoggedModelStatus.FAILED]
+    r = _register(uri, model_name, key, GOOD, logged_model=_build)  # a retry makes a new run and model
+    assert r.created and r.version == 1 and _client(uri).get_logged_model(r.model_id).status == LoggedModelStatus.READY
+
+
+def test_losing_a_race_also_deletes_own_logged_model(sqlite_uri, model_name, monkeypatch):
+    uri, key = sqlite_uri, f"{model_name}-race"
+    real = registry._create_run
+    rival = {}
+
+    def rival_first(*a, **k):
+        monkeypatch.setattr(registry, "_create_run", real)
+        rival["result"] = _register(uri, model_name, key, GOOD, logged_model=_build)
+        return real(*a, **k)
+
+    monkeypatch.setattr(registry, "_create_run", rival_first)
+    r = _register(uri, model_name, key, GOOD, logged_model=_build)
+    assert (r.version, r.created, r.run_id, r.model_id) == (1, False, rival["result"].run_id, rival["result"].model_id)
+    assert _live_versions(uri, model_name) == [1]
+    assert [m.model_id for m in _logged_models(uri, key)] == [r.model_id]  # ours was deleted with our run
+
+
+def test_logged_model_through_a_tracking_server(mlflow_server, model_name, tmp_path, monkeypatch):
+    """Over REST (proxied artifacts): the server resolves the models:/<model_id> source; the alias loads it."""
+    import mlflow
+
+    uri = mlflow_server
+    r = _register(uri, model_name, f"{model_name}-srv", GOOD, logged_model=_build)
+    assert r.promoted and _client(uri).get_model_version(model_name, "1").source == f"models:/{r.model_id}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    got = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}@champion", dst_path=str(tmp_path)))
+    assert (got / "weights.txt").read_text() == "w"
