@@ -356,6 +356,13 @@ def latent_problem(
 
 
 # --- loading a diffusers SD folder (safetensors only) -----------------------------------------------------
+def is_sd_folder(path: str | Path) -> bool:
+    """A latent text-to-image (Stable Diffusion) pipeline folder: ``unet/`` with its config, ``vae/`` and
+    ``text_encoder/`` (what ``load_sd_folder`` loads)."""
+    d = Path(path)
+    return (d / "unet" / "config.json").is_file() and (d / "vae").is_dir() and (d / "text_encoder").is_dir()
+
+
 def load_sd_folder(path: str | Path) -> dict:
     """Load ``unet/ vae/ text_encoder/ tokenizer/ scheduler/`` of a local diffusers SD folder, offline and
     safetensors only. Returns {unet, vae, text_encoder, tokenizer, scheduler}. The scheduler is read as a

@@ -54,7 +54,7 @@ def reward_vs_steps_png(evaluation: dict, train_steps: int) -> bytes:
 def grid_png(images: torch.Tensor, scale: int = 4) -> bytes:
     from PIL import Image
 
-    from .rewards import to_uint8
+    from .imageprep import to_uint8
 
     arr = to_uint8(images)  # (B, H, W, C)
     n, h, w, c = arr.shape

@@ -177,7 +177,7 @@ def png_base64(images: Tensor) -> list[str]:
     """(N, C, H, W) in [-1, 1] -> N base64 PNGs (grey for one channel, RGB for three), uint8 as rewards.to_uint8."""
     from PIL import Image
 
-    from .rewards import to_uint8
+    from .imageprep import to_uint8
 
     pngs = []
     for a in to_uint8(images):

@@ -116,7 +116,7 @@ def _check_images(rows: dict, expected: np.ndarray) -> None:
     import torch
     from PIL import Image
 
-    from ctrl_core.rewards import to_uint8
+    from ctrl_core.imageprep import to_uint8
 
     assert rows["shape"] == [[1, 8, 8]] * len(LABELS)
     pixels = np.asarray(rows["pixels"], dtype=np.float32).reshape(expected.shape)
