@@ -385,8 +385,11 @@ class EvaluateConfig(Block):
     BLOCK: ClassVar[str] = "evaluate"
 
     steps: list[int] = Field([10, 20, 50], description="sampling step counts to evaluate")
-    samplers: list[Literal["sde", "ode"]] = Field(["sde", "ode"], min_length=1, description="sde (DDPM) and/or ode "
-                                                  "(DDIM)")
+    samplers: list[Literal["sde", "ode", "euler_maruyama", "heun"]] = Field(
+        ["sde", "ode"], min_length=1, description="solvers to sample with, each at its default eta: sde (DDPM) | ode "
+        "(DDIM) | euler_maruyama (SDE) | heun (probability-flow ODE, second order: two model evaluations per step, "
+        "so a heun cell costs about twice an ode cell of the same step count). kl_exact is reported for the "
+        "stochastic ones (sde, euler_maruyama)")
     num_samples: int = Field(200, ge=2, description="samples per (sampler, steps) cell")
     seed: int = Field(1234, description="evaluation seed (same noise and conditions for base and tuned)")
 
@@ -397,6 +400,13 @@ class EvaluateConfig(Block):
             raise ValueError("the step list must not be empty")
         if any(n < 1 for n in v):
             raise ValueError("every step count must be >= 1")
+        return v
+
+    @field_validator("samplers")
+    @classmethod
+    def _samplers(cls, v: list[str]) -> list[str]:
+        if len(set(v)) < len(v):
+            raise ValueError(f"a sampler is named twice: {v}")
         return v
 
 

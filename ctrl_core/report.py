@@ -69,17 +69,32 @@ def grid_png(images: torch.Tensor, scale: int = 4) -> bytes:
     return buf.getvalue()
 
 
+#: what the two KL columns are (evaluate.py's module docstring); printed under both tables
+KL_NOTE = ("KL (exact): the exact KL between the tuned and base discrete chains (sum of per-step Gaussian KLs), for "
+           "the stochastic samplers; — for a deterministic sampler (ode, heun), which has no path KL. KL (Thm 3.1): "
+           "Theorem 3.1's running-reward sum, the continuous-time SDE's path KL; on an ode or heun row it is that "
+           "integral along deterministic paths, a measure of how far the tuned score moved, not a path KL.")
+
+
+def _kl(cell: dict, key: str) -> str:
+    """A KL column's entry: "—" where it is None (the exact KL of a deterministic sampler). ``kl_thm31`` falls
+    back to ``kl`` for an evaluation written before the two columns."""
+    value = cell.get(key, cell.get("kl") if key == "kl_thm31" else None)
+    return "—" if value is None else f"{value:.4f}"
+
+
 def _table_rows(out: dict) -> list[str]:
-    rows = ["| sampler | steps | base | tuned | gain (95% CI) | KL |", "|---|---|---|---|---|---|"]
+    rows = ["| sampler | steps | base | tuned | gain (95% CI) | KL (exact) | KL (Thm 3.1) |", "|---|---|---|---|---|---|---|"]
     for smp, cells in out["evaluation"].items():
         for n in sorted(cells, key=int):
             c = cells[n]
-            rows.append(f"| {smp} | {n} | {c['base']:.4f} | {c['tuned']:.4f} | {c['gain']:+.4f} ± {c['gain_ci']:.4f} | {c['kl']:.4f} |")
+            rows.append(f"| {smp} | {n} | {c['base']:.4f} | {c['tuned']:.4f} | {c['gain']:+.4f} ± {c['gain_ci']:.4f} "
+                        f"| {_kl(c, 'kl_exact')} | {_kl(c, 'kl_thm31')} |")
     return rows
 
 
 def markdown_report(out: dict) -> str:
-    return "\n".join(["# Evaluation", "", *_table_rows(out), "",
+    return "\n".join(["# Evaluation", "", *_table_rows(out), "", KL_NOTE, "",
                       f"Robustness ratio (min gain / gain at {out['train_steps']} steps): {_ratio(out)}", ""])
 
 
@@ -92,7 +107,7 @@ def html_report(out: dict, plot_png: bytes, grids: dict[str, bytes]) -> str:
     b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
     rows = "".join(
         f"<tr><td>{smp}</td><td>{n}</td><td>{c['base']:.4f}</td><td>{c['tuned']:.4f}</td>"
-        f"<td>{c['gain']:+.4f} ± {c['gain_ci']:.4f}</td><td>{c['kl']:.4f}</td></tr>"
+        f"<td>{c['gain']:+.4f} ± {c['gain_ci']:.4f}</td><td>{_kl(c, 'kl_exact')}</td><td>{_kl(c, 'kl_thm31')}</td></tr>"
         for smp, cells in out["evaluation"].items() for n, c in sorted(cells.items(), key=lambda kv: int(kv[0]))
     )
     imgs = "".join(f"<figure><img src='data:image/png;base64,{b64(png)}'><figcaption>{name}</figcaption></figure>"
@@ -100,7 +115,7 @@ def html_report(out: dict, plot_png: bytes, grids: dict[str, bytes]) -> str:
     return (
         "<html><head><meta charset='utf-8'><title>ctrl-pipeline evaluation</title></head><body>"
         "<h1>Evaluation</h1><table border='1' cellpadding='4'><tr><th>sampler</th><th>steps</th><th>base</th>"
-        f"<th>tuned</th><th>gain (95% CI)</th><th>KL</th></tr>{rows}</table>"
-        f"<p>Robustness ratio: {_ratio(out)}</p>"
+        f"<th>tuned</th><th>gain (95% CI)</th><th>KL (exact)</th><th>KL (Thm 3.1)</th></tr>"
+        f"{rows}</table><p>{KL_NOTE}</p><p>Robustness ratio: {_ratio(out)}</p>"
         f"<img src='data:image/png;base64,{b64(plot_png)}'><h2>Samples (base vs tuned, same noise)</h2>{imgs}</body></html>"
     )

@@ -377,7 +377,7 @@ def qlearning_setup(params: Params, checkpoint_dir: str | Path, model_dir: str |
 # --- 4. evaluation -----------------------------------------------------------------------------------------
 def evaluate(params: Params, checkpoint_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> dict:
     from .evaluate import evaluate as run_eval
-    from .evaluate import robustness_ratio
+    from .evaluate import robustness_ratio, training_sampler
     from .report import write_reports
 
     _seed(params)
@@ -392,7 +392,8 @@ def evaluate(params: Params, checkpoint_dir: str | Path, adapter_dir: str | Path
     results, kept = run_eval(problem.policy, reward, problem.x_shape, ep.steps, ep.samplers, ep.num_samples,
                              problem.eval_conditions, seed=ep.seed, keep_samples=20)
     evaluation = {smp: {n: c.as_dict() for n, c in cells.items()} for smp, cells in results.items()}
-    robustness = robustness_ratio(results, params.optimize.train_steps, "sde")
+    train_sampler = training_sampler(params.optimize.solver, params.optimize.eta)
+    robustness = robustness_ratio(results, params.optimize.train_steps, train_sampler)
     out = {"evaluation": evaluation, "robustness": robustness, "robustness_ratio": robustness["overall"],
            "train_steps": params.optimize.train_steps, "seconds": round(time.perf_counter() - t0, 2)}
     with atomic_folder(out_dir) as tmp:

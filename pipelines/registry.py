@@ -61,7 +61,7 @@ TAG_GATE_REASON = "gate.reason"
 TAG_FORCED = "promotion.forced"
 TAG_FORCE_REASON = "promotion.reason"
 EVALUATION_ARTIFACT = "evaluation.json"
-EVAL_FIELDS = ("base", "tuned", "gain", "kl")
+EVAL_FIELDS = ("base", "tuned", "gain", "kl", "kl_thm31", "kl_exact")  # kl = kl_thm31 (its old name)
 
 # MLflow's limits (mlflow.utils.validation). Kept as module constants so tests can shrink them.
 _PARAM_VALUE_LIMIT = 6000
@@ -291,7 +291,8 @@ def _eval_metrics(evaluation: dict) -> dict[str, float]:
     metrics = {}
     for sampler, steps, cell in _cells(evaluation):
         for key in EVAL_FIELDS:
-            if key in cell:
+            # kl_exact is None for a deterministic sampler (it has no path KL): not logged, rather than as NaN
+            if key in cell and not (key == "kl_exact" and cell[key] is None):
                 metrics[_safe_key(f"eval/{sampler}/steps{steps}/{key}")] = _num(cell, key)
     return metrics
 

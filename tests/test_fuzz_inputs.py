@@ -132,7 +132,7 @@ def invalid_field(draw) -> tuple[dict, str]:
         return {"optimize": {"eta": draw(st.floats(1.01, 1e3) | st.floats(-1e3, -1.01) | st.just(0.5))}}, "optimize.eta"
     if how == "list_item":
         path = draw(st.sampled_from([("value", "candidates"), ("evaluate", "steps"), ("evaluate", "samplers")]))
-        bad = {"candidates": words, "steps": st.integers(-100, 0), "samplers": words.filter(lambda w: w not in ("sde", "ode"))}
+        bad = {"candidates": words, "steps": st.integers(-100, 0), "samplers": words.filter(lambda w: w not in ("sde", "ode", "heun"))}
         items = draw(st.lists(bad[path[1]], min_size=1, max_size=3))
         return {path[0]: {path[1]: items}}, ".".join(path)
     if how == "unknown_key":
