@@ -9,7 +9,8 @@ def evaluate(
     params: str, checkpoint: Input[Model], adapter: Input[Model], eval_metrics: Output[Metrics],
     report: Output[HTML], summary: Output[Markdown],
 ) -> str:
-    """Base vs tuned at every step count with the SDE and ODE samplers: reward with 95% CI, gain, KL, robustness."""
+    """Base vs tuned at every step count with each of evaluate.samplers (sde, ode, euler_maruyama, heun): reward with
+    95% CI, gain, the exact KL of the discrete chain (stochastic samplers) beside Theorem 3.1's, robustness."""
     import json
     import shutil
     import time
@@ -23,8 +24,9 @@ def evaluate(
     out = steps.evaluate(from_json(params), checkpoint.path, str(Path(adapter.path) / "adapter"), work)
     for smp, cells in out["evaluation"].items():
         for n, c in cells.items():
-            for key in ("base", "tuned", "gain", "kl"):
-                eval_metrics.log_metric(f"eval/{smp}/steps{n}/{key}", c[key])
+            for key in ("base", "tuned", "gain", "kl", "kl_thm31", "kl_exact"):
+                if c.get(key) is not None:  # kl_exact is None for a deterministic sampler (no path KL)
+                    eval_metrics.log_metric(f"eval/{smp}/steps{n}/{key}", c[key])
     if out["robustness_ratio"] is not None:
         eval_metrics.log_metric("eval/robustness_ratio", out["robustness_ratio"])
     shutil.copyfile(work / "report.html", report.path)
