@@ -226,7 +226,8 @@ class OptimizeConfig(Block):
     advantage_norm: str = Field("scale", description="scale | per_time | center | none")
     advantage_clip: float = Field(5.0, description="clip normalised advantages to +-this (0: no clipping)")
     clip_range: float = Field(0.2, description="PPO ratio clip epsilon")
-    ppo_epochs: int = Field(1, description="PPO passes over each iteration's paths")
+    ppo_epochs: int = Field(1, description="PPO passes over each iteration's paths (with 1 and minibatch_size = "
+                            "batch_size every update is at ratio 1: the clip never acts)")
     minibatch_size: int = Field(32, description="paths per optimiser step (of the global batch)")
     lr: float = Field(1e-3, description="policy (LoRA) learning rate")
     lr_decay: str = Field("cosine", description="cosine (to 10% of lr at the last iteration) | none")

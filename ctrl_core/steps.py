@@ -324,6 +324,10 @@ def optimize(
             "ranks_identical": True,  # checked above: every rank holds bitwise this adapter
             "skipped_iterations": getattr(trainer, "skipped", 0),
         }
+        for key in ("approx_kl", "clipfrac"):  # PPO diagnostics of CTRL/DDPO rows, averaged over the run
+            logged = [h[key] for h in history if h.get(key) is not None]
+            if logged:
+                summary[key] = sum(logged) / len(logged)
         atomic_write_json({"summary": summary, "history": history}, tmp / "metrics.json")
         store.check()  # a superseded attempt commits nothing: the newer one writes this output
     store.clear()  # the output is committed: the checkpoints have done their job
