@@ -33,7 +33,7 @@ def ctrl_optimize(
         out = run_step_data_parallel("optimize", params, checkpoint.path, adapter.path, value_dir)
     else:
         out = steps.optimize(p, checkpoint.path, value_dir, adapter.path, progress=progress)
-    for key in ("final_reward", "first_reward", "final_kl"):
+    for key in ("final_reward", "first_reward", "final_kl", "approx_kl", "clipfrac"):
         if out.get(key) is not None:
             train_metrics.log_metric(f"train/{key}", out[key])
     adapter.metadata["algorithm"] = out["algorithm"]
