@@ -30,19 +30,49 @@ def run_algorithm(algorithm: str, args) -> dict:
     value, link_info = None, {}
     t0 = time.perf_counter()
     if algorithm == "ctrl":
-        sel = pretrain_value(problem, reward, args.links.split(","), num_paths=args.value_paths, steps=args.train_steps,
-                             points_per_path=4, epochs=args.value_epochs, seed=args.seed)
+        sel = pretrain_value(
+            problem,
+            reward,
+            args.links.split(","),
+            num_paths=args.value_paths,
+            steps=args.train_steps,
+            points_per_path=4,
+            epochs=args.value_epochs,
+            seed=args.seed,
+        )
         value, link_info = sel.value, {"link": sel.chosen, "value_val_mse": sel.val_mse}
     pre_s = time.perf_counter() - t0
-    cfg = OptimConfig(algorithm=algorithm, iterations=args.iterations, batch_size=args.batch_size, train_steps=args.train_steps,
-                      train_timesteps=args.train_timesteps, beta=args.beta, lr=args.lr, minibatch_size=args.minibatch_size,
-                      ppo_epochs=args.ppo_epochs, seed=args.seed)
+    cfg = OptimConfig(
+        algorithm=algorithm,
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        train_steps=args.train_steps,
+        train_timesteps=args.train_timesteps,
+        beta=args.beta,
+        lr=args.lr,
+        minibatch_size=args.minibatch_size,
+        ppo_epochs=args.ppo_epochs,
+        seed=args.seed,
+    )
     trainer = make_trainer(problem, reward, cfg, value)
-    history = trainer.train(lambda st: print(f"[{algorithm}] it {st.iteration:3d} reward {st.reward_mean:+.4f} kl {st.kl:.4f} "
-                                             f"({st.sample_s + st.value_s + st.policy_s:.1f}s)", flush=True))
+    history = trainer.train(
+        lambda st: print(
+            f"[{algorithm}] it {st.iteration:3d} reward {st.reward_mean:+.4f} kl {st.kl:.4f} "
+            f"({st.sample_s + st.value_s + st.policy_s:.1f}s)",
+            flush=True,
+        )
+    )
     t1 = time.perf_counter()
-    results, _ = evaluate(trainer.policy, reward, problem.x_shape, args.eval_steps, ["sde", "ode"], args.eval_samples,
-                          problem.eval_conditions, seed=args.seed + 1000)
+    results, _ = evaluate(
+        trainer.policy,
+        reward,
+        problem.x_shape,
+        args.eval_steps,
+        ["sde", "ode"],
+        args.eval_samples,
+        problem.eval_conditions,
+        seed=args.seed + 1000,
+    )
     eval_s = time.perf_counter() - t1
     per_it = lambda key: sum(getattr(h, key) for h in history) / max(len(history), 1)  # noqa: E731
     return {
@@ -51,8 +81,16 @@ def run_algorithm(algorithm: str, args) -> dict:
         "evaluation": {smp: {n: c.as_dict() for n, c in cells.items()} for smp, cells in results.items()},
         "gain": {smp: {n: c.gain for n, c in cells.items()} for smp, cells in results.items()},
         "robustness": robustness_ratio(results, args.train_steps, "sde"),
-        "seconds": {"value_pretrain": round(pre_s, 1), "train": round(t1 - t0 - pre_s, 1), "eval": round(eval_s, 1),
-                    "per_iteration": {"sample": per_it("sample_s"), "value": per_it("value_s"), "policy": per_it("policy_s")}},
+        "seconds": {
+            "value_pretrain": round(pre_s, 1),
+            "train": round(t1 - t0 - pre_s, 1),
+            "eval": round(eval_s, 1),
+            "per_iteration": {
+                "sample": per_it("sample_s"),
+                "value": per_it("value_s"),
+                "policy": per_it("policy_s"),
+            },
+        },
         **link_info,
     }
 
@@ -69,10 +107,17 @@ def plot(out: dict, path: Path) -> None:
         ax1.plot(res["reward_per_iteration"], label=alg)
         for smp, style in (("sde", "-o"), ("ode", "--s")):
             steps = sorted(res["gain"][smp], key=int)
-            ax2.plot([int(n) for n in steps], [res["gain"][smp][n] for n in steps], style, label=f"{alg} {smp}")
+            ax2.plot(
+                [int(n) for n in steps], [res["gain"][smp][n] for n in steps], style, label=f"{alg} {smp}"
+            )
     ax1.set(xlabel="iteration", ylabel="mean reward (training rollouts)", title="reward per iteration")
     ax2.axvline(out["train_steps"], color="grey", lw=0.8, ls=":")
-    ax2.set(xscale="log", xlabel="sampling steps", ylabel="gain over base", title=f"gain vs steps (trained at {out['train_steps']})")
+    ax2.set(
+        xscale="log",
+        xlabel="sampling steps",
+        ylabel="gain over base",
+        title=f"gain vs steps (trained at {out['train_steps']})",
+    )
     ax2.set_xticks(out["eval_steps"])
     ax2.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -95,7 +140,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--beta", type=float, default=0.01)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lora-rank", type=int, default=8)
-    ap.add_argument("--links", default="cos_sin,linear,rm_only,f_only", help="candidates; the lowest held-out MSE is used")
+    ap.add_argument(
+        "--links", default="cos_sin,linear,rm_only,f_only", help="candidates; the lowest held-out MSE is used"
+    )
     ap.add_argument("--value-paths", type=int, default=256)
     ap.add_argument("--value-epochs", type=int, default=10)
     ap.add_argument("--eval-steps", type=lambda t: [int(v) for v in t.split(",")], default=[10, 20, 50, 100])
@@ -106,9 +153,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    out = {"reward": args.reward, "train_steps": args.train_steps, "iterations": args.iterations, "batch_size": args.batch_size,
-           "eval_steps": args.eval_steps, "eval_samples": args.eval_samples, "beta": args.beta, "lr": args.lr,
-           "torch_threads": torch.get_num_threads(), "algorithms": {}}
+    out = {
+        "reward": args.reward,
+        "train_steps": args.train_steps,
+        "iterations": args.iterations,
+        "batch_size": args.batch_size,
+        "eval_steps": args.eval_steps,
+        "eval_samples": args.eval_samples,
+        "beta": args.beta,
+        "lr": args.lr,
+        "torch_threads": torch.get_num_threads(),
+        "algorithms": {},
+    }
     for alg in args.algorithms.split(","):
         out["algorithms"][alg] = run_algorithm(alg, args)
     out["gain"] = {alg: res["gain"] for alg, res in out["algorithms"].items()}

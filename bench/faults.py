@@ -89,8 +89,8 @@ def invalid_campaign(n_validate: int, n_cli: int, seed: int) -> dict:
         counts["cli"] += 1
         work = work_root / uuid.uuid4().hex[:8]
         work.mkdir()
-        (block, inner), = raw.items()
-        (key, value), = inner.items()
+        ((block, inner),) = raw.items()
+        ((key, value),) = inner.items()
         if via_file:
             import yaml
 
@@ -103,18 +103,35 @@ def invalid_campaign(n_validate: int, n_cli: int, seed: int) -> dict:
         os.chdir(work)
         try:
             t0 = time.perf_counter()
-            res = runner.invoke(main, args, env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}",
-                                                 "CTRL_CHECKPOINT_ROOT": str(work / "ckpts")})
+            res = runner.invoke(
+                main,
+                args,
+                env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "CTRL_CHECKPOINT_ROOT": str(work / "ckpts")},
+            )
             elapsed = time.perf_counter() - t0
         finally:
             os.chdir(cwd)
         left = sorted(p.name for p in work.iterdir() if p.name != "p.yaml")
-        ok = res.exit_code == 2 and field in res.output and not left and not db.exists() and elapsed < CLI_BUDGET_S
+        ok = (
+            res.exit_code == 2
+            and field in res.output
+            and not left
+            and not db.exists()
+            and elapsed < CLI_BUDGET_S
+        )
         if ok:
             rejected["cli"] += 1
         else:
-            failures.append({"via": "cli", "args": args, "exit": res.exit_code, "left": left,
-                             "elapsed_s": round(elapsed, 2), "output": res.output[-300:]})
+            failures.append(
+                {
+                    "via": "cli",
+                    "args": args,
+                    "exit": res.exit_code,
+                    "left": left,
+                    "elapsed_s": round(elapsed, 2),
+                    "output": res.output[-300:],
+                }
+            )
 
     t0 = time.perf_counter()
     through_validate()
@@ -155,12 +172,16 @@ def s3_campaign(n: int, seed: int) -> dict:
                  for i in range(2)}  # fmt: skip
         bucket = "fault-campaign"
         for cfg in ("when_supported", "when_required"):  # with and without botocore's CRC32 on the object
-            client = boto3.client("s3", endpoint_url=upstream, config=Config(request_checksum_calculation=cfg))
+            client = boto3.client(
+                "s3", endpoint_url=upstream, config=Config(request_checksum_calculation=cfg)
+            )
             if cfg == "when_supported":
                 client.create_bucket(Bucket=bucket)
             for rel, data in files.items():
                 client.put_object(Bucket=bucket, Key=f"{cfg}/tree/{rel}", Body=data)
-            client.put_object(Bucket=bucket, Key=f"{cfg}/one/unet.safetensors", Body=files["unet0.safetensors"])
+            client.put_object(
+                Bucket=bucket, Key=f"{cfg}/one/unet.safetensors", Body=files["unet0.safetensors"]
+            )
         hashes = {rel: hashlib.sha256(d).hexdigest() for rel, d in files.items()}
         sources = {
             "one": (hashes["unet0.safetensors"], {"unet.safetensors": files["unet0.safetensors"]}),
@@ -175,8 +196,15 @@ def s3_campaign(n: int, seed: int) -> dict:
                     kind, method = rng.choice(kinds)
                     times = rng.choice([1, 1, 2, 3, 6])  # 6 > any retry budget: must fail cleanly
                     body = kind in ("truncate", "short", "corrupt")
-                    proxy.add(Fault(kind, times=times, method=method, status=rng.choice([500, 503]),
-                                    path_contains=".safetensors" if body else ""))
+                    proxy.add(
+                        Fault(
+                            kind,
+                            times=times,
+                            method=method,
+                            status=rng.choice([500, 503]),
+                            path_contains=".safetensors" if body else "",
+                        )
+                    )
                     schedule.append(f"{kind}/{method}x{times}")
                 which, cfg = rng.choice(["one", "tree"]), rng.choice(["when_supported", "when_required"])
                 expected, content = sources[which]
@@ -191,15 +219,25 @@ def s3_campaign(n: int, seed: int) -> dict:
                 try:
                     m = fetch_checkpoint(source, dest, expected)
                     outcome = "fetched"
-                    survived = m.sha256 == expected and all((dest / r).read_bytes() == d for r, d in content.items())
+                    survived = m.sha256 == expected and all(
+                        (dest / r).read_bytes() == d for r, d in content.items()
+                    )
                 except CheckpointError as e:
                     outcome = f"failed: {str(e)[-120:]}"
                     kept = (dest / "old" / "keep.txt").is_file() if pre_existing else not dest.exists()
                     survived = kept
                 leftovers = [p.name for p in case.iterdir() if p.name != "ckpt"]
                 survived = survived and not leftovers
-                results.append({"schedule": schedule, "source": f"{cfg}/{which}", "outcome": outcome,
-                                "injected": proxy.injected(), "survived": survived, "leftovers": leftovers})
+                results.append(
+                    {
+                        "schedule": schedule,
+                        "source": f"{cfg}/{which}",
+                        "outcome": outcome,
+                        "injected": proxy.injected(),
+                        "survived": survived,
+                        "leftovers": leftovers,
+                    }
+                )
         shutil.rmtree(work, ignore_errors=True)
     return {
         "tried": len(results),
@@ -266,8 +304,17 @@ def registry_campaign(n_sequence: int, crash_points: tuple[str, ...], racers: in
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     def reg(name, key, ev, tolerance=0.0):
-        return register_run(model_name=name, run_key=key, params={"p": 1}, metrics={}, evaluation=ev, artifacts={},
-                            lineage={}, gate=GateConfig(tolerance=tolerance), tracking_uri=uri)
+        return register_run(
+            model_name=name,
+            run_key=key,
+            params={"p": 1},
+            metrics={},
+            evaluation=ev,
+            artifacts={},
+            lineage={},
+            gate=GateConfig(tolerance=tolerance),
+            tracking_uri=uri,
+        )
 
     # (a) promotions over random sequences
     promotions = worse = 0
@@ -288,16 +335,28 @@ def registry_campaign(n_sequence: int, crash_points: tuple[str, ...], racers: in
 
     # (b) racers registering one run_key at once
     go = work / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", _REGISTER, uri, "race", "race-key", ev_json, str(go)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(racers)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _REGISTER, uri, "race", "race-key", ev_json, str(go)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(racers)
+    ]
     time.sleep(1.0)
     go.touch()
     outs = [p.communicate(timeout=300) for p in procs]
     results = [json.loads(o.split("RESULT ", 1)[1]) for o, _ in outs if "RESULT " in o]
     versions = client.search_model_versions("name = 'race'")
-    race = {"racers": racers, "finished": len(results), "versions": len(versions),
-            "created": sum(r["created"] for r in results),
-            "ok": len(results) == racers and len(versions) == 1 and sum(r["created"] for r in results) == 1}
+    race = {
+        "racers": racers,
+        "finished": len(results),
+        "versions": len(versions),
+        "created": sum(r["created"] for r in results),
+        "ok": len(results) == racers and len(versions) == 1 and sum(r["created"] for r in results) == 1,
+    }
 
     # (c) SIGKILL at each fault point, then retry
     crashes = []
@@ -305,19 +364,36 @@ def registry_campaign(n_sequence: int, crash_points: tuple[str, ...], racers: in
         model = f"crash-{point}"
         reg(model, f"{model}-champion", {"sde": {"10": {"base": 0, "tuned": 0.1, "gain": 0.1}}})
         ev = {"sde": {"10": {"base": 0, "tuned": 0.3, "gain": 0.3}}}
-        p = subprocess.run([sys.executable, "-c", _REGISTER, uri, model, f"{model}-new", json.dumps(ev), ""],
-                           env={**env, registry.FAULT_ENV: point}, capture_output=True, text=True, timeout=300)
+        p = subprocess.run(
+            [sys.executable, "-c", _REGISTER, uri, model, f"{model}-new", json.dumps(ev), ""],
+            env={**env, registry.FAULT_ENV: point},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         killed = p.returncode == -9
         r = reg(model, f"{model}-new", ev)
         live = sorted(int(v.version) for v in client.search_model_versions(f"name = '{model}'"))
         tags = client.get_model_version(model, str(r.version)).tags
-        ok = killed and live == [1, 2] and r.version == 2 and r.promoted and tags.get(registry.TAG_ALIASES_DONE) == "true"
-        crashes.append({"point": point, "killed": killed, "versions": live, "aliases": r.aliases, "converged": ok})
+        ok = (
+            killed
+            and live == [1, 2]
+            and r.version == 2
+            and r.promoted
+            and tags.get(registry.TAG_ALIASES_DONE) == "true"
+        )
+        crashes.append(
+            {"point": point, "killed": killed, "versions": live, "aliases": r.aliases, "converged": ok}
+        )
     shutil.rmtree(work, ignore_errors=True)
     return {
         "worse_promotions": int(worse),
-        "sequence": {"registrations": n_sequence, "promotions": promotions, "refusals": n_sequence - promotions,
-                     "tolerance": tolerance},
+        "sequence": {
+            "registrations": n_sequence,
+            "promotions": promotions,
+            "refusals": n_sequence - promotions,
+            "tolerance": tolerance,
+        },
         "race": race,
         "crashes": crashes,
         "ok": worse == 0 and race["ok"] and all(c["converged"] for c in crashes),
@@ -381,8 +457,14 @@ def run(quick: bool, seed: int) -> dict:
         and out["overlap_survived"] is True
         and reg.get("ok") is True
     )
-    out.update({"quick": quick, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
-                "details": {"invalid": invalid, "s3": s3, "registry": reg, "kills": kills}})
+    out.update(
+        {
+            "quick": quick,
+            "seed": seed,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "details": {"invalid": invalid, "s3": s3, "registry": reg, "kills": kills},
+        }
+    )
     return out
 
 
@@ -397,8 +479,19 @@ def main(argv: list[str] | None = None) -> None:
     out = run(args.quick, args.seed)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
-    keys = ("kills_tried", "kills_survived", "invalid_tried", "invalid_rejected", "s3_faults_tried",
-            "s3_faults_survived", "worse_promotions", "lost_iterations", "overlap_survived", "ok", "seconds")
+    keys = (
+        "kills_tried",
+        "kills_survived",
+        "invalid_tried",
+        "invalid_rejected",
+        "s3_faults_tried",
+        "s3_faults_survived",
+        "worse_promotions",
+        "lost_iterations",
+        "overlap_survived",
+        "ok",
+        "seconds",
+    )
     print(json.dumps({k: out[k] for k in keys}))
     sys.exit(0 if out["ok"] else 1)
 

@@ -31,10 +31,25 @@ from pathlib import Path
 import yaml
 
 SMALL_PARAMS = {
-    "value": {"candidates": ["rm_only", "linear", "f_only", "cos_sin"], "num_paths": 64, "steps": 8, "points_per_path": 2,
-              "epochs": 2, "batch_size": 8},
-    "optimize": {"iterations": 12, "batch_size": 8, "train_steps": 8, "train_timesteps": 3, "minibatch_size": 8,
-                 "checkpoint_every": 1, "value_batch_size": 64, "value_epochs": 1, "lr": 3e-4},
+    "value": {
+        "candidates": ["rm_only", "linear", "f_only", "cos_sin"],
+        "num_paths": 64,
+        "steps": 8,
+        "points_per_path": 2,
+        "epochs": 2,
+        "batch_size": 8,
+    },
+    "optimize": {
+        "iterations": 12,
+        "batch_size": 8,
+        "train_steps": 8,
+        "train_timesteps": 3,
+        "minibatch_size": 8,
+        "checkpoint_every": 1,
+        "value_batch_size": 64,
+        "value_epochs": 1,
+        "lr": 3e-4,
+    },
 }
 TIMING_KEYS = {"sample_s", "value_s", "policy_s"}
 
@@ -57,18 +72,44 @@ def _child(step: str, params_file: str, ckpt_dir: str, out_dir: str, value_dir: 
 class Attempt:
     """One start of a step: a forked child or a ``ctrl step`` subprocess."""
 
-    def __init__(self, launcher: str, step: str, params_file: Path, ckpt_dir: Path, out_dir: Path, value_dir: Path,
-                 ckpt_root: Path):
+    def __init__(
+        self,
+        launcher: str,
+        step: str,
+        params_file: Path,
+        ckpt_dir: Path,
+        out_dir: Path,
+        value_dir: Path,
+        ckpt_root: Path,
+    ):
         args = (step, str(params_file), str(ckpt_dir), str(out_dir), str(value_dir), str(ckpt_root))
         if launcher == "fork":
             self.proc = mp.get_context("fork").Process(target=_child, args=args, daemon=True)
             self.proc.start()
             self.pid = self.proc.pid
         else:
-            env = {**os.environ, "CTRL_CHECKPOINT_ROOT": str(ckpt_root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            env = {
+                **os.environ,
+                "CTRL_CHECKPOINT_ROOT": str(ckpt_root),
+                "OMP_NUM_THREADS": "1",
+                "MKL_NUM_THREADS": "1",
+            }
             value_arg = out_dir if step == "pretrain_value" else value_dir  # pretrain_value writes to --value
-            cmd = [sys.executable, "-m", "pipelines.cli", "step", step, "--params", str(params_file), "--checkpoint",
-                   str(ckpt_dir), "--value", str(value_arg), "--optimize-dir", str(out_dir)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pipelines.cli",
+                "step",
+                step,
+                "--params",
+                str(params_file),
+                "--checkpoint",
+                str(ckpt_dir),
+                "--value",
+                str(value_arg),
+                "--optimize-dir",
+                str(out_dir),
+            ]
             self.popen = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             self.pid = self.popen.pid
 
@@ -92,7 +133,11 @@ class Attempt:
 
 
 def _output_complete(step: str, out: Path) -> bool:
-    files = ["value.safetensors", "link.json"] if step == "pretrain_value" else ["adapter/adapter_model.safetensors", "metrics.json"]
+    files = (
+        ["value.safetensors", "link.json"]
+        if step == "pretrain_value"
+        else ["adapter/adapter_model.safetensors", "metrics.json"]
+    )
     return all((out / f).is_file() for f in files)
 
 
@@ -105,7 +150,11 @@ def _compare(step: str, ref: Path, got: Path, iterations: int) -> dict:
 
     if step == "pretrain_value":
         la, lb = json.loads((ref / "link.json").read_text()), json.loads((got / "link.json").read_text())
-        ok = same(ref / "value.safetensors", got / "value.safetensors") and la["chosen"] == lb["chosen"] and la["mse"] == lb["mse"]
+        ok = (
+            same(ref / "value.safetensors", got / "value.safetensors")
+            and la["chosen"] == lb["chosen"]
+            and la["mse"] == lb["mse"]
+        )
         return {"bitwise_equal": ok, "lost_iterations": 0}
     ha = json.loads((ref / "metrics.json").read_text())["history"]
     hb = json.loads((got / "metrics.json").read_text())["history"]
@@ -114,8 +163,13 @@ def _compare(step: str, ref: Path, got: Path, iterations: int) -> dict:
     if (ref / "value.safetensors").is_file():
         ok = ok and same(ref / "value.safetensors", got / "value.safetensors")
     contiguous = [row["iteration"] for row in hb] == list(range(len(hb)))
-    return {"bitwise_equal": ok, "history_equal": strip(ha) == strip(hb), "iterations_completed": len(hb),
-            "contiguous": contiguous, "lost_iterations": max(iterations - len(hb), 0) + (0 if contiguous else 1)}
+    return {
+        "bitwise_equal": ok,
+        "history_equal": strip(ha) == strip(hb),
+        "iterations_completed": len(hb),
+        "contiguous": contiguous,
+        "lost_iterations": max(iterations - len(hb), 0) + (0 if contiguous else 1),
+    }
 
 
 def _leftovers(out: Path) -> list[str]:
@@ -128,8 +182,17 @@ def _cleared(root: Path) -> bool:
     return not root.exists() or not any(root.rglob("ckpt-*"))
 
 
-def run_series(step: str, kills: int, work: Path, launcher: str, rng: random.Random, ckpt_dir: Path, value_dir: Path,
-               params_file: Path, iterations: int) -> dict:
+def run_series(
+    step: str,
+    kills: int,
+    work: Path,
+    launcher: str,
+    rng: random.Random,
+    ckpt_dir: Path,
+    value_dir: Path,
+    params_file: Path,
+    iterations: int,
+) -> dict:
     """Reference run, then a run killed ``kills`` times; returns what happened and whether it survived."""
     name = f"{step}-{rng.randrange(1 << 30):x}"
     ref_out, out = work / f"{name}-ref", work / f"{name}-killed"
@@ -146,7 +209,9 @@ def run_series(step: str, kills: int, work: Path, launcher: str, rng: random.Ran
     ref_s = time.perf_counter() - t0
     first_ckpt_s = first_ckpt_s or ref_s / 2
     v = SMALL_PARAMS["value"]  # checkpoints per run: one per iteration | per data batch, data set, candidate
-    units = iterations if step == "optimize" else -(-v["num_paths"] // v["batch_size"]) + 1 + len(v["candidates"])
+    units = (
+        iterations if step == "optimize" else -(-v["num_paths"] // v["batch_size"]) + 1 + len(v["candidates"])
+    )
     unit_s = max(ref_s - first_ckpt_s, 0.1) / units
     root = work / f"{name}-ckpt"
     kill_times, partial_outputs, attempts, resumes = [], 0, 0, 0
@@ -176,15 +241,38 @@ def run_series(step: str, kills: int, work: Path, launcher: str, rng: random.Ran
         break
     leftovers = _leftovers(out)
     cmp = _compare(step, ref_out, out, iterations)
-    survived = cmp["bitwise_equal"] and partial_outputs == 0 and not leftovers and cmp.get("history_equal", True) \
+    survived = (
+        cmp["bitwise_equal"]
+        and partial_outputs == 0
+        and not leftovers
+        and cmp.get("history_equal", True)
         and cmp["lost_iterations"] == 0
-    return {"step": step, "kills": len(kill_times), "kill_times_s": kill_times, "attempts": attempts, "resumes": resumes,
-            "reference_s": round(ref_s, 2), "first_checkpoint_s": round(first_ckpt_s, 2), "partial_outputs": partial_outputs, "leftover_temp_dirs": leftovers,
-            "checkpoints_cleared": _cleared(root), **cmp, "survived": survived}
+    )
+    return {
+        "step": step,
+        "kills": len(kill_times),
+        "kill_times_s": kill_times,
+        "attempts": attempts,
+        "resumes": resumes,
+        "reference_s": round(ref_s, 2),
+        "first_checkpoint_s": round(first_ckpt_s, 2),
+        "partial_outputs": partial_outputs,
+        "leftover_temp_dirs": leftovers,
+        "checkpoints_cleared": _cleared(root),
+        **cmp,
+        "survived": survived,
+    }
 
 
-def run_overlap(work: Path, launcher: str, ckpt_dir: Path, value_dir: Path, params_file: Path, iterations: int,
-                ref_out: Path) -> dict:
+def run_overlap(
+    work: Path,
+    launcher: str,
+    ckpt_dir: Path,
+    value_dir: Path,
+    params_file: Path,
+    iterations: int,
+    ref_out: Path,
+) -> dict:
     """Two live attempts of one run, as when a KFP retry starts beside a pod that still terminates: attempt A
     trains; once its first checkpoint exists, attempt B starts on the same checkpoint root and output folder. B
     takes the folder over (its lease) and resumes; A must stop at its next write without deleting anything; B
@@ -196,18 +284,43 @@ def run_overlap(work: Path, launcher: str, ckpt_dir: Path, value_dir: Path, para
     overlapped = older.poll() is None
     newer = Attempt(launcher, "optimize", params_file, ckpt_dir, out, value_dir, root)
     newer_exit, older_exit = newer.wait(), older.wait()
-    cmp = _compare("optimize", ref_out, out, iterations) if _output_complete("optimize", out) else {"bitwise_equal": False}
-    summary = json.loads((out / "metrics.json").read_text())["summary"] if (out / "metrics.json").is_file() else {}
+    cmp = (
+        _compare("optimize", ref_out, out, iterations)
+        if _output_complete("optimize", out)
+        else {"bitwise_equal": False}
+    )
+    summary = (
+        json.loads((out / "metrics.json").read_text())["summary"] if (out / "metrics.json").is_file() else {}
+    )
     leftovers = _leftovers(out)
-    survived = (overlapped and older_exit != 0 and newer_exit == 0 and cmp["bitwise_equal"] and not leftovers
-                and cmp.get("lost_iterations", 1) == 0 and _cleared(root))
-    return {"overlapped": overlapped, "older_exit": older_exit, "newer_exit": newer_exit,
-            "newer_resumed_from": summary.get("resumed_from_iteration"), "leftover_temp_dirs": leftovers, **cmp,
-            "survived": survived}
+    survived = (
+        overlapped
+        and older_exit != 0
+        and newer_exit == 0
+        and cmp["bitwise_equal"]
+        and not leftovers
+        and cmp.get("lost_iterations", 1) == 0
+        and _cleared(root)
+    )
+    return {
+        "overlapped": overlapped,
+        "older_exit": older_exit,
+        "newer_exit": newer_exit,
+        "newer_resumed_from": summary.get("resumed_from_iteration"),
+        "leftover_temp_dirs": leftovers,
+        **cmp,
+        "survived": survived,
+    }
 
 
-def run_kill_campaign(quick: bool = False, seed: int = 0, launcher: str = "fork", workdir: str | None = None,
-                      optimize_kills: list[int] | None = None, value_kills: list[int] | None = None) -> dict:
+def run_kill_campaign(
+    quick: bool = False,
+    seed: int = 0,
+    launcher: str = "fork",
+    workdir: str | None = None,
+    optimize_kills: list[int] | None = None,
+    value_kills: list[int] | None = None,
+) -> dict:
     """The campaign. Returns ``kills_tried``, ``kills_survived``, ``lost_iterations`` and per-series details."""
     from ctrl_core import params as P
     from ctrl_core import steps
@@ -230,17 +343,30 @@ def run_kill_campaign(quick: bool = False, seed: int = 0, launcher: str = "fork"
         steps.fetch(p, ckpt_dir)
         series = []
         for k in value_kills:
-            series.append(run_series("pretrain_value", k, work, launcher, rng, ckpt_dir, value_dir, params_file, 0))
+            series.append(
+                run_series("pretrain_value", k, work, launcher, rng, ckpt_dir, value_dir, params_file, 0)
+            )
         if not value_dir.is_dir():  # the optimize series need a value net: the campaign's own first reference
             ref = sorted(work.glob("pretrain_value-*-ref"))
             value_dir = ref[0] if ref else value_dir
             if not value_dir.is_dir():
-                Attempt(launcher, "pretrain_value", params_file, ckpt_dir, value_dir, value_dir, work / "vckpt").wait()
+                Attempt(
+                    launcher, "pretrain_value", params_file, ckpt_dir, value_dir, value_dir, work / "vckpt"
+                ).wait()
         iterations = p.optimize.iterations
         for k in optimize_kills:
-            series.append(run_series("optimize", k, work, launcher, rng, ckpt_dir, value_dir, params_file, iterations))
-        overlap = run_overlap(work, launcher, ckpt_dir, value_dir, params_file, iterations,
-                              sorted(work.glob("optimize-*-ref"))[0])
+            series.append(
+                run_series("optimize", k, work, launcher, rng, ckpt_dir, value_dir, params_file, iterations)
+            )
+        overlap = run_overlap(
+            work,
+            launcher,
+            ckpt_dir,
+            value_dir,
+            params_file,
+            iterations,
+            sorted(work.glob("optimize-*-ref"))[0],
+        )
     tried = sum(s["kills"] for s in series)
     return {
         "kills_tried": tried,
@@ -269,8 +395,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(text + "\n")
-    print(json.dumps({k: out[k] for k in ("kills_tried", "kills_survived", "lost_iterations", "seconds")}
-                     | {"overlap_survived": out["overlap"]["survived"]}))
+    print(
+        json.dumps(
+            {k: out[k] for k in ("kills_tried", "kills_survived", "lost_iterations", "seconds")}
+            | {"overlap_survived": out["overlap"]["survived"]}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,12 @@ from ctrl_core.testing import tiny_sd_components
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
 # (name, autocast dtype, merged copy): float32 and bf16 autocast, each without and with the copy
-CONFIGS = (("fp32", None, False), ("fp32_merged", None, True), ("bf16", torch.bfloat16, False),
-           ("bf16_merged", torch.bfloat16, True))
+CONFIGS = (
+    ("fp32", None, False),
+    ("fp32_merged", None, True),
+    ("bf16", torch.bfloat16, False),
+    ("bf16_merged", torch.bfloat16, True),
+)
 
 
 def tuned_problem(seed: int, lora_rank: int, autocast: torch.dtype | None, merged: bool, adapter_std: float):
@@ -96,7 +100,9 @@ def run(args: argparse.Namespace) -> dict:
         x0 = torch.randn((args.batch, *problem.x_shape), generator=g)
         c = torch.arange(args.batch) % len(PROMPTS)
         with torch.no_grad():
-            sample(problem.policy, x0, c, grid, torch.Generator().manual_seed(0))  # warm-up (and first refresh)
+            sample(
+                problem.policy, x0, c, grid, torch.Generator().manual_seed(0)
+            )  # warm-up (and first refresh)
             t0 = time.perf_counter()
             for _ in range(args.reps):
                 sample(problem.policy, x0, c, grid, torch.Generator().manual_seed(0))
@@ -112,9 +118,16 @@ def run(args: argparse.Namespace) -> dict:
         "output_rel_error": output_rel_error,
         "first_minibatch": first,
         "cpu_sampling": timing,
-        "setting": {"batch": args.batch, "steps": args.steps, "lora_rank": args.lora_rank,
-                    "adapter_std": args.adapter_std, "reps": args.reps, "clip_range": 0.2, "guidance_scale": 5.0,
-                    "threads": torch.get_num_threads()},  # fmt: skip
+        "setting": {
+            "batch": args.batch,
+            "steps": args.steps,
+            "lora_rank": args.lora_rank,
+            "adapter_std": args.adapter_std,
+            "reps": args.reps,
+            "clip_range": 0.2,
+            "guidance_scale": 5.0,
+            "threads": torch.get_num_threads(),
+        },  # fmt: skip
     }
 
 
@@ -123,7 +136,9 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lora-rank", type=int, default=4)
-    p.add_argument("--adapter-std", type=float, default=0.05, help="std of the random lora_B (0 = untrained adapter)")
+    p.add_argument(
+        "--adapter-std", type=float, default=0.05, help="std of the random lora_B (0 = untrained adapter)"
+    )
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, required=True)
@@ -133,10 +148,16 @@ def main(argv=None) -> dict:
     args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     e, f, t = out["output_rel_error"], out["first_minibatch"], out["cpu_sampling"]
     print("output rel. error: " + ", ".join(f"{k} {v:.2e}" for k, v in e.items()))
-    print("first pass (approx KL / clipfrac / max |log ratio|): "
-          + ", ".join(f"{k} {v['approx_kl']:.2e}/{v['clipfrac']:.3f}/{v['max_abs_log_ratio']:.2g}" for k, v in f.items()))
-    print(f"CPU sampling: LoRA {t['lora_s']:.3f} s, merged {t['merged_s']:.3f} s ({t['merged_over_lora']:.2f}x), "
-          f"refresh {t['refresh_s'] * 1e3:.1f} ms -> {args.json}")
+    print(
+        "first pass (approx KL / clipfrac / max |log ratio|): "
+        + ", ".join(
+            f"{k} {v['approx_kl']:.2e}/{v['clipfrac']:.3f}/{v['max_abs_log_ratio']:.2g}" for k, v in f.items()
+        )
+    )
+    print(
+        f"CPU sampling: LoRA {t['lora_s']:.3f} s, merged {t['merged_s']:.3f} s ({t['merged_over_lora']:.2f}x), "
+        f"refresh {t['refresh_s'] * 1e3:.1f} ms -> {args.json}"
+    )
     return out
 
 

@@ -48,11 +48,29 @@ from bench.gpu import SD15_UNET, SD15_VAE
 from ctrl_core.algorithms import OptimConfig
 
 # ImageReward v1.0: BLIP ViT-L/16 at 224 (med_config's BERT-base text tower with cross-attention, 35 tokens)
-IR_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                 image_size=224, patch_size=16, hidden_act="gelu", attention_dropout=0.0)
-IR_TEXT = dict(vocab_size=30524, hidden_size=768, encoder_hidden_size=1024, intermediate_size=3072,
-               num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=512, is_decoder=True,
-               use_cache=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+IR_VISION = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=16,
+    hidden_act="gelu",
+    attention_dropout=0.0,
+)
+IR_TEXT = dict(
+    vocab_size=30524,
+    hidden_size=768,
+    encoder_hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=512,
+    is_decoder=True,
+    use_cache=False,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 IR_TOKENS = 35
 # TFLOP/s by call class, measured on an H100 in bf16, eager (issue 7; docs/method.md#reference-throughputs),
 # for the projection only
@@ -79,11 +97,17 @@ def component_flops(frozen_fraction: float = 0.7, lora_rank: int = 4) -> tuple[d
     out: dict[str, float] = {}
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET).requires_grad_(False)
-        net = get_peft_model(unet, LoraConfig(r=lora_rank, lora_alpha=lora_rank,
-                                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        net = get_peft_model(
+            unet,
+            LoraConfig(
+                r=lora_rank, lora_alpha=lora_rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+            ),
+        )
         x, t, e = torch.randn(n, 4, 64, 64), torch.full((n,), 500.0), torch.randn(n, 77, 768)
         out["unet_forward"] = _count(lambda: net(x, t, encoder_hidden_states=e)) / n
-        out["unet_lora_forward_backward"] = _count(lambda: net(x, t, encoder_hidden_states=e).sample.sum().backward()) / n
+        out["unet_lora_forward_backward"] = (
+            _count(lambda: net(x, t, encoder_hidden_states=e).sample.sum().backward()) / n
+        )
         vae = AutoencoderKL(**SD15_VAE)
         out["vae_decode_512"] = _count(lambda: vae.decode(torch.randn(n, 4, 64, 64))) / n
         tiny = AutoencoderTiny()
@@ -96,25 +120,43 @@ def component_flops(frozen_fraction: float = 0.7, lora_rank: int = 4) -> tuple[d
     # (random weights; ~2 GB, seconds)
     ir = ImageRewardModel(BlipVisionConfig(**IR_VISION), BlipTextConfig(**IR_TEXT)).eval()
     ir.requires_grad_(False)
-    pix, ids, mask = torch.randn(1, 3, 224, 224), torch.zeros(1, IR_TOKENS, dtype=torch.long), torch.ones(1, IR_TOKENS, dtype=torch.long)
+    pix, ids, mask = (
+        torch.randn(1, 3, 224, 224),
+        torch.zeros(1, IR_TOKENS, dtype=torch.long),
+        torch.ones(1, IR_TOKENS, dtype=torch.long),
+    )
     with torch.no_grad():
         out["imagereward_forward"] = _count(lambda: ir(pix, ids, mask))
     trainable = freeze_leading(ir, frozen_fraction)
     out["imagereward_copy_forward_backward"] = _count(lambda: ir(pix, ids, mask).sum().backward())
     keep = set(trainable)
-    share = sum(p.numel() for name, p in ir.named_parameters() if name in keep) / sum(p.numel() for p in ir.parameters())
+    share = sum(p.numel() for name, p in ir.named_parameters() if name in keep) / sum(
+        p.numel() for p in ir.parameters()
+    )
     return out, share
 
 
 VARIANTS = {  # (advantage, x_hat from, mu_pre at the K steps)
     "fd": ("finite_difference", "pretrained", True),  # the paper: V(x + lam B a) - V(x), beta > 0
     "td": ("temporal_difference", "policy", True),  # the authors' code, beta > 0
-    "td_beta0": ("temporal_difference", "policy", False),  # the authors' ImageReward run: beta = 0, kl_monitor off
+    "td_beta0": (
+        "temporal_difference",
+        "policy",
+        False,
+    ),  # the authors' ImageReward run: beta = 0, kl_monitor off
 }
 
 
-def iteration_flops(f: dict[str, float], design: str, variant: str, B: int, K: int, E: int,
-                    cfg_factor: int = 2, S: int | None = None) -> dict[str, float]:
+def iteration_flops(
+    f: dict[str, float],
+    design: str,
+    variant: str,
+    B: int,
+    K: int,
+    E: int,
+    cfg_factor: int = 2,
+    S: int | None = None,
+) -> dict[str, float]:
     """FLOPs of one iteration but the sampling loop, by call class ("unet", "decode", "other"), for DDPO
     (design "ddpo") or CTRL (design x variant). B images, K training steps, E value epochs over the K B value
     samples, CFG doubling every UNet call."""
@@ -127,7 +169,9 @@ def iteration_flops(f: dict[str, float], design: str, variant: str, B: int, K: i
         return cost
     advantage, _, mu_pre = VARIANTS[variant]
     if mu_pre:
-        cost["unet"] += K * B * u  # mu_pre at the K steps (the KL running reward, x_hat from the pretrained score)
+        cost["unet"] += (
+            K * B * u
+        )  # mu_pre at the K steps (the KL running reward, x_hat from the pretrained score)
     evals = 2 * K * B  # V at x and at the perturbed state (FD), or at x_k and x_{k+1} (TD)
     if advantage == "temporal_difference" and S:  # TD shares V(t', x') with step k + 1 when both are drawn:
         evals -= K * (K - 1) / S * B  # K of S random steps hold K (K - 1) / S adjacent pairs on average
@@ -166,8 +210,11 @@ def cost_table(f: dict[str, float], B: int, N: int, K: int, E: int) -> dict:
                 "ctrl_over_ddpo_flops": total(c) / total(ddpo),
                 "projected_h100_ratio": seconds(c) / seconds(ddpo),
             }
-    return {"ddpo_tflop": total(ddpo) / 1e12, "ddpo_tflop_by_class": {k: v / 1e12 for k, v in ddpo.items()},
-            "designs": rows}
+    return {
+        "ddpo_tflop": total(ddpo) / 1e12,
+        "ddpo_tflop_by_class": {k: v / 1e12 for k, v in ddpo.items()},
+        "designs": rows,
+    }
 
 
 # --- part 2: value MSE on the tiny model ---------------------------------------------------------------------
@@ -178,8 +225,15 @@ def _spread(mses: list[float], var: float) -> dict:
     return {"val_mse": statistics.fmean(mses), "r2": statistics.fmean(r2), "r2_std": std, "r2_by_seed": r2}
 
 
-def value_mse(num_paths: int, steps: int, points: int, epochs: int, decoders: list[tuple[int, int]], seed: int,
-              fit_seeds: int = 5) -> dict:
+def value_mse(
+    num_paths: int,
+    steps: int,
+    points: int,
+    epochs: int,
+    decoders: list[tuple[int, int]],
+    seed: int,
+    fit_seeds: int = 5,
+) -> dict:
     from ctrl_core.latent import distill_tiny_decoder, latent_problem, latent_reward
     from ctrl_core.recipes import collect_value_data
     from ctrl_core.rewards import make_reward
@@ -188,8 +242,13 @@ def value_mse(num_paths: int, steps: int, points: int, epochs: int, decoders: li
 
     fixture = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "imagereward_tiny"
     prompts = [p for p in json.loads((fixture / "reference.json").read_text())["prompts"] if p]
-    raw = make_reward("imagereward", checkpoint=str(fixture / "ImageReward.safetensors"),
-                      med_config=str(fixture / "med_config.json"), tokenizer_dir=str(fixture / "tokenizer"), device="cpu")
+    raw = make_reward(
+        "imagereward",
+        checkpoint=str(fixture / "ImageReward.safetensors"),
+        med_config=str(fixture / "med_config.json"),
+        tokenizer_dir=str(fixture / "tokenizer"),
+        device="cpu",
+    )
     parts = tiny_sd_components(seed)
     vae = parts["vae"]
     problem = latent_problem(**parts, prompts=prompts, lora_rank=2, guidance_scale=3.0)
@@ -208,12 +267,18 @@ def value_mse(num_paths: int, steps: int, points: int, epochs: int, decoders: li
         per: dict[str, list[float]] = {link: [] for link in links}
         t0 = time.perf_counter()
         for k in range(fit_seeds):
-            sel = select_link(lambda link: ValueFunction(vr, make(), link), d, links, epochs, lr=1e-3, seed=seed + k)
+            sel = select_link(
+                lambda link: ValueFunction(vr, make(), link), d, links, epochs, lr=1e-3, seed=seed + k
+            )
             for link in links:
                 per[link].append(sel.val_mse[link])
         fit_s = (time.perf_counter() - t0) / fit_seeds
-        results[name] = {**_spread(per["cos_sin"], var), "val_mse_rm_only": sum(per["rm_only"]) / fit_seeds,
-                         "r2_rm_only": _spread(per["rm_only"], var)["r2"], "fit_s": fit_s}
+        results[name] = {
+            **_spread(per["cos_sin"], var),
+            "val_mse_rm_only": sum(per["rm_only"]) / fit_seeds,
+            "r2_rm_only": _spread(per["rm_only"], var)["r2"],
+            "fit_s": fit_s,
+        }
         if "f_only" in per:  # the latent-only design: the same CNN, no reward term before T
             results["latent_only"] = _spread(per["f_only"], var)
 
@@ -223,30 +288,56 @@ def value_mse(num_paths: int, steps: int, points: int, epochs: int, decoders: li
     # the skip term's decoder error turns into value error
     for width, n_steps in decoders:
         tiny = tiny_decoder_for(seed=seed, width=width)
-        stats = distill_tiny_decoder(vae, tiny, torch.cat([data.x_hat, data.x]), steps=n_steps,
-                                     generator=torch.Generator().manual_seed(seed))
+        stats = distill_tiny_decoder(
+            vae,
+            tiny,
+            torch.cat([data.x_hat, data.x]),
+            steps=n_steps,
+            generator=torch.Generator().manual_seed(seed),
+        )
         stats["r2"] = 1 - stats["mse_after"] / stats["target_var"]
         tag = f"w{width}_s{n_steps}"
         distilled[tag] = stats
         tiny_reward = latent_reward(raw, tiny, prompts=prompts)
         with torch.no_grad():
-            rm_tiny = torch.cat([tiny_reward(xh, c) for xh, c in zip(data.x_hat.split(64), data.c.split(64), strict=True)])
+            rm_tiny = torch.cat(
+                [tiny_reward(xh, c) for xh, c in zip(data.x_hat.split(64), data.c.split(64), strict=True)]
+            )
         data_tiny = ValueDataset(data.s, data.x, data.c, data.x_hat, rm_tiny.float(), data.returns)
         fit(f"conv_tiny[{tag}]", tiny_reward, data_tiny, problem.make_residual)
         agreement[tag] = advantage_agreement(problem, reward, tiny_reward, seed)
         if (width, n_steps) == decoders[-1]:
-            fit(f"paper_tiny[{tag}]", tiny_reward, data_tiny,
-                lambda tr=tiny_reward: RewardCopyResidual(raw.trainable_copy(prompts, 0.7), tr.decode))
-    return {"returns_var": var, "samples": len(data), "collect_s": collect_s, "tiny_decoder_distillation": distilled,
-            "advantage_agreement": agreement,
-            "designs": results,
-            "setting": {"num_paths": num_paths, "steps": steps, "points_per_path": points, "epochs": epochs,
-                        "decoders": [list(d) for d in decoders], "seed": seed, "val_fraction": 0.2,
-                        "fit_seeds": fit_seeds, "torch_threads": torch.get_num_threads(),
-                        "model": "tiny SD-shaped (random weights) + tiny ImageReward fixture"}}
+            fit(
+                f"paper_tiny[{tag}]",
+                tiny_reward,
+                data_tiny,
+                lambda tr=tiny_reward: RewardCopyResidual(raw.trainable_copy(prompts, 0.7), tr.decode),
+            )
+    return {
+        "returns_var": var,
+        "samples": len(data),
+        "collect_s": collect_s,
+        "tiny_decoder_distillation": distilled,
+        "advantage_agreement": agreement,
+        "designs": results,
+        "setting": {
+            "num_paths": num_paths,
+            "steps": steps,
+            "points_per_path": points,
+            "epochs": epochs,
+            "decoders": [list(d) for d in decoders],
+            "seed": seed,
+            "val_fraction": 0.2,
+            "fit_seeds": fit_seeds,
+            "torch_threads": torch.get_num_threads(),
+            "model": "tiny SD-shaped (random weights) + tiny ImageReward fixture",
+        },
+    }
 
 
-def advantage_agreement(problem, reward, tiny_reward, seed: int, batch: int = 64, steps: int = 10, K: int = 4) -> dict:
+def advantage_agreement(
+    problem, reward, tiny_reward, seed: int, batch: int = 64, steps: int = 10, K: int = 4
+) -> dict:
     """What the policy gradient sees: the finite-difference advantages' skip term RM(x_hat(x + lam B a)) -
     RM(x_hat(x)) on the same rollout, through the full VAE and through the tiny decoder (link rm_only, so F_phi
     plays no part). A decoder error that is the same at both ends of the difference cancels; the value MSE
@@ -254,8 +345,17 @@ def advantage_agreement(problem, reward, tiny_reward, seed: int, batch: int = 64
     from ctrl_core.recipes import make_trainer
     from ctrl_core.value import ValueFunction
 
-    cfg = OptimConfig(algorithm="ctrl", iterations=1, batch_size=batch, train_steps=steps, train_timesteps=K,
-                      minibatch_size=batch, seed=seed, advantage_norm="none", lr=3e-4)
+    cfg = OptimConfig(
+        algorithm="ctrl",
+        iterations=1,
+        batch_size=batch,
+        train_steps=steps,
+        train_timesteps=K,
+        minibatch_size=batch,
+        seed=seed,
+        advantage_norm="none",
+        lr=3e-4,
+    )
     full = make_trainer(problem, reward, cfg, ValueFunction(reward, problem.make_residual(), "rm_only"))
     tiny = make_trainer(problem, reward, cfg, ValueFunction(tiny_reward, problem.make_residual(), "rm_only"))
     ro = full.rollout()
@@ -277,10 +377,17 @@ def main(argv=None) -> dict:
     p.add_argument("--mse", action="store_true", help="also fit the designs on the tiny model (part 2)")
     p.add_argument("--mse-paths", type=int, default=256)
     p.add_argument("--mse-epochs", type=int, default=20)
-    p.add_argument("--decoders", default="8:300,16:1500,32:6000",
-                   help="tiny decoders to distil for --mse, width:steps, comma-separated (rising fidelity)")
-    p.add_argument("--fit-seeds", type=int, default=5,
-                   help="--mse: fit every design this many times (seeds seed..seed+n-1, paired splits); mean and spread")
+    p.add_argument(
+        "--decoders",
+        default="8:300,16:1500,32:6000",
+        help="tiny decoders to distil for --mse, width:steps, comma-separated (rising fidelity)",
+    )
+    p.add_argument(
+        "--fit-seeds",
+        type=int,
+        default=5,
+        help="--mse: fit every design this many times (seeds seed..seed+n-1, paired splits); mean and spread",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
@@ -292,33 +399,49 @@ def main(argv=None) -> dict:
     out = {
         "what": "FLOPs per iteration of CTRL value designs vs DDPO at SD1.5 shapes (meta-device counts)",
         "component_tflop_per_image": {k: v / 1e12 for k, v in f.items()},
-        "setting": {"batch": args.batch, "steps": args.steps, "train_timesteps": args.train_timesteps,
-                    "value_epochs": args.value_epochs, "cfg": True, "frozen_fraction": args.frozen_fraction,
-                    "imagereward_copy_trainable_share": trainable_share,
-                    "ddpo": "ddpo-pytorch's cost: sampling, terminal reward, PPO update; no mu_pre calls"},
+        "setting": {
+            "batch": args.batch,
+            "steps": args.steps,
+            "train_timesteps": args.train_timesteps,
+            "value_epochs": args.value_epochs,
+            "cfg": True,
+            "frozen_fraction": args.frozen_fraction,
+            "imagereward_copy_trainable_share": trainable_share,
+            "ddpo": "ddpo-pytorch's cost: sampling, terminal reward, PPO update; no mu_pre calls",
+        },
         "h100_eager_tflops_assumed": H100_EAGER_TFLOPS,
         **cost_table(f, args.batch, args.steps, args.train_timesteps, args.value_epochs),
         "count_s": time.perf_counter() - t0,
     }
     if args.mse:
         decoders = [tuple(int(v) for v in d.split(":")) for d in args.decoders.split(",")]
-        out["value_mse_tiny"] = value_mse(args.mse_paths, 10, 4, args.mse_epochs, decoders, args.seed, args.fit_seeds)
+        out["value_mse_tiny"] = value_mse(
+            args.mse_paths, 10, 4, args.mse_epochs, decoders, args.seed, args.fit_seeds
+        )
     bad = [k for k, r in out["designs"].items() if not math.isfinite(r["ctrl_over_ddpo_flops"])]
     if bad:
         raise FloatingPointError(f"non-finite cost for {bad}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    print(f"DDPO {out['ddpo_tflop']:.0f} TFLOP/iteration (B={args.batch}, N={args.steps}, K={args.train_timesteps})")
+    print(
+        f"DDPO {out['ddpo_tflop']:.0f} TFLOP/iteration (B={args.batch}, N={args.steps}, K={args.train_timesteps})"
+    )
     for name, r in out["designs"].items():
-        print(f"{name:36s} {r['tflop']:8.0f} TFLOP  CTRL/DDPO {r['ctrl_over_ddpo_flops']:.2f} (FLOPs), "
-              f"{r['projected_h100_ratio']:.2f} (projected H100 time)")
+        print(
+            f"{name:36s} {r['tflop']:8.0f} TFLOP  CTRL/DDPO {r['ctrl_over_ddpo_flops']:.2f} (FLOPs), "
+            f"{r['projected_h100_ratio']:.2f} (projected H100 time)"
+        )
     if args.mse:
         m = out["value_mse_tiny"]
-        print(f"tiny model: returns var {m['returns_var']:.4g}; tiny decoders (image R2): "
-              + ", ".join(f"{k} {v['r2']:.3f}" for k, v in m["tiny_decoder_distillation"].items()))
+        print(
+            f"tiny model: returns var {m['returns_var']:.4g}; tiny decoders (image R2): "
+            + ", ".join(f"{k} {v['r2']:.3f}" for k, v in m["tiny_decoder_distillation"].items())
+        )
         for tag, a in m["advantage_agreement"].items():
-            print(f"  advantages through tiny decoder {tag} vs the VAE: Pearson {a['pearson']:.3f}, "
-                  f"same sign {a['sign_agreement']:.2f} (n = {a['n']})")
+            print(
+                f"  advantages through tiny decoder {tag} vs the VAE: Pearson {a['pearson']:.3f}, "
+                f"same sign {a['sign_agreement']:.2f} (n = {a['n']})"
+            )
         for name, r in m["designs"].items():
             extra = f" (rm_only R2 {r['r2_rm_only']:.3f}), fit {r['fit_s']:.0f} s" if "fit_s" in r else ""
             print(f"  {name:24s} val MSE {r['val_mse']:.4g}, R2 {r['r2']:.3f} ± {r['r2_std']:.3f}{extra}")

@@ -115,7 +115,12 @@ class Trainer(TrainerBase):
         fused = True if all(p.is_cuda for p in self.params) else None
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
         self.value_opt = (
-            torch.optim.AdamW([p for p in value.residual.parameters() if p.requires_grad] or [torch.zeros(1, requires_grad=True)], lr=config.value_lr, weight_decay=1e-4)
+            torch.optim.AdamW(
+                [p for p in value.residual.parameters() if p.requires_grad]
+                or [torch.zeros(1, requires_grad=True)],
+                lr=config.value_lr,
+                weight_decay=1e-4,
+            )
             if value is not None
             else None
         )
@@ -154,9 +159,15 @@ class Trainer(TrainerBase):
             grid = sch.random_time_grid(cfg.train_steps, self.generator)
         else:
             grid = sch.time_grid(cfg.train_steps)
-        stochastic = [k for k in range(cfg.train_steps) if self.policy.coefficients(float(grid[k]), float(grid[k + 1])).stochastic]
+        stochastic = [
+            k
+            for k in range(cfg.train_steps)
+            if self.policy.coefficients(float(grid[k]), float(grid[k + 1])).stochastic
+        ]
         if not stochastic:
-            raise ValueError(f"solver {self.policy.solver!r} (eta={self.policy.eta}) has no random steps: use ddpm or eta > 0")
+            raise ValueError(
+                f"solver {self.policy.solver!r} (eta={self.policy.eta}) has no random steps: use ddpm or eta > 0"
+            )
         K = min(cfg.train_timesteps, len(stochastic))
         pick = torch.randperm(len(stochastic), generator=self.generator)[:K]
         steps = sorted(stochastic[int(i)] for i in pick)
@@ -169,12 +180,16 @@ class Trainer(TrainerBase):
         traj, reward = sample_and_score(self.policy, self.reward_fn, x0, c, grid, self.generator, ref_steps,
                                         (cfg.batch_size, rows), cfg.reward_chunks)  # fmt: skip
         if self.dist.any(not bool(torch.all(torch.isfinite(reward)))):
-            raise FloatingPointError(f"the reward model returned a non-finite reward at iteration {self.iteration}")
+            raise FloatingPointError(
+                f"the reward model returned a non-finite reward at iteration {self.iteration}"
+            )
         kl_terms = {}
         for k in steps:
             s, s_next = float(grid[k]), float(grid[k + 1])
             if ref_steps:
-                kl_terms[k] = kl_increment(sch, s, s_next, traj.means[k].double(), traj.ref_means[k].double()).float()
+                kl_terms[k] = kl_increment(
+                    sch, s, s_next, traj.means[k].double(), traj.ref_means[k].double()
+                ).float()
             else:  # not measured; with beta = 0 it enters nothing
                 kl_terms[k] = torch.zeros(traj.states.shape[1])
         return Rollout(traj, steps, reward, kl_terms, len(stochastic) / K)
@@ -195,7 +210,9 @@ class Trainer(TrainerBase):
         return traj.ref_means[k] if self.cfg.value_xhat == "pretrained" else traj.means[k]
 
     @torch.no_grad()
-    def _value_at(self, s: float, x: Tensor, mu: Tensor | None, c, keep: dict | None = None, k: int = -1) -> Tensor:
+    def _value_at(
+        self, s: float, x: Tensor, mu: Tensor | None, c, keep: dict | None = None, k: int = -1
+    ) -> Tensor:
         """V(s, x) with x_hat from the score mu (computed when None); V(0, x) = RM(x). With ``keep``, x_hat and
         RM(x_hat) are stored under k, so the value data set of the same states reuses them (one decode and one
         reward-model call fewer per training step for a latent model)."""
@@ -227,7 +244,9 @@ class Trainer(TrainerBase):
             adv = adv[self.dist.shard(cfg.batch_size)]
             return {k: adv for k in ro.steps}
         out, here = {}, {}
-        for k in sorted(ro.steps, reverse=True):  # late steps first: step k's V(t', x') is step k + 1's V(t, x)
+        for k in sorted(
+            ro.steps, reverse=True
+        ):  # late steps first: step k's V(t', x') is step k + 1's V(t, x)
             s, s_next = float(grid[k]), float(grid[k + 1])
             x, x_next, mu = traj.states[k], traj.states[k + 1], self._xhat_score(traj, k)
             v_here = here[k] = self._value_at(s, x, mu, traj.conditions, keep=ro.rm_xhat, k=k)
@@ -240,11 +259,15 @@ class Trainer(TrainerBase):
             else:
                 if s_next <= 0:  # V(0, x) = RM(x): the rollout's terminal reward, already computed
                     v_next = ro.reward.float()
-                elif k + 1 in here:  # the same state, time and x_hat source: the same value, not evaluated again
+                elif (
+                    k + 1 in here
+                ):  # the same state, time and x_hat source: the same value, not evaluated again
                     v_next = here[k + 1]
                 else:
                     mu_next = None
-                    if k + 1 < traj.num_steps and (self.cfg.value_xhat == "policy" or k + 1 in traj.ref_means):
+                    if k + 1 < traj.num_steps and (
+                        self.cfg.value_xhat == "policy" or k + 1 in traj.ref_means
+                    ):
                         mu_next = self._xhat_score(traj, k + 1)
                     v_next = self._value_at(s_next, x_next, mu_next, traj.conditions)
                 out[k] = v_next - v_here - cfg.beta * ro.kl_terms[k]  # = q * Delta (TD error)
@@ -288,7 +311,9 @@ class Trainer(TrainerBase):
             # step is with probability (K-1)/(N-1)
             K, N = len(ro.steps), round(ro.kl_scale * len(ro.steps))
             w_later = (N - 1) / (K - 1) if K > 1 else 0.0
-            future_kl = ro.kl_terms[k] + w_later * sum((ro.kl_terms[j] for j in ro.steps if j > k), torch.zeros(()))
+            future_kl = ro.kl_terms[k] + w_later * sum(
+                (ro.kl_terms[j] for j in ro.steps if j > k), torch.zeros(())
+            )
             s_vec = torch.full((traj.states.shape[1],), float(traj.grid[k]), dtype=torch.float64)
             xk = traj.states[k]
             if k in ro.rm_xhat:  # computed for the advantage at the same state (same x_hat)
@@ -305,12 +330,19 @@ class Trainer(TrainerBase):
         c = None if traj.conditions is None else torch.cat(cs)
         n = len(ro.steps)
         g = lambda t: self.dist.gather_blocks(t, n)  # noqa: E731  (all ranks fit the value net on the global data)
-        return ValueDataset(g(torch.cat(ss)), g(torch.cat(xs)), None if c is None else g(c), g(torch.cat(xh)),
-                            g(torch.cat(rm)), g(torch.cat(gs)))
+        return ValueDataset(
+            g(torch.cat(ss)),
+            g(torch.cat(xs)),
+            None if c is None else g(c),
+            g(torch.cat(xh)),
+            g(torch.cat(rm)),
+            g(torch.cat(gs)),
+        )
 
     # -- 6: PPO update ----------------------------------------------------------------------------------------
-    def surrogate_loss(self, ro: Rollout, adv: dict[int, Tensor], k: int, idx: Tensor, denom: int | None = None
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+    def surrogate_loss(
+        self, ro: Rollout, adv: dict[int, Tensor], k: int, idx: Tensor, denom: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """eq. 22 at step k for the paths ``idx``: (loss, new log-prob, ratio). ``loss`` is to be minimised; it
         averages over ``denom`` paths (default len(idx); data-parallel ranks pass the global minibatch size)."""
         denom = len(idx) if denom is None else denom
@@ -341,15 +373,20 @@ class Trainer(TrainerBase):
                 idx = perm[j : j + cfg.minibatch_size]
                 mine = idx[(idx >= rows.start) & (idx < rows.stop)] - rows.start
                 self.opt.zero_grad(set_to_none=True)
-                for k in ro.steps if len(mine) else ():  # one backward per step: one step's graph in memory at a time
+                for k in (
+                    ro.steps if len(mine) else ()
+                ):  # one backward per step: one step's graph in memory at a time
                     loss, logp, ratio = self.surrogate_loss(ro, adv, k, mine, denom=len(idx))
                     (loss / scale).backward()
                     with torch.no_grad():
                         kl_sum += float(0.5 * (logp - traj.log_probs[k][mine]).pow(2).sum())
                         clip_sum += float(((ratio - 1).abs() > cfg.clip_range).float().sum())
                         count += len(mine)
-                self.clipped_step(self.opt, self.params,
-                                  nonfinite=f"non-finite policy loss or gradient at iteration {self.iteration}")
+                self.clipped_step(
+                    self.opt,
+                    self.params,
+                    nonfinite=f"non-finite policy loss or gradient at iteration {self.iteration}",
+                )
                 self.policy.model.adapter_changed()  # (a fused step leaves the weights' version counters alone)
         count = self.dist.sum(count)
         return self.dist.sum(kl_sum) / count, self.dist.sum(clip_sum) / count
@@ -381,8 +418,9 @@ class Trainer(TrainerBase):
         return out
 
     @torch.no_grad()
-    def sampling_mismatch(self, ro: Rollout, idx: Tensor | None = None,
-                          recomputed: dict[int, Tensor] | None = None) -> dict[str, float]:
+    def sampling_mismatch(
+        self, ro: Rollout, idx: Tensor | None = None, recomputed: dict[int, Tensor] | None = None
+    ) -> dict[str, float]:
         """How far the log-probabilities recorded while sampling are from the trainer's own at the same weights:
         the PPO ratios of a first pass before any update, which should be 1. Rounding makes them differ where
         the sampler computes differently from the training forward (a merged or lower-precision sampling copy,
@@ -395,9 +433,11 @@ class Trainer(TrainerBase):
         recomputed = self.trainer_log_probs(ro, idx) if recomputed is None else recomputed
         local = torch.stack([recomputed[k] - traj.log_probs[k][idx] for k in ro.steps], dim=1)  # (paths, K)
         r = self.dist.gather_rows(local.contiguous()).double().flatten()
-        return {"approx_kl": float(0.5 * r.pow(2).mean()),
-                "clipfrac": float(((r.exp() - 1).abs() > self.cfg.clip_range).double().mean()),
-                "max_abs_log_ratio": float(r.abs().max())}
+        return {
+            "approx_kl": float(0.5 * r.pow(2).mean()),
+            "clipfrac": float(((r.exp() - 1).abs() > self.cfg.clip_range).double().mean()),
+            "max_abs_log_ratio": float(r.abs().max()),
+        }
 
     # -- one iteration --------------------------------------------------------------------------------------
     def step(self) -> IterationStats:
@@ -406,16 +446,22 @@ class Trainer(TrainerBase):
         state and records a skipped iteration (on_nonfinite=skip, at most max_skipped times)."""
         if self.cfg.on_nonfinite == "error":
             return self._iterate()
-        snapshot = _clone_state({k: v for k, v in self.state_dict().items() if k not in ("generator", "torch_rng", "history")})
+        snapshot = _clone_state(
+            {k: v for k, v in self.state_dict().items() if k not in ("generator", "torch_rng", "history")}
+        )
         try:
             return self._iterate()
         except FloatingPointError as err:
             self._restore_weights(snapshot)
             self.skipped += 1
             if self.skipped > self.cfg.max_skipped:
-                raise FloatingPointError(f"{err} (iteration {self.iteration}: more than optimize.max_skipped="
-                                         f"{self.cfg.max_skipped} iterations dropped)") from err
-            stats = IterationStats(self.iteration, *[None] * 8, 0.0, 0.0, 0.0, skipped=True, extra={"error": str(err)})
+                raise FloatingPointError(
+                    f"{err} (iteration {self.iteration}: more than optimize.max_skipped="
+                    f"{self.cfg.max_skipped} iterations dropped)"
+                ) from err
+            stats = IterationStats(
+                self.iteration, *[None] * 8, 0.0, 0.0, 0.0, skipped=True, extra={"error": str(err)}
+            )
             self.history.append(stats)
             self.iteration += 1
             return stats
@@ -441,15 +487,24 @@ class Trainer(TrainerBase):
         if cfg.algorithm == "ctrl":
             adv, scale = self.normalise(self.advantages(ro))
             data = self.value_dataset(ro)
-            value_loss = fit_value(self.value, data, cfg.value_epochs, batch_size=cfg.value_batch_size,
-                                   generator=self.generator, optimizer=self.value_opt, dist=self.dist)
+            value_loss = fit_value(
+                self.value,
+                data,
+                cfg.value_epochs,
+                batch_size=cfg.value_batch_size,
+                generator=self.generator,
+                optimizer=self.value_opt,
+                dist=self.dist,
+            )
             if not math.isfinite(value_loss):
                 raise FloatingPointError(f"non-finite value loss at iteration {self.iteration}")
         else:
             adv, scale = self.normalise(self.advantages(ro))
         t2 = time.perf_counter()
         self.schedule_lr(self.opt, cfg.lr)
-        if self.dist.any(not all(bool(torch.isfinite(a).all()) for a in adv.values()) or not math.isfinite(scale)):
+        if self.dist.any(
+            not all(bool(torch.isfinite(a).all()) for a in adv.values()) or not math.isfinite(scale)
+        ):
             raise FloatingPointError(f"non-finite advantages at iteration {self.iteration}")
         extra = {}
         if cfg.old_log_probs == "trainer":  # PPO's pi_old from the update's own forward (see OptimConfig)
@@ -462,10 +517,16 @@ class Trainer(TrainerBase):
             extra["recompute_s"] = time.perf_counter() - t_re
         approx_kl, clipfrac = self.policy_update(ro, adv, scale)
         if not all(bool(torch.isfinite(p).all()) for p in self.params):
-            raise FloatingPointError(f"non-finite policy weights after the update at iteration {self.iteration}")
+            raise FloatingPointError(
+                f"non-finite policy weights after the update at iteration {self.iteration}"
+            )
         t3 = time.perf_counter()
         reward = self.dist.gather_rows(ro.reward)
-        kl = self.dist.gather_rows(sum(ro.kl_terms.values()) * ro.kl_scale).mean().item() if ro.kl_measured else None
+        kl = (
+            self.dist.gather_rows(sum(ro.kl_terms.values()) * ro.kl_scale).mean().item()
+            if ro.kl_measured
+            else None
+        )
         stats = IterationStats(
             iteration=self.iteration,
             reward_mean=float(reward.mean()),
@@ -562,7 +623,6 @@ def per_condition_whiten(reward: Tensor, conditions: Tensor | None) -> Tensor:
     return out
 
 
-
 class PromptStatTracker:
     """DDPO's per-prompt reward statistics across iterations (ddpo-pytorch's ``PerPromptStatTracker``).
 
@@ -575,7 +635,9 @@ class PromptStatTracker:
 
     def __init__(self, buffer_size: int, min_count: int):
         if buffer_size < 1 or not 1 <= min_count <= buffer_size:
-            raise ValueError(f"need buffer_size >= 1 and 1 <= min_count <= buffer_size, got {buffer_size}, {min_count}")
+            raise ValueError(
+                f"need buffer_size >= 1 and 1 <= min_count <= buffer_size, got {buffer_size}, {min_count}"
+            )
         self.buffer_size, self.min_count = buffer_size, min_count
         self.buffers: dict[int, Tensor] = {}
 

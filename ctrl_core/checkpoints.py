@@ -43,8 +43,16 @@ from .layout import (
 )
 from .s3 import S3_ALLOWED_PREFIX_ENV, S3_BODY_ATTEMPTS, s3_fetcher
 
-__all__ = ["BUILTIN_CHECKPOINTS", "MANIFEST_NAME", "S3_ALLOWED_PREFIX_ENV", "S3_BODY_ATTEMPTS", "CheckpointError",
-           "Manifest", "fetch_checkpoint", "tree_sha256"]
+__all__ = [
+    "BUILTIN_CHECKPOINTS",
+    "MANIFEST_NAME",
+    "S3_ALLOWED_PREFIX_ENV",
+    "S3_BODY_ATTEMPTS",
+    "CheckpointError",
+    "Manifest",
+    "fetch_checkpoint",
+    "tree_sha256",
+]
 
 MANIFEST_NAME = "manifest.json"
 BUILTIN_CHECKPOINTS: dict[str, tuple[str, ...]] = {
@@ -291,8 +299,11 @@ def _local_fetcher(source: str, path: Path, dest: Path) -> Callable:
     def fetch(tmp: Path) -> list[str]:
         try:
             if src.is_dir():
-                rels = sorted(Path(root, f).relative_to(src).as_posix()  # follows symlinked folders, as copytree did
-                              for root, _, files in os.walk(src, followlinks=True) for f in files)
+                rels = sorted(
+                    Path(root, f).relative_to(src).as_posix()  # follows symlinked folders, as copytree did
+                    for root, _, files in os.walk(src, followlinks=True)
+                    for f in files
+                )
                 keep, skipped = select_pipeline_files(rels)
                 refuse_unsafe(source, keep)  # before copying gigabytes
                 for rel in keep:

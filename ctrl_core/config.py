@@ -22,8 +22,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # --- the names the engine implements (policy.py, value.py, algorithms.py and qlearning.py import them) ---------
 SOLVERS = ("ddpm", "ddim", "euler_maruyama", "heun")  # policy.sample's rollout solvers
 SOLVER_ALIASES = {"sde": "ddpm", "ode": "ddim"}  # the evaluation's sampler names
-LINK_NAMES = ("cos_sin", "linear", "rm_only", "f_only")  # value.LINKS (tests/test_config.py checks they agree)
-ALGORITHMS = ("ctrl", "ddpo", "qlearning")  # qlearning: settings in the qlearning block (ctrl_core/qlearning.py)
+LINK_NAMES = (
+    "cos_sin",
+    "linear",
+    "rm_only",
+    "f_only",
+)  # value.LINKS (tests/test_config.py checks they agree)
+ALGORITHMS = (
+    "ctrl",
+    "ddpo",
+    "qlearning",
+)  # qlearning: settings in the qlearning block (ctrl_core/qlearning.py)
 ADVANTAGES = ("finite_difference", "temporal_difference")
 NORMALISATIONS = ("scale", "per_time", "center", "none")
 TIME_SAMPLING = ("random", "grid")
@@ -35,8 +44,10 @@ VALUE_TERMS = ("reward", "full")
 TEST_WEIGHTS = ("eps", "uniform")
 
 #: the old q-learning key and the message that refuses it
-RENAMED = {("qlearning", "beta"): "qlearning.beta was renamed qlearning.reward_weight (the weight of the reward; "
-                                  "optimize.beta is CTRL's KL weight)"}
+RENAMED = {
+    ("qlearning", "beta"): "qlearning.beta was renamed qlearning.reward_weight (the weight of the reward; "
+    "optimize.beta is CTRL's KL weight)"
+}
 
 
 class Block(BaseModel):
@@ -62,8 +73,11 @@ class Block(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field(self):
-        bad = [f"{self.BLOCK}.{name}: must be {want}, got {getattr(self, name)!r}"
-               for name, ok, want in self._checks() if not ok]
+        bad = [
+            f"{self.BLOCK}.{name}: must be {want}, got {getattr(self, name)!r}"
+            for name, ok, want in self._checks()
+            if not ok
+        ]
         if bad:
             raise ValueError("\n  ".join(bad))
         return self
@@ -74,16 +88,22 @@ class RunConfig(Block):
 
     name: str = Field("ctrl-digits", description="experiment name (MLflow experiment, output folder)")
     seed: int = Field(0, description="global seed")
-    resume: bool = Field(True, description="resume a step from the latest checkpoint of the same run (same params "
-                         "and inputs)")
-    checkpoint_root: str = Field("", description="folder for resumable step checkpoints (a PVC on Kubernetes); "
-                                 "empty: CTRL_CHECKPOINT_ROOT or .ctrl-checkpoints")
+    resume: bool = Field(
+        True, description="resume a step from the latest checkpoint of the same run (same params and inputs)"
+    )
+    checkpoint_root: str = Field(
+        "",
+        description="folder for resumable step checkpoints (a PVC on Kubernetes); "
+        "empty: CTRL_CHECKPOINT_ROOT or .ctrl-checkpoints",
+    )
 
 
 class CheckpointConfig(Block):
     BLOCK: ClassVar[str] = "checkpoint"
 
-    source: str = Field("builtin:digits", description="builtin:<name> | local path | s3://bucket/key | hf:org/name")
+    source: str = Field(
+        "builtin:digits", description="builtin:<name> | local path | s3://bucket/key | hf:org/name"
+    )
     sha256: str = Field("", description="expected sha256 of the checkpoint (empty: not checked)")
 
     @field_validator("sha256")
@@ -99,23 +119,44 @@ class ModelConfig(Block):
     BLOCK: ClassVar[str] = "model"
 
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank of the adapter on the UNet")
-    prompts: str = Field("", description="latent text-to-image checkpoints: prompt file, one prompt per line "
-                         "(empty: prompts.txt in the checkpoint folder)")
-    guidance_scale: float = Field(7.0, ge=0, le=100, description="latent text-to-image checkpoints: classifier-free "
-                                  "guidance scale w (1: no guidance)")
-    autocast: Literal["", "bf16", "fp16"] = Field("", description="latent text-to-image checkpoints: run the UNet "
-                                                  "under bf16/fp16 autocast (empty: float32)")
-    gradient_checkpointing: bool = Field(False, description="latent text-to-image checkpoints: recompute UNet "
-                                         "activations in the backward pass (memory for time)")
+    prompts: str = Field(
+        "",
+        description="latent text-to-image checkpoints: prompt file, one prompt per line "
+        "(empty: prompts.txt in the checkpoint folder)",
+    )
+    guidance_scale: float = Field(
+        7.0,
+        ge=0,
+        le=100,
+        description="latent text-to-image checkpoints: classifier-free guidance scale w (1: no guidance)",
+    )
+    autocast: Literal["", "bf16", "fp16"] = Field(
+        "",
+        description="latent text-to-image checkpoints: run the UNet "
+        "under bf16/fp16 autocast (empty: float32)",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="latent text-to-image checkpoints: recompute UNet "
+        "activations in the backward pass (memory for time)",
+    )
     compile: Literal["", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
-        "", description="torch.compile the UNet with this mode (reduce-overhead: CUDA graphs); empty: eager. "
-        "Compiling takes minutes per batch shape")
-    channels_last: bool = Field(False, description="NHWC memory format for the UNet (measure first: slower for SD1.5 "
-                                "in eager mode on an H100)")
-    merged_sampling: bool = Field(False, description="sample rollouts through a copy of the UNet with the LoRA merged "
-                                  "into its weights and q/k/v fused (SD UNets); training forwards and mu_pre keep the "
-                                  "LoRA model. float32 only: with model.autocast the sampler's log-probs miss the "
-                                  "trainer's (bench.merged_sampling)")
+        "",
+        description="torch.compile the UNet with this mode (reduce-overhead: CUDA graphs); empty: eager. "
+        "Compiling takes minutes per batch shape",
+    )
+    channels_last: bool = Field(
+        False,
+        description="NHWC memory format for the UNet (measure first: slower for SD1.5 "
+        "in eager mode on an H100)",
+    )
+    merged_sampling: bool = Field(
+        False,
+        description="sample rollouts through a copy of the UNet with the LoRA merged "
+        "into its weights and q/k/v fused (SD UNets); training forwards and mu_pre keep the "
+        "LoRA model. float32 only: with model.autocast the sampler's log-probs miss the "
+        "trainer's (bench.merged_sampling)",
+    )
 
     @field_validator("prompts")
     @classmethod
@@ -141,9 +182,12 @@ class ModelConfig(Block):
 class RewardConfig(Block):
     BLOCK: ClassVar[str] = "reward"
 
-    name: str = Field("jpeg_compressibility", description="reward registry name (ctrl_core.rewards): "
-                      "jpeg_compressibility | jpeg_incompressibility | classifier | quadratic | weighted_sum | "
-                      "aesthetic | imagereward")
+    name: str = Field(
+        "jpeg_compressibility",
+        description="reward registry name (ctrl_core.rewards): "
+        "jpeg_compressibility | jpeg_incompressibility | classifier | quadratic | weighted_sum | "
+        "aesthetic | imagereward",
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="keyword options of the reward factory")
 
     @field_validator("name")
@@ -176,18 +220,30 @@ class ValueConfig(Block):
     num_paths: int = Field(256, ge=8, description="Monte-Carlo paths of the base model for value pretraining")
     steps: int = Field(20, ge=2, description="rollout step count for value data")
     points_per_path: int = Field(4, ge=1, description="random times per path in the value data")
-    batch_size: int = Field(128, ge=1, description="paths sampled per batch (the data are checkpointed per batch)")
+    batch_size: int = Field(
+        128, ge=1, description="paths sampled per batch (the data are checkpointed per batch)"
+    )
     epochs: int = Field(10, ge=1, description="value pretraining epochs per candidate")
     lr: float = Field(1e-3, gt=0, description="value pretraining learning rate")
-    residual: Literal["conv", "reward_copy"] = Field("conv", description="F_phi: conv (a small CNN on the state and "
-                                                     "x_hat; latents for SD, no decode) | reward_copy (the paper's SD "
-                                                     "design: a copy of the reward model, partly frozen, on the "
-                                                     "decoded state)")
-    frozen_fraction: float = Field(0.7, ge=0, lt=1, description="reward_copy: leading share of the copy's weights "
-                                   "kept frozen (the authors: 70%)")
-    xhat_decoder: Literal["vae", "tiny"] = Field("vae", description="latent checkpoints: decode x_hat for the value's "
-                                                 "RM(x_hat) with the full VAE or a tiny one (TAESD in the checkpoint's "
-                                                 "vae_tiny/); the terminal reward keeps the VAE")
+    residual: Literal["conv", "reward_copy"] = Field(
+        "conv",
+        description="F_phi: conv (a small CNN on the state and "
+        "x_hat; latents for SD, no decode) | reward_copy (the paper's SD "
+        "design: a copy of the reward model, partly frozen, on the "
+        "decoded state)",
+    )
+    frozen_fraction: float = Field(
+        0.7,
+        ge=0,
+        lt=1,
+        description="reward_copy: leading share of the copy's weights kept frozen (the authors: 70%)",
+    )
+    xhat_decoder: Literal["vae", "tiny"] = Field(
+        "vae",
+        description="latent checkpoints: decode x_hat for the value's "
+        "RM(x_hat) with the full VAE or a tiny one (TAESD in the checkpoint's "
+        "vae_tiny/); the terminal reward keeps the VAE",
+    )
 
     @field_validator("candidates")
     @classmethod
@@ -206,28 +262,44 @@ class OptimizeConfig(Block):
 
     BLOCK: ClassVar[str] = "optimize"
 
-    algorithm: str = Field("ctrl", description="ctrl | ddpo | qlearning (trains from data; its settings: the "
-                           "qlearning block)")
+    algorithm: str = Field(
+        "ctrl", description="ctrl | ddpo | qlearning (trains from data; its settings: the qlearning block)"
+    )
     iterations: int = Field(30, description="policy iterations")
     batch_size: int = Field(32, description="trajectories per iteration")
     train_steps: int = Field(20, description="step count of the rollout grid during training")
-    time_sampling: str = Field("random", description="random: a stratified random grid every iteration | grid: "
-                               "fixed uniform grid")
-    train_timesteps: int = Field(8, description="K: time points per trajectory in the loss (random subset of the "
-                                 "steps)")
-    solver: str = Field("ddpm", description="stochastic rollout solver: ddpm | euler_maruyama | ddim (with eta > 0) "
-                        "| heun; sde and ode name ddpm and ddim")
-    eta: float = Field(-1.0, description="DDIM-family exploration level in [0, 1]; -1: the solver's default "
-                       "(ddpm 1, ddim 0). CTRL needs -1 or 1 (SDE exploration)")
-    beta: float = Field(0.01, description="KL weight β (Theorem 3.1 running reward); not qlearning.reward_weight")
-    advantage: str = Field("finite_difference", description="finite_difference (the paper) | temporal_difference "
-                           "(the authors' code)")
+    time_sampling: str = Field(
+        "random", description="random: a stratified random grid every iteration | grid: fixed uniform grid"
+    )
+    train_timesteps: int = Field(
+        8, description="K: time points per trajectory in the loss (random subset of the steps)"
+    )
+    solver: str = Field(
+        "ddpm",
+        description="stochastic rollout solver: ddpm | euler_maruyama | ddim (with eta > 0) "
+        "| heun; sde and ode name ddpm and ddim",
+    )
+    eta: float = Field(
+        -1.0,
+        description="DDIM-family exploration level in [0, 1]; -1: the solver's default "
+        "(ddpm 1, ddim 0). CTRL needs -1 or 1 (SDE exploration)",
+    )
+    beta: float = Field(
+        0.01, description="KL weight β (Theorem 3.1 running reward); not qlearning.reward_weight"
+    )
+    advantage: str = Field(
+        "finite_difference",
+        description="finite_difference (the paper) | temporal_difference (the authors' code)",
+    )
     fd_scale: float = Field(1.0, description="lam = sigma_bar / Delta of the finite-difference advantage")
     advantage_norm: str = Field("scale", description="scale | per_time | center | none")
     advantage_clip: float = Field(5.0, description="clip normalised advantages to +-this (0: no clipping)")
     clip_range: float = Field(0.2, description="PPO ratio clip epsilon")
-    ppo_epochs: int = Field(1, description="PPO passes over each iteration's paths (with 1 and minibatch_size = "
-                            "batch_size every update is at ratio 1: the clip never acts)")
+    ppo_epochs: int = Field(
+        1,
+        description="PPO passes over each iteration's paths (with 1 and minibatch_size = "
+        "batch_size every update is at ratio 1: the clip never acts)",
+    )
     minibatch_size: int = Field(32, description="paths per optimiser step (of the global batch)")
     lr: float = Field(1e-3, description="policy (LoRA) learning rate")
     lr_decay: str = Field("cosine", description="cosine (to 10% of lr at the last iteration) | none")
@@ -236,23 +308,40 @@ class OptimizeConfig(Block):
     value_lr: float = Field(1e-3, description="value-net learning rate during policy optimisation")
     value_epochs: int = Field(2, description="value-net epochs per iteration on the fresh returns")
     value_batch_size: int = Field(256, description="value-net minibatch size")
-    value_xhat: str = Field("pretrained", description="Tweedie x_hat in the value skip term from: pretrained | "
-                            "policy (eq. 19)")
-    checkpoint_every: int = Field(10, description="resumable checkpoint (+ adapter snapshot) every N iterations "
-                                  "(0: only at the end)")
-    on_nonfinite: str = Field("error", description="a NaN/inf reward, loss or gradient: error (stop the step) | "
-                              "skip (drop the iteration)")
+    value_xhat: str = Field(
+        "pretrained", description="Tweedie x_hat in the value skip term from: pretrained | policy (eq. 19)"
+    )
+    checkpoint_every: int = Field(
+        10, description="resumable checkpoint (+ adapter snapshot) every N iterations (0: only at the end)"
+    )
+    on_nonfinite: str = Field(
+        "error",
+        description="a NaN/inf reward, loss or gradient: error (stop the step) | skip (drop the iteration)",
+    )
     max_skipped: int = Field(3, description="with on_nonfinite=skip: stop after this many dropped iterations")
-    reward_chunks: int = Field(1, description="sample each rank's rows in this many blocks, scoring one in a thread "
-                               "while the next samples")
-    kl_monitor: bool = Field(True, description="compute mu_pre at the K steps to log the KL even where nothing else "
-                             "needs it (DDPO; CTRL at beta 0 with value_xhat policy)")
-    old_log_probs: str = Field("sampler", description="PPO's pi_old: sampler (recorded while sampling) | trainer "
-                               "(recomputed by the update's forward: K forwards more, ratios exactly 1 at the start)")
-    stat_buffer: int = Field(0, description="DDPO: whiten by each condition's last N rewards across iterations "
-                             "(ddpo-pytorch: 16); 0: within the batch")
-    stat_min_count: int = Field(16, description="DDPO with stat_buffer > 0: batch statistics until a condition has "
-                                "this many rewards")
+    reward_chunks: int = Field(
+        1,
+        description="sample each rank's rows in this many blocks, scoring one in a thread "
+        "while the next samples",
+    )
+    kl_monitor: bool = Field(
+        True,
+        description="compute mu_pre at the K steps to log the KL even where nothing else "
+        "needs it (DDPO; CTRL at beta 0 with value_xhat policy)",
+    )
+    old_log_probs: str = Field(
+        "sampler",
+        description="PPO's pi_old: sampler (recorded while sampling) | trainer "
+        "(recomputed by the update's forward: K forwards more, ratios exactly 1 at the start)",
+    )
+    stat_buffer: int = Field(
+        0,
+        description="DDPO: whiten by each condition's last N rewards across iterations "
+        "(ddpo-pytorch: 16); 0: within the batch",
+    )
+    stat_min_count: int = Field(
+        16, description="DDPO with stat_buffer > 0: batch statistics until a condition has this many rewards"
+    )
     seed: int = Field(0, description="seed of the trainer's generator (rollouts, grids, minibatches)")
 
     def _checks(self) -> list[tuple[str, bool, str]]:
@@ -276,7 +365,11 @@ class OptimizeConfig(Block):
             ("eta", self.eta == -1.0 or 0.0 <= self.eta <= 1.0, "in [0, 1] or -1"),
             # Theorem 3.1's KL rate g^2/2 ||dmu||^2 holds for the SDE (eta = 1); a DDIM-eta<1 rollout follows
             # another SDE whose path KL is not that integral, so CTRL refuses it
-            ("eta", self.algorithm != "ctrl" or self.eta in (-1.0, 1.0), "-1 or 1 for CTRL (SDE exploration)"),
+            (
+                "eta",
+                self.algorithm != "ctrl" or self.eta in (-1.0, 1.0),
+                "-1 or 1 for CTRL (SDE exploration)",
+            ),
             ("fd_scale", self.fd_scale > 0, "> 0"),
             ("clip_range", self.clip_range > 0, "> 0"),
             ("ppo_epochs", self.ppo_epochs >= 1, ">= 1"),
@@ -287,12 +380,19 @@ class OptimizeConfig(Block):
             ("advantage_clip", self.advantage_clip >= 0, ">= 0 (0: no clipping)"),
             ("value_lr", self.value_lr > 0, "> 0"),
             ("value_batch_size", self.value_batch_size >= 1, ">= 1"),
-            ("reward_chunks", 1 <= self.reward_chunks <= self.batch_size, "between 1 and optimize.batch_size"),
+            (
+                "reward_chunks",
+                1 <= self.reward_chunks <= self.batch_size,
+                "between 1 and optimize.batch_size",
+            ),
             ("old_log_probs", self.old_log_probs in ("sampler", "trainer"), "sampler or trainer"),
             ("stat_buffer", self.stat_buffer >= 0, ">= 0"),
             ("stat_min_count", self.stat_min_count >= 2, ">= 2"),
-            ("stat_min_count", self.stat_buffer == 0 or self.stat_min_count <= self.stat_buffer,
-             "<= optimize.stat_buffer (otherwise the per-prompt statistics are never used)"),
+            (
+                "stat_min_count",
+                self.stat_buffer == 0 or self.stat_min_count <= self.stat_buffer,
+                "<= optimize.stat_buffer (otherwise the per-prompt statistics are never used)",
+            ),
         ]
 
 
@@ -304,30 +404,51 @@ class QLearningConfig(Block):
     iterations: int = Field(40, description="q-learning iterations (one batch of rollouts each)")
     batch_size: int = Field(32, description="paths per iteration")
     train_steps: int = Field(20, description="rollout steps K on [s_min, s_start]")
-    train_timesteps: int = Field(0, description="steps per path in the actor update, a random subset (0: all K)")
-    time_sampling: str = Field("random", description="random: stratified random grid each iteration | grid: fixed "
-                               "uniform grid")
-    rollout_solver: str = Field("ddpm", description="ddpm | euler_maruyama (SDE dynamics) | ddim (probability-flow "
-                                "ODE dynamics)")
-    s_min: float = Field(1e-3, description="forward time where rollouts stop and h is evaluated (the score blows up "
-                         "at s = 0)")
-    reward_weight: float = Field(2.0, description="the paper's β: the weight of the reward, p* ∝ p_data exp(β h); 0 "
-                                 "reproduces the data (not optimize.beta, CTRL's KL weight)")
+    train_timesteps: int = Field(
+        0, description="steps per path in the actor update, a random subset (0: all K)"
+    )
+    time_sampling: str = Field(
+        "random", description="random: stratified random grid each iteration | grid: fixed uniform grid"
+    )
+    rollout_solver: str = Field(
+        "ddpm", description="ddpm | euler_maruyama (SDE dynamics) | ddim (probability-flow ODE dynamics)"
+    )
+    s_min: float = Field(
+        1e-3, description="forward time where rollouts stop and h is evaluated (the score blows up at s = 0)"
+    )
+    reward_weight: float = Field(
+        2.0,
+        description="the paper's β: the weight of the reward, p* ∝ p_data exp(β h); 0 "
+        "reproduces the data (not optimize.beta, CTRL's KL weight)",
+    )
     theta: float = Field(0.1, description="entropy temperature θ; policy covariance θ / g^2(T - t)")
-    ratio_samples: int = Field(0, description="m data samples per score ratio estimate (0: the whole data set)")
-    critic_target: str = Field("monte_carlo", description="td: orthogonality with xi = dJ/dTheta (TD(0)) | "
-                               "monte_carlo: martingale loss")
-    critic: str = Field("linked", description="linked: CTRL's value net, β h(x_hat) + F, as the critic "
-                        "(LinkedCritic) | free: a residual net alone")
-    value_terms: str = Field("reward", description="reward: J carries β h only | full: J also carries r_hat - q "
-                             "(the paper)")
-    critic_warmup: int = Field(0, description="iterations before the actor uses the critic (the critic trains from "
-                               "the start)")
-    baseline: str = Field("counterfactual", description="counterfactual (same Brownian increment, mean action) | "
-                          "none")
-    test_weight: str = Field("eps", description="eps: w = sigma^2 / (θ g^2 Delta) | uniform: the paper's w = 1")
-    delta_clip: float = Field(5.0, description="clip the actor's delta at +-this many of its per-step std (0: no "
-                              "clipping)")
+    ratio_samples: int = Field(
+        0, description="m data samples per score ratio estimate (0: the whole data set)"
+    )
+    critic_target: str = Field(
+        "monte_carlo",
+        description="td: orthogonality with xi = dJ/dTheta (TD(0)) | monte_carlo: martingale loss",
+    )
+    critic: str = Field(
+        "linked",
+        description="linked: CTRL's value net, β h(x_hat) + F, as the critic "
+        "(LinkedCritic) | free: a residual net alone",
+    )
+    value_terms: str = Field(
+        "reward", description="reward: J carries β h only | full: J also carries r_hat - q (the paper)"
+    )
+    critic_warmup: int = Field(
+        0, description="iterations before the actor uses the critic (the critic trains from the start)"
+    )
+    baseline: str = Field(
+        "counterfactual", description="counterfactual (same Brownian increment, mean action) | none"
+    )
+    test_weight: str = Field(
+        "eps", description="eps: w = sigma^2 / (θ g^2 Delta) | uniform: the paper's w = 1"
+    )
+    delta_clip: float = Field(
+        5.0, description="clip the actor's delta at +-this many of its per-step std (0: no clipping)"
+    )
     lr: float = Field(1e-3, description="actor (mu_psi) learning rate, Adam")
     critic_lr: float = Field(1e-3, description="critic (J_Theta) learning rate, Adam")
     actor_epochs: int = Field(2, description="actor passes over each batch's (step, path) pairs")
@@ -370,11 +491,17 @@ class QLearningParams(QLearningConfig):
     """The ``qlearning`` block (used when optimize.algorithm is qlearning): the trainer's settings plus where
     the actor and the data come from (``steps.qlearning_setup``)."""
 
-    start: Literal["scratch", "pretrained"] = Field("scratch", description="scratch: a new network trained from the "
-                                                    "data alone | pretrained: LoRA on the fetched checkpoint's model")
-    data: str = Field("", description="data set: a .safetensors file with 'data' (N, ...) and optional 'labels' "
-                      "(N,); empty: data.safetensors in the fetched checkpoint folder, or the built-in digits data "
-                      "for builtin:digits")
+    start: Literal["scratch", "pretrained"] = Field(
+        "scratch",
+        description="scratch: a new network trained from the "
+        "data alone | pretrained: LoRA on the fetched checkpoint's model",
+    )
+    data: str = Field(
+        "",
+        description="data set: a .safetensors file with 'data' (N, ...) and optional 'labels' "
+        "(N,); empty: data.safetensors in the fetched checkpoint folder, or the built-in digits data "
+        "for builtin:digits",
+    )
     width: int = Field(64, ge=4, description="width of the from-scratch network")
 
     def trainer_config(self) -> QLearningConfig:
@@ -387,10 +514,13 @@ class EvaluateConfig(Block):
 
     steps: list[int] = Field([10, 20, 50], description="sampling step counts to evaluate")
     samplers: list[Literal["sde", "ode", "euler_maruyama", "heun"]] = Field(
-        ["sde", "ode"], min_length=1, description="solvers to sample with, each at its default eta: sde (DDPM) | ode "
+        ["sde", "ode"],
+        min_length=1,
+        description="solvers to sample with, each at its default eta: sde (DDPM) | ode "
         "(DDIM) | euler_maruyama (SDE) | heun (probability-flow ODE, second order: two model evaluations per step, "
         "so a heun cell costs about twice an ode cell of the same step count). kl_exact is reported for the "
-        "stochastic ones (sde, euler_maruyama)")
+        "stochastic ones (sde, euler_maruyama)",
+    )
     num_samples: int = Field(200, ge=2, description="samples per (sampler, steps) cell")
     seed: int = Field(1234, description="evaluation seed (same noise and conditions for base and tuned)")
 
@@ -429,13 +559,19 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     run: RunConfig = Field(default_factory=RunConfig, description="the run: name, seed, resume")
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="the base model to fetch")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="the adapter and the UNet's execution")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="the base model to fetch"
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="the adapter and the UNet's execution"
+    )
     reward: RewardConfig = Field(default_factory=RewardConfig, description="the reward (a registry name)")
     value: ValueConfig = Field(default_factory=ValueConfig, description="value-function pretraining")
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig, description="policy optimisation")
     qlearning: QLearningParams = Field(default_factory=QLearningParams, description="q-learning from data")
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="evaluation of base vs tuned")
+    evaluate: EvaluateConfig = Field(
+        default_factory=EvaluateConfig, description="evaluation of base vs tuned"
+    )
     register: RegisterConfig = Field(default_factory=RegisterConfig, description="registration and its gate")
 
     def optim_config(self) -> OptimizeConfig:
@@ -481,7 +617,12 @@ def rows(params: Params | None = None) -> list[Row]:
     """Every parameter: key, type, default (``params``' value when given) and description."""
     params = params or Params()
     return [
-        Row(f"{block}.{key}", type_name(f.annotation), getattr(getattr(params, block), key), f.description or "")
+        Row(
+            f"{block}.{key}",
+            type_name(f.annotation),
+            getattr(getattr(params, block), key),
+            f.description or "",
+        )
         for block, bf in Params.model_fields.items()
         for key, f in bf.annotation.model_fields.items()
     ]
@@ -501,8 +642,10 @@ def markdown_table(params: Params | None = None) -> str:
         return f"`{text}`" if code else text.replace("<", "&lt;")
 
     lines = ["| key | type | default | description |", "|---|---|---|---|"]
-    lines += [f"| {cell(r.key, True)} | {cell(r.type)} | {cell(_shown(r.default), True)} | {cell(r.description)} |"
-              for r in rows(params)]
+    lines += [
+        f"| {cell(r.key, True)} | {cell(r.type)} | {cell(_shown(r.default), True)} | {cell(r.description)} |"
+        for r in rows(params)
+    ]
     return "\n".join(lines) + "\n"
 
 

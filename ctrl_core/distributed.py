@@ -70,7 +70,11 @@ class Dist:
         per = t.reshape(blocks, -1, *t.shape[1:])
         full = self.gather_rows(per.transpose(0, 1).contiguous())  # (W * b, blocks, ...)
         b = per.shape[1]
-        return full.reshape(self.world, b, blocks, *t.shape[1:]).permute(2, 0, 1, *range(3, t.dim() + 2)).reshape(-1, *t.shape[1:])
+        return (
+            full.reshape(self.world, b, blocks, *t.shape[1:])
+            .permute(2, 0, 1, *range(3, t.dim() + 2))
+            .reshape(-1, *t.shape[1:])
+        )
 
     def sum(self, value: float | Tensor) -> float:
         if self.world == 1:
@@ -88,7 +92,9 @@ class Dist:
             return
         params = list(params)
         present = torch.tensor([p.grad is not None for p in params], dtype=torch.float64)
-        tdist.all_reduce(present)  # a parameter no rank has a gradient for keeps grad None (no optimiser step)
+        tdist.all_reduce(
+            present
+        )  # a parameter no rank has a gradient for keeps grad None (no optimiser step)
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
         tdist.all_reduce(flat)
         i = 0

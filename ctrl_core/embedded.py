@@ -37,7 +37,9 @@ UNET_CONFIG = dict(
     norm_num_groups=8,
     num_class_embeds=NUM_CLASSES,
 )
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon"
+)
 
 
 def digits_dataset(split: str = "all", seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -85,7 +87,9 @@ class DigitClassifier(nn.Module):
 
 
 # --- training recipes ---------------------------------------------------------------------------------
-def train_digits_ddpm(steps: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0, log_every: int = 200):
+def train_digits_ddpm(
+    steps: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0, log_every: int = 200
+):
     """epsilon-prediction DDPM training; returns the EMA UNet."""
     torch.manual_seed(seed)
     x_all, y_all = digits_dataset("all")
@@ -96,14 +100,28 @@ def train_digits_ddpm(steps: int, batch_size: int = 128, lr: float = 2e-3, seed:
     ac = sched.alphas_cumprod
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     warmup = min(200, steps // 10 + 1)
-    lr_at = lambda i: lr * min(1.0, (i + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(i / steps * 3.14159)).item()))  # noqa: E731
+
+    def lr_at(i: int) -> float:
+        return (
+            lr
+            * min(1.0, (i + 1) / warmup)
+            * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(i / steps * 3.14159)).item()))
+        )
+
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
     for i in range(steps):
         idx = torch.randint(0, len(y_all), (batch_size,), generator=gen)
         x0, y = x_all[idx], y_all[idx]
         if torch.rand((), generator=gen) < 0.5:  # small augmentation: random 1-pixel shifts
-            x0 = torch.roll(x0, shifts=(int(torch.randint(-1, 2, (), generator=gen)), int(torch.randint(-1, 2, (), generator=gen))), dims=(2, 3))
+            x0 = torch.roll(
+                x0,
+                shifts=(
+                    int(torch.randint(-1, 2, (), generator=gen)),
+                    int(torch.randint(-1, 2, (), generator=gen)),
+                ),
+                dims=(2, 3),
+            )
         t = torch.randint(0, len(ac), (batch_size,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         a = ac[t].sqrt()[:, None, None, None]
@@ -149,10 +167,14 @@ def train_classifier(epochs: int = 30, seed: int = 0, batch_size: int = 128) -> 
 
 
 # --- shipped weights ----------------------------------------------------------------------------------
-def save_builtin(unet, clf: DigitClassifier | None, directory: Path = WEIGHTS_DIR, info: dict | None = None) -> None:
+def save_builtin(
+    unet, clf: DigitClassifier | None, directory: Path = WEIGHTS_DIR, info: dict | None = None
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     atomic_save_weights(unet.state_dict(), directory / "digits_unet.safetensors")
-    atomic_write_json({"unet": UNET_CONFIG, "scheduler": SCHEDULER_CONFIG, **(info or {})}, directory / "digits_config.json")
+    atomic_write_json(
+        {"unet": UNET_CONFIG, "scheduler": SCHEDULER_CONFIG, **(info or {})}, directory / "digits_config.json"
+    )
     if clf is not None:
         atomic_save_weights(clf.state_dict(), directory / "digits_classifier.safetensors")
 
@@ -183,8 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     clf, acc = train_classifier(args.classifier_epochs, args.seed)
     print(f"classifier val accuracy {acc:.3f} ({time.time() - t0:.0f}s)")
     unet = train_digits_ddpm(args.steps, seed=args.seed)
-    info = {"recipe": {"steps": args.steps, "seed": args.seed, "classifier_epochs": args.classifier_epochs},
-            "classifier_val_accuracy": acc, "train_seconds": round(time.time() - t0, 1)}
+    info = {
+        "recipe": {"steps": args.steps, "seed": args.seed, "classifier_epochs": args.classifier_epochs},
+        "classifier_val_accuracy": acc,
+        "train_seconds": round(time.time() - t0, 1),
+    }
     save_builtin(unet, clf, args.out, info)
     print(f"saved to {args.out} in {time.time() - t0:.0f}s")
 

@@ -99,7 +99,9 @@ def evaluate(
                 base_r.append(reward_fn(base.sample, c).float())
                 tuned_r.append(reward_fn(tuned.sample, c).float())
                 kls.append(running_kl(pol.schedule, tuned).float())
-                if tuned.stochastic.any():  # a chain with no random step (ode, heun, one DDPM step) has no path KL
+                if (
+                    tuned.stochastic.any()
+                ):  # a chain with no random step (ode, heun, one DDPM step) has no path KL
                     exact_kls.append(exact_path_kl(pol, tuned).float())
                 if j == 0 and keep_samples:
                     kept["base"][f"{sampler}/{n}"] = base.sample[:keep_samples].clone()
@@ -121,7 +123,9 @@ def training_sampler(solver: str, eta: float | None = None) -> str | None:
     return {1.0: "ddpm", 0.0: "ddim"}.get(float(eta))
 
 
-def robustness_ratio(results: dict[str, dict[str, Cell]], train_steps: int, train_sampler: str | None = "ddpm") -> dict:
+def robustness_ratio(
+    results: dict[str, dict[str, Cell]], train_steps: int, train_sampler: str | None = "ddpm"
+) -> dict:
     """min over step counts of gain / gain at the training step count, per sampler and overall.
 
     The reference gain is the training sampler's at the training step count (when evaluated), else the
@@ -131,7 +135,9 @@ def robustness_ratio(results: dict[str, dict[str, Cell]], train_steps: int, trai
     by_solver = {canonical_solver(smp): cells for smp, cells in results.items()}
     ref_cells = by_solver.get(canonical_solver(train_sampler), {}) if train_sampler is not None else {}
     ref = ref_cells.get(str(train_steps))
-    ref_gain = ref.gain if ref is not None else max(c.gain for cells in results.values() for c in cells.values())
+    ref_gain = (
+        ref.gain if ref is not None else max(c.gain for cells in results.values() for c in cells.values())
+    )
     out: dict[str, float | None] = {}
     if ref_gain <= 0:  # no gain to be robust about: the ratio is undefined (None, not NaN: JSON/KFP safe)
         return {"reference_gain": ref_gain, "overall": None}

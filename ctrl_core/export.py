@@ -60,8 +60,10 @@ def base_pipeline(checkpoint_dir: str | os.PathLike) -> tuple[type, dict]:
         require_safetensors(d / "unet" / "diffusion_pytorch_model.safetensors")
         unet = UNet2DModel.from_pretrained(d / "unet", use_safetensors=True, local_files_only=True).eval()
         return DDPMPipeline, {"unet": unet, "scheduler": _scheduler(d / "scheduler")}
-    raise ValueError(f"{d}: not a checkpoint folder this pipeline can export (expected digits_config.json, or "
-                     "unet/ and scheduler/)")
+    raise ValueError(
+        f"{d}: not a checkpoint folder this pipeline can export (expected digits_config.json, or "
+        "unet/ and scheduler/)"
+    )
 
 
 def merged_unet(unet: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
@@ -70,12 +72,18 @@ def merged_unet(unet: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
 
     a = Path(adapter_dir)
     if not (a / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{a}: no adapter_config.json (a LoRA adapter folder written by save_adapter)")
-    require_safetensors(a / "adapter_model.safetensors")  # peft would fall back to a pickled adapter_model.bin
+        raise FileNotFoundError(
+            f"{a}: no adapter_config.json (a LoRA adapter folder written by save_adapter)"
+        )
+    require_safetensors(
+        a / "adapter_model.safetensors"
+    )  # peft would fall back to a pickled adapter_model.bin
     return PeftModel.from_pretrained(unet, a).merge_and_unload().eval()
 
 
-def export_fused(checkpoint_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+def export_fused(
+    checkpoint_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike
+) -> dict:
     """Write the base pipeline of ``checkpoint_dir`` with the LoRA of ``adapter_dir`` merged into its UNet to
     ``out_dir`` (replaced whole, atomically). Returns what ``export.json`` records."""
     from .io import atomic_folder
@@ -105,10 +113,14 @@ def run_inputs(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     root = Path(run_dir)
     found = {
         "checkpoint": sorted(p.parent for p in root.glob("kfp/*/fetch-checkpoint/checkpoint/manifest.json")),
-        "adapter": sorted(p.parent for p in root.glob("kfp/*/ctrl-optimize/adapter/adapter/adapter_config.json")),
+        "adapter": sorted(
+            p.parent for p in root.glob("kfp/*/ctrl-optimize/adapter/adapter/adapter_config.json")
+        ),
     }
     for what, paths in found.items():
         if len(paths) != 1:
-            raise FileNotFoundError(f"{root}: expected one {what} folder of a `ctrl run`, found "
-                                    f"{[str(p) for p in paths] or 'none'}; pass --checkpoint and --adapter")
+            raise FileNotFoundError(
+                f"{root}: expected one {what} folder of a `ctrl run`, found "
+                f"{[str(p) for p in paths] or 'none'}; pass --checkpoint and --adapter"
+            )
     return found["checkpoint"][0], found["adapter"][0]

@@ -61,7 +61,9 @@ def _pillow_major() -> int:
     return int(PIL.__version__.split(".")[0])
 
 
-def pillow_height_first(in_hw: tuple[int, int], out_hw: tuple[int, int], pillow_major: int | None = None) -> bool:
+def pillow_height_first(
+    in_hw: tuple[int, int], out_hw: tuple[int, int], pillow_major: int | None = None
+) -> bool:
     """Does Pillow filter height before width for this resize? Before Pillow 13: never. Pillow 13
     (python-pillow/Pillow#9549, "if height is scaled down significantly more than width, resize vertically
     first"): when the height shrinks and the width changes, and the height loses more than twice as many pixels

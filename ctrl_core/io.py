@@ -38,7 +38,9 @@ def require_safetensors(path: str | os.PathLike) -> str:
     if not p.is_file():
         raise FileNotFoundError(f"weights file not found: {p}")
     if p.suffix != ".safetensors":
-        raise UnsafeWeightsError(f"{p}: only .safetensors weights are accepted (pickled checkpoints can execute code)")
+        raise UnsafeWeightsError(
+            f"{p}: only .safetensors weights are accepted (pickled checkpoints can execute code)"
+        )
     with open(p, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
@@ -71,7 +73,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def atomic_save_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+def atomic_save_weights(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
+) -> None:
     """Save to ``path`` so that a reader sees either the old file or the complete new one, never half."""
     with atomic_file(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)

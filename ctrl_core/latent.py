@@ -195,7 +195,9 @@ class LatentProblem(Problem):
     prompts: list[str]
     vae: nn.Module
     tiny_decoder_dir: Path | None = None
-    compile_mode: str = ""  # model.compile: also applied to the decoders (the VAE decode costs more than a UNet step)
+    compile_mode: str = (
+        ""  # model.compile: also applied to the decoders (the VAE decode costs more than a UNet step)
+    )
 
     def wrap_reward(self, reward_fn: Callable) -> Callable:
         """The image reward as a reward over latents, through the VAE (``latent_reward``)."""
@@ -215,10 +217,14 @@ class LatentProblem(Problem):
         if decoder != "tiny":
             raise ValueError(f"value.xhat_decoder must be vae or tiny, got {decoder!r}")
         if self.tiny_decoder_dir is None:
-            raise ValueError("value.xhat_decoder=tiny needs a tiny decoder folder (vae_tiny/ in the checkpoint)")
+            raise ValueError(
+                "value.xhat_decoder=tiny needs a tiny decoder folder (vae_tiny/ in the checkpoint)"
+            )
         from .models import compute_device
 
-        tiny = load_tiny_decoder(self.tiny_decoder_dir).to(compute_device(), next(self.vae.parameters()).dtype)
+        tiny = load_tiny_decoder(self.tiny_decoder_dir).to(
+            compute_device(), next(self.vae.parameters()).dtype
+        )
         if self.compile_mode:
             tiny.decoder.compile(mode=self.compile_mode)
         return latent_reward(reward_fn, tiny, prompts=self.prompts)
@@ -273,7 +279,11 @@ def distill_tiny_decoder(
     q = next(tiny.parameters())  # (the tiny decoder trains in its own dtype and device; the loss in float32)
 
     def tiny_decode(z: Tensor) -> Tensor:
-        return tiny.decode((z / tiny_scale).to(q.device, q.dtype), return_dict=False)[0].float().to(latents.device)
+        return (
+            tiny.decode((z / tiny_scale).to(q.device, q.dtype), return_dict=False)[0]
+            .float()
+            .to(latents.device)
+        )
 
     def mse() -> float:
         with torch.no_grad():
@@ -329,7 +339,9 @@ def latent_problem(
     from .models import compute_device
 
     vae.to(compute_device())  # the decode for the reward runs where the UNet does
-    if autocast_dtype == torch.bfloat16:  # and in bf16 with a bf16 UNet (the decode costs more than a UNet step);
+    if (
+        autocast_dtype == torch.bfloat16
+    ):  # and in bf16 with a bf16 UNet (the decode costs more than a UNet step);
         nn.Module.to(vae, dtype=torch.bfloat16)  # fp16 keeps float32 (diffusers' force_upcast: SD's VAE
         # overflows in fp16); nn.Module.to: diffusers' .to warns about fp32-kept modules, of which it has none
     model = LatentScoreModel(
@@ -391,12 +403,24 @@ def load_sd_folder(path: str | Path) -> dict:
         for f in files:
             require_safetensors(f)
     variant = lambda sub, name: weight_variant([f.name for f in (d / sub).iterdir()], name)  # noqa: E731  (.fp16 only)
-    unet = UNet2DConditionModel.from_pretrained(d / "unet", use_safetensors=True, local_files_only=True,
-                                                variant=variant("unet", "diffusion_pytorch_model")).eval()
-    vae = AutoencoderKL.from_pretrained(d / "vae", use_safetensors=True, local_files_only=True,
-                                        variant=variant("vae", "diffusion_pytorch_model")).eval()
-    text_encoder = CLIPTextModel.from_pretrained(d / "text_encoder", use_safetensors=True, local_files_only=True,
-                                                 variant=variant("text_encoder", "model")).eval()
+    unet = UNet2DConditionModel.from_pretrained(
+        d / "unet",
+        use_safetensors=True,
+        local_files_only=True,
+        variant=variant("unet", "diffusion_pytorch_model"),
+    ).eval()
+    vae = AutoencoderKL.from_pretrained(
+        d / "vae",
+        use_safetensors=True,
+        local_files_only=True,
+        variant=variant("vae", "diffusion_pytorch_model"),
+    ).eval()
+    text_encoder = CLIPTextModel.from_pretrained(
+        d / "text_encoder",
+        use_safetensors=True,
+        local_files_only=True,
+        variant=variant("text_encoder", "model"),
+    ).eval()
     tokenizer = CLIPTokenizer.from_pretrained(d / "tokenizer", local_files_only=True)
     # offline, a tokenizer with missing files can load as a handful of special tokens: check its size
     if len(tokenizer) != text_encoder.config.vocab_size:
@@ -426,7 +450,9 @@ def sd_folder_problem(
     """``latent_problem`` for a local SD folder; prompts from ``prompts_file`` or the folder's prompts.txt;
     ``autocast`` one of AUTOCAST_DTYPES' names ("", "bf16", "fp16")."""
     if autocast not in AUTOCAST_DTYPES:
-        raise ValueError(f"model.autocast: {autocast!r} is not one of {sorted(k for k in AUTOCAST_DTYPES if k)}")
+        raise ValueError(
+            f"model.autocast: {autocast!r} is not one of {sorted(k for k in AUTOCAST_DTYPES if k)}"
+        )
     d = Path(path)
     pf = Path(prompts_file) if str(prompts_file) else d / PROMPTS_FILE
     if not pf.is_file():

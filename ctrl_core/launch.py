@@ -48,7 +48,9 @@ def check_split(params, name: str, n: int) -> None:
         raise LaunchError(f"{', '.join(bad)}: must be a multiple of the number of processes ({n})")
 
 
-def run_step_data_parallel(name: str, params_json: str, checkpoint: str, out_dir: str, value_dir: str | None = None) -> dict:
+def run_step_data_parallel(
+    name: str, params_json: str, checkpoint: str, out_dir: str, value_dir: str | None = None
+) -> dict:
     """For the KFP components: run ``ctrl step NAME`` over ``num_processes()`` processes and return the step's
     result (read back from the outputs rank 0 wrote)."""
     import tempfile
@@ -60,8 +62,21 @@ def run_step_data_parallel(name: str, params_json: str, checkpoint: str, out_dir
     check_split(from_json(params_json), name, num_processes())
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
         fh.write(yaml.safe_dump(json.loads(params_json)))  # (PyYAML reads JSON's 1e-05 as a string)
-    argv = ["step", name, "--params", fh.name, "--checkpoint", checkpoint, "--num-processes", str(num_processes())]
-    argv += ["--value", value_dir or out_dir] if name == "pretrain_value" else ["--value", value_dir or "", "--optimize-dir", out_dir]
+    argv = [
+        "step",
+        name,
+        "--params",
+        fh.name,
+        "--checkpoint",
+        checkpoint,
+        "--num-processes",
+        str(num_processes()),
+    ]
+    argv += (
+        ["--value", value_dir or out_dir]
+        if name == "pretrain_value"
+        else ["--value", value_dir or "", "--optimize-dir", out_dir]
+    )
     if name == "pretrain_value":
         argv[argv.index("--value") + 1] = out_dir
     try:
@@ -100,11 +115,30 @@ def launch_data_parallel(n: int, step_argv: list[str], launcher: str | None = No
     import subprocess
 
     if launcher_name(launcher) == "accelerate":
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={n}",
-               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
-               f"--main_process_port={_free_port()}", "-m", STEP_MODULE, *step_argv]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            f"--num_processes={n}",
+            "--num_machines=1",
+            "--mixed_precision=no",
+            "--dynamo_backend=no",
+            f"--main_process_port={_free_port()}",
+            "-m",
+            STEP_MODULE,
+            *step_argv,
+        ]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", STEP_MODULE, *step_argv]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={n}",
+            "-m",
+            STEP_MODULE,
+            *step_argv,
+        ]
     print(f"launching {n} processes: {' '.join(cmd)}", file=sys.stderr, flush=True)
     return subprocess.call(cmd, env={**os.environ, NUM_PROCESSES_ENV: "1"})

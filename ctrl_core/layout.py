@@ -25,8 +25,11 @@ PIPELINE_UNUSED_FOLDERS = ("safety_checker", "feature_extractor")
 PROJECT_TOP_FILES = ("data.safetensors",)
 # name[-shard][.variant][-shard].safetensors: diffusers/transformers' current ("name.fp16-00001-of-00002") and
 # legacy ("name-00001-of-00002.fp16") variant shard names
-_WEIGHT_NAME_RE = re.compile(r"^(?P<base>[^.]+?)(?P<legacy_shard>-\d+-of-\d+)?(?:\.(?P<variant>[A-Za-z0-9_]+))?"
-                             r"(?P<shard>-\d+-of-\d+)?\.safetensors$", re.IGNORECASE)
+_WEIGHT_NAME_RE = re.compile(
+    r"^(?P<base>[^.]+?)(?P<legacy_shard>-\d+-of-\d+)?(?:\.(?P<variant>[A-Za-z0-9_]+))?"
+    r"(?P<shard>-\d+-of-\d+)?\.safetensors$",
+    re.IGNORECASE,
+)
 
 
 def is_pipeline_layout(rels: list[str]) -> bool:
@@ -60,13 +63,19 @@ def select_pipeline_files(rels: list[str]) -> tuple[list[str], list[str]]:
     for r in rels:
         folder, _, name = r.rpartition("/")
         weight = name.lower().endswith(".safetensors") or is_unsafe_weight_name(name)
-        if (not folder and weight and name not in PROJECT_TOP_FILES) or folder.split("/", 1)[0] in PIPELINE_UNUSED_FOLDERS:
-            skip.append(r)  # a single-file checkpoint (the component folders hold the same weights), or unused
+        if (not folder and weight and name not in PROJECT_TOP_FILES) or folder.split("/", 1)[
+            0
+        ] in PIPELINE_UNUSED_FOLDERS:
+            skip.append(
+                r
+            )  # a single-file checkpoint (the component folders hold the same weights), or unused
         else:
             by_folder.setdefault(folder, []).append(name)
     for folder, names in by_folder.items():
         has_safetensors = any(n.lower().endswith(".safetensors") for n in names)
-        chosen = {b: weight_variant(names, b) for b in {m["base"] for m in map(_WEIGHT_NAME_RE.match, names) if m}}
+        chosen = {
+            b: weight_variant(names, b) for b in {m["base"] for m in map(_WEIGHT_NAME_RE.match, names) if m}
+        }
         for n in names:
             m = _WEIGHT_NAME_RE.match(n)
             if m:
@@ -74,7 +83,9 @@ def select_pipeline_files(rels: list[str]) -> tuple[list[str], list[str]]:
             elif is_unsafe_weight_name(n):
                 ok = not has_safetensors  # a twin of safetensors weights, or to be refused
             else:
-                ok = n.lower().endswith(".safetensors") or any(fnmatch.fnmatch(n, pat) for pat in HF_ALLOW_PATTERNS)
+                ok = n.lower().endswith(".safetensors") or any(
+                    fnmatch.fnmatch(n, pat) for pat in HF_ALLOW_PATTERNS
+                )
             (keep if ok else skip).append(f"{folder}/{n}" if folder else n)
     return sorted(keep), sorted(skip)
 

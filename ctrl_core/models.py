@@ -63,7 +63,11 @@ class AffineCorrection(nn.Module):
         super().__init__()
         self.dim, self.time_features = dim, time_features
         self.net = nn.Sequential(
-            nn.Linear(time_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2 * dim)
+            nn.Linear(time_features, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 2 * dim),
         )
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
@@ -84,7 +88,9 @@ class GaussianScoreModel(ScoreModel):
         self.register_buffer("data_mean", torch.as_tensor(mean, dtype=torch.float32).flatten())
         self.register_buffer("data_std", torch.as_tensor(std, dtype=torch.float32).flatten())
         if self.data_mean.shape != self.data_std.shape:
-            raise ValueError(f"mean and std shapes differ: {tuple(self.data_mean.shape)} vs {tuple(self.data_std.shape)}")
+            raise ValueError(
+                f"mean and std shapes differ: {tuple(self.data_mean.shape)} vs {tuple(self.data_std.shape)}"
+            )
         if torch.any(self.data_std <= 0):
             raise ValueError("data std must be > 0 in every dimension")
         self.correction = correction
@@ -170,7 +176,12 @@ class DiffusersScoreModel(ScoreModel):
             targets = [t for t in lora_targets if t in present]
             if not targets:
                 raise ValueError(f"none of the LoRA target modules {lora_targets} exist in the UNet")
-            cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=targets, init_lora_weights=True)
+            cfg = LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_alpha or lora_rank,
+                target_modules=targets,
+                init_lora_weights=True,
+            )
             self.net = get_peft_model(unet, cfg)
         else:
             self.net = unet
@@ -179,7 +190,9 @@ class DiffusersScoreModel(ScoreModel):
     def base_unet(self) -> nn.Module:
         return self.net.get_base_model() if self.has_adapter else self.net
 
-    def compile_unet(self, mode: str = "default", backend: str = "inductor", dynamic: bool | None = None) -> None:
+    def compile_unet(
+        self, mode: str = "default", backend: str = "inductor", dynamic: bool | None = None
+    ) -> None:
         """``torch.compile`` the UNet's forward in place (``nn.Module.compile``): its parameters, state-dict keys
         and LoRA layers stay the same objects, so the optimiser, adapter I/O and checkpoints do not change. The
         adapter switch of ``pretrained()`` is a module flag that dynamo guards on: mu_pre gets its own graph.
@@ -252,7 +265,9 @@ class DiffusersScoreModel(ScoreModel):
         if channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
         net = self._net_for_call()
-        if net is not self.net:  # the merged copy holds its weights in the sampling dtype (times stay float32)
+        if (
+            net is not self.net
+        ):  # the merged copy holds its weights in the sampling dtype (times stay float32)
             x_in = x_in.to(net.dtype)
             c_in = c_in.to(net.dtype) if isinstance(c_in, Tensor) and c_in.is_floating_point() else c_in
         if self.conditional_2d:
@@ -265,7 +280,9 @@ class DiffusersScoreModel(ScoreModel):
 
     def score(self, s: Tensor, x: Tensor, c: Tensor | None) -> Tensor:
         out = self.model_output(s, x, c)
-        return score_from_model_output(out, x, self.schedule.alpha(s), self.schedule.sigma(s), self.prediction_type)
+        return score_from_model_output(
+            out, x, self.schedule.alpha(s), self.schedule.sigma(s), self.prediction_type
+        )
 
     @contextlib.contextmanager
     def pretrained(self):
@@ -309,7 +326,9 @@ class DiffusersScoreModel(ScoreModel):
         self.adapter_changed()
 
 
-DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE: what it loads by default
+DIFFUSERS_LORA_FILE = (
+    "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE: what it loads by default
+)
 
 
 def save_diffusers_lora(peft_unet: nn.Module, directory: str | os.PathLike) -> None:
@@ -324,7 +343,9 @@ def save_diffusers_lora(peft_unet: nn.Module, directory: str | os.PathLike) -> N
     from peft import get_peft_model_state_dict
 
     name = peft_unet.active_adapter
-    layers = get_peft_model_state_dict(peft_unet.get_base_model(), adapter_name=name)  # keys without base_model.model.
+    layers = get_peft_model_state_dict(
+        peft_unet.get_base_model(), adapter_name=name
+    )  # keys without base_model.model.
     StableDiffusionLoraLoaderMixin.save_lora_weights(
         directory,
         unet_lora_layers={k: v.detach().to("cpu").contiguous() for k, v in layers.items()},
@@ -350,7 +371,9 @@ class MergedSampler:
         else:
             unet = copy.deepcopy(base)
         unet.requires_grad_(False).eval()
-        if dtype is not None:  # every module (nn.Module.to: diffusers' .to warns about fp32-kept modules, none here)
+        if (
+            dtype is not None
+        ):  # every module (nn.Module.to: diffusers' .to warns about fp32-kept modules, none here)
             nn.Module.to(unet, dtype=dtype)
         self.fused = bool(fuse_qkv)
         if self.fused:

@@ -16,8 +16,20 @@ from pydantic import ValidationError
 
 from .config import BLOCKS, Params
 
-__all__ = ["BLOCKS", "Params", "ParamsError", "SEP", "flatten", "from_json", "kfp_parameter_types", "load",
-           "parameter_descriptions", "parse_override", "unflatten", "validate"]
+__all__ = [
+    "BLOCKS",
+    "Params",
+    "ParamsError",
+    "SEP",
+    "flatten",
+    "from_json",
+    "kfp_parameter_types",
+    "load",
+    "parameter_descriptions",
+    "parse_override",
+    "unflatten",
+    "validate",
+]
 
 
 class ParamsError(ValueError):
@@ -89,7 +101,11 @@ SEP = "__"
 
 def flatten(params: Params) -> dict[str, Any]:
     """{'optimize__beta': 0.01, ...}: identifiers usable as KFP pipeline parameter names."""
-    return {f"{block}{SEP}{key}": value for block, fields in params.model_dump().items() for key, value in fields.items()}
+    return {
+        f"{block}{SEP}{key}": value
+        for block, fields in params.model_dump().items()
+        for key, value in fields.items()
+    }
 
 
 def unflatten(flat: dict[str, Any]) -> Params:
@@ -133,11 +149,17 @@ def _kfp_type(annotation: Any) -> type:
 
 def kfp_parameter_types() -> dict[str, type]:
     """``block__key`` -> the KFP parameter annotation, from the config's field types."""
-    return {f"{block}{SEP}{key}": _kfp_type(f.annotation)
-            for block, bf in Params.model_fields.items() for key, f in bf.annotation.model_fields.items()}
+    return {
+        f"{block}{SEP}{key}": _kfp_type(f.annotation)
+        for block, bf in Params.model_fields.items()
+        for key, f in bf.annotation.model_fields.items()
+    }
 
 
 def parameter_descriptions() -> dict[str, str]:
     """``block__key`` -> the field's description (the KFP UI shows it next to the parameter)."""
-    return {f"{block}{SEP}{key}": " ".join(f.description.split())
-            for block, bf in Params.model_fields.items() for key, f in bf.annotation.model_fields.items()}
+    return {
+        f"{block}{SEP}{key}": " ".join(f.description.split())
+        for block, bf in Params.model_fields.items()
+        for key, f in bf.annotation.model_fields.items()
+    }

@@ -98,7 +98,9 @@ class GaussianScorePolicy:
     is treated as deterministic.
     """
 
-    def __init__(self, model: ScoreModel, solver: str = "ddpm", eta: float | None = None, min_std: float = 1e-4):
+    def __init__(
+        self, model: ScoreModel, solver: str = "ddpm", eta: float | None = None, min_std: float = 1e-4
+    ):
         self.model = model
         self.schedule = model.schedule
         self.solver = canonical_solver(solver)
@@ -208,9 +210,12 @@ def exact_path_kl(policy: GaussianScorePolicy, traj: Trajectory, steps: list[int
     the steps, rescaled like ``running_kl``. A deterministic sampler (DDIM, Heun) has no path density, so it has
     no finite path KL: that is a ValueError, not a number."""
     if policy.solver == "heun" or not any(
-        policy.coefficients(float(traj.grid[k]), float(traj.grid[k + 1])).stochastic for k in range(traj.num_steps)
+        policy.coefficients(float(traj.grid[k]), float(traj.grid[k + 1])).stochastic
+        for k in range(traj.num_steps)
     ):
-        raise ValueError(f"the {policy.solver!r} chain (eta={policy.eta}) is deterministic: it has no path KL")
+        raise ValueError(
+            f"the {policy.solver!r} chain (eta={policy.eta}) is deterministic: it has no path KL"
+        )
     steps = sorted(traj.ref_means) if steps is None else steps
     if not steps:
         raise ValueError("no reference means were recorded: sample with reference_steps")
@@ -271,7 +276,9 @@ def sample(
                     if noise_rows is None:
                         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
                     else:
-                        noise = torch.randn((noise_rows[0], *x.shape[1:]), generator=generator, dtype=x.dtype)[noise_rows[1]]
+                        noise = torch.randn(
+                            (noise_rows[0], *x.shape[1:]), generator=generator, dtype=x.dtype
+                        )[noise_rows[1]]
                     x_next = mean + coef.std.to(x.dtype) * noise
                     log_probs[k] = policy.log_prob(coef, x, x_next, mu)
                     stochastic[k] = True

@@ -131,7 +131,9 @@ def ratio_score(
     yf = y.flatten(1).to(torch.float64)  # (B, D)
     xf = data.flatten(1).to(torch.float64)  # (N, D)
     if (conditions is None) != (data_labels is None):
-        raise ValueError("ratio_score: conditions and data_labels go together (conditional score) or not at all")
+        raise ValueError(
+            "ratio_score: conditions and data_labels go together (conditional score) or not at all"
+        )
     if num_samples is None:
         # logits_i = (alpha y.x_i - alpha^2 ||x_i||^2 / 2) / sigma^2 (the ||y||^2 term cancels in the softmax)
         logits = (alpha * (yf @ xf.T) - 0.5 * alpha**2 * xf.pow(2).sum(1)[None, :]) / var  # (B, N)
@@ -155,8 +157,14 @@ def ratio_score(
     return score.reshape(y.shape).to(y.dtype)
 
 
-def ratio_sample_index(num_data: int, B: int, num_samples: int, generator: torch.Generator | None = None,
-                       conditions: Tensor | None = None, data_labels: Tensor | None = None) -> Tensor:
+def ratio_sample_index(
+    num_data: int,
+    B: int,
+    num_samples: int,
+    generator: torch.Generator | None = None,
+    conditions: Tensor | None = None,
+    data_labels: Tensor | None = None,
+) -> Tensor:
     """(B, m) indices of the data samples each row's ratio estimate uses, drawn with replacement (with
     ``conditions``: among the samples of the row's class)."""
     if num_samples < 1:
@@ -180,11 +188,15 @@ class RatioScoreModel(ScoreModel):
         super().__init__()
         self.schedule = schedule
         self.register_buffer("data", data.detach().float().clone())
-        self.register_buffer("data_labels", None if data_labels is None else data_labels.detach().long().clone())
+        self.register_buffer(
+            "data_labels", None if data_labels is None else data_labels.detach().long().clone()
+        )
 
     def score(self, s: Tensor, x: Tensor, c: Tensor | None = None) -> Tensor:
         labels = self.data_labels if c is not None else None
-        return ratio_score(self.schedule, s, x, self.data, None, None, c if labels is not None else None, labels)
+        return ratio_score(
+            self.schedule, s, x, self.data, None, None, c if labels is not None else None, labels
+        )
 
     def pretrained(self):
         return contextlib.nullcontext()
@@ -196,7 +208,13 @@ class EpsMLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 128, depth: int = 3, time_features: int = 16):
         super().__init__()
-        self.spec = {"kind": "mlp", "dim": dim, "hidden": hidden, "depth": depth, "time_features": time_features}
+        self.spec = {
+            "kind": "mlp",
+            "dim": dim,
+            "hidden": hidden,
+            "depth": depth,
+            "time_features": time_features,
+        }
         layers: list[nn.Module] = [nn.Linear(dim + time_features, hidden), nn.SiLU()]
         for _ in range(depth - 1):
             layers += [nn.Linear(hidden, hidden), nn.SiLU()]
@@ -265,7 +283,9 @@ class QLearningScoreModel(ScoreModel):
     @contextlib.contextmanager
     def pretrained(self) -> Iterator[None]:
         if self.reference is None:
-            raise ValueError("this q-learning model has no reference score (pass reference=RatioScoreModel(...))")
+            raise ValueError(
+                "this q-learning model has no reference score (pass reference=RatioScoreModel(...))"
+            )
         prev, self._use_reference = self._use_reference, True
         try:
             yield
@@ -290,8 +310,10 @@ class QLearningScoreModel(ScoreModel):
         else:
             raise TypeError(f"cannot save schedule {type(self.schedule).__name__}")
         atomic_save_weights(tensors, d / "model.safetensors")
-        atomic_write_json({"format": "qlearning-score-model/1", "net": self.net.spec, "schedule": sched, **(extra or {})},
-                          d / "qlearning_config.json")
+        atomic_write_json(
+            {"format": "qlearning-score-model/1", "net": self.net.spec, "schedule": sched, **(extra or {})},
+            d / "qlearning_config.json",
+        )
 
     @classmethod
     def load(cls, directory: str | Path, reference: ScoreModel | None = None) -> QLearningScoreModel:
@@ -355,20 +377,33 @@ class LinkedCritic(nn.Module):
         xh = self.x_hat(s, y, c)
         return xh, self.value.reward_fn(xh, c).float()
 
-    def forward(self, s: Tensor, y: Tensor, c: Tensor | None = None, terms: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, s: Tensor, y: Tensor, c: Tensor | None = None, terms: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         xh, rm = terms if terms is not None else self.reward_terms(s, y, c)
         return self.value(s.float(), y, c, xh, rm)
 
 
-def make_critic(x_shape: tuple[int, ...], num_classes: int = 0, kind: str = "free", model: ScoreModel | None = None,
-                reward_fn: RewardFn | None = None, beta: float = 0.0, link: str = "cos_sin") -> nn.Module:
+def make_critic(
+    x_shape: tuple[int, ...],
+    num_classes: int = 0,
+    kind: str = "free",
+    model: ScoreModel | None = None,
+    reward_fn: RewardFn | None = None,
+    beta: float = 0.0,
+    link: str = "cos_sin",
+) -> nn.Module:
     """The critic J_Theta: ``free`` a residual net alone; ``linked`` (``LinkedCritic``) CTRL's value network with
     the reward at the reference model's Tweedie prediction (needs model, reward_fn and beta > 0)."""
     from .value import ConvResidual, MLPResidual
 
     if kind not in CRITICS:
         raise ValueError(f"unknown critic {kind!r}: choose one of {CRITICS}")
-    residual = MLPResidual(x_shape[0]) if len(x_shape) == 1 else ConvResidual(channels=x_shape[0], width=32, num_classes=num_classes)
+    residual = (
+        MLPResidual(x_shape[0])
+        if len(x_shape) == 1
+        else ConvResidual(channels=x_shape[0], width=32, num_classes=num_classes)
+    )
     if kind == "free" or beta == 0:
         return Critic(residual)
     if model is None or reward_fn is None:
@@ -459,7 +494,9 @@ class QLearningTrainer(TrainerBase):
         self.reward_fn = reward_fn
         self.x_shape = tuple(x_shape) if x_shape is not None else tuple(self.data.shape[1:])
         if self.x_shape != tuple(self.data.shape[1:]):
-            raise ValueError(f"data samples have shape {tuple(self.data.shape[1:])}, the model's x_shape is {self.x_shape}")
+            raise ValueError(
+                f"data samples have shape {tuple(self.data.shape[1:])}, the model's x_shape is {self.x_shape}"
+            )
         self.critic = critic if critic is not None else make_critic(self.x_shape, kind=config.critic, model=model,
                                                                     reward_fn=reward_fn, beta=config.reward_weight)  # fmt: skip
         self.condition_sampler = condition_sampler
@@ -488,7 +525,9 @@ class QLearningTrainer(TrainerBase):
         if m is not None:
             idx = ratio_sample_index(len(self.data), self.cfg.batch_size, m, self.generator,
                                      c_global if labels is not None else None, labels)[self.rows]  # fmt: skip
-        return ratio_score(self.schedule, s, y, self.data, m, None, c if labels is not None else None, labels, idx=idx)
+        return ratio_score(
+            self.schedule, s, y, self.data, m, None, c if labels is not None else None, labels, idx=idx
+        )
 
     def terminal(self, y: Tensor, c: Tensor | None) -> Tensor:
         """J(T, y) = beta h(y), the boundary condition."""
@@ -545,7 +584,12 @@ class QLearningTrainer(TrainerBase):
         J = torch.empty(K + 1, B)
         # one batched critic call for the states at t_0..t_{K-1} and the counterfactual states at t_1..t_{K-1}
         s_all = torch.cat([grid[:K].repeat_interleave(B), grid[1:K].repeat_interleave(B)])
-        y_all = torch.cat([ro.states[:K].reshape(K * B, *self.x_shape), ro.counterfactual[: K - 1].reshape((K - 1) * B, *self.x_shape)])
+        y_all = torch.cat(
+            [
+                ro.states[:K].reshape(K * B, *self.x_shape),
+                ro.counterfactual[: K - 1].reshape((K - 1) * B, *self.x_shape),
+            ]
+        )
         c_all = None if c is None else c.repeat(2 * K - 1)
         terms = self._reward_terms(s_all, y_all, c_all)  # a linked critic's beta h(x_hat): once per state
         chunks = [slice(j, j + 4096) for j in range(0, len(s_all), 4096)]
@@ -554,7 +598,9 @@ class QLearningTrainer(TrainerBase):
         J[:K] = v[: K * B].view(K, B)
         J_cf = torch.empty(K, B)  # J(t_{k+1}, Y'_{k+1})
         J_cf[: K - 1] = v[K * B :].view(K - 1, B)
-        h = self.reward(ro.states[K], c)  # the samples' reward: J(T, .) = beta h, and the iteration's statistic
+        h = self.reward(
+            ro.states[K], c
+        )  # the samples' reward: J(T, .) = beta h, and the iteration's statistic
         J[K] = cfg.reward_weight * h if cfg.reward_weight != 0 else torch.zeros(B)
         J_cf[K - 1] = self.terminal(ro.counterfactual[K - 1], c)
         rq = torch.empty(K, B, dtype=torch.float64)
@@ -567,7 +613,9 @@ class QLearningTrainer(TrainerBase):
         # value_terms = "reward": the critic carries only beta h (the running reward enters delta~ directly)
         rq_critic = rq if cfg.value_terms == "full" else torch.zeros_like(rq)
         delta = (J[1:] - J[:-1]).double() + rq_critic
-        if self.iteration < cfg.critic_warmup:  # beta = 0's exact solution has grad_y J* = 0: no critic needed
+        if (
+            self.iteration < cfg.critic_warmup
+        ):  # beta = 0's exact solution has grad_y J* = 0: no critic needed
             delta_actor = rq - rq_mean
         elif cfg.baseline == "counterfactual":
             delta_actor = (J[1:] - J_cf).double() + rq - rq_mean
@@ -607,8 +655,15 @@ class QLearningTrainer(TrainerBase):
         mine = (b >= r.start) & (b < r.stop)
         return k[mine] * (r.stop - r.start) + (b[mine] - r.start)
 
-    def _minibatch_updates(self, n: int, epochs: int, opt: torch.optim.Optimizer, params: list,
-                           loss_sum: Callable[[Tensor], Tensor], finite: str = "") -> float:
+    def _minibatch_updates(
+        self,
+        n: int,
+        epochs: int,
+        opt: torch.optim.Optimizer,
+        params: list,
+        loss_sum: Callable[[Tensor], Tensor],
+        finite: str = "",
+    ) -> float:
         """``epochs`` passes over minibatches (``minibatch_size``, 0: all) of the global batch's ``n`` (step,
         path) pairs: each rank sums ``loss_sum`` over its own pairs (indices into its rows), divided by the global
         minibatch size; gradients are summed over ranks, checked finite (raising ``finite`` when given), clipped,
@@ -629,7 +684,9 @@ class QLearningTrainer(TrainerBase):
                 losses.append(part)
         return self.dist.sum(sum(losses)) / len(losses)  # (each rank's parts: one reduction)
 
-    def critic_update(self, ro: QRollout, target: Tensor, terms: tuple[Tensor, Tensor] | None = None) -> float:
+    def critic_update(
+        self, ro: QRollout, target: Tensor, terms: tuple[Tensor, Tensor] | None = None
+    ) -> float:
         """``terms``: a linked critic's (x_hat, beta h(x_hat)) at these states, as ``increments`` computed them
         (computed here when not given). Minibatches are drawn over the global batch's (step, path) pairs; each
         rank backpropagates its own and the gradients are summed over ranks."""
@@ -645,7 +702,9 @@ class QLearningTrainer(TrainerBase):
             J = self.critic(s[i], y[i], None if c is None else c[i], terms=_rows(terms, i))
             return 0.5 * (J - tgt[i]).pow(2).sum()
 
-        return self._minibatch_updates(n, cfg.critic_epochs, self.critic_opt, list(self.critic.parameters()), loss_sum)
+        return self._minibatch_updates(
+            n, cfg.critic_epochs, self.critic_opt, list(self.critic.parameters()), loss_sum
+        )
 
     # -- actor: E int zeta dM = 0, zeta = w dq_psi/dpsi --------------------------------------------------------
     def actor_update(self, ro: QRollout, delta_actor: Tensor) -> float:
@@ -664,7 +723,11 @@ class QLearningTrainer(TrainerBase):
         delta = delta.reshape(-1)
         s_k, dt = ro.grid[steps], (ro.grid[steps] - ro.grid[[k + 1 for k in steps]])
         g2 = sch.g2(s_k).float()
-        w = (sch.sigma(s_k) ** 2 / (cfg.theta * sch.g2(s_k) * dt)).float() if cfg.test_weight == "eps" else torch.ones(len(steps))
+        w = (
+            (sch.sigma(s_k) ** 2 / (cfg.theta * sch.g2(s_k) * dt)).float()
+            if cfg.test_weight == "eps"
+            else torch.ones(len(steps))
+        )
         g2, w = g2.repeat_interleave(B), w.repeat_interleave(B)
         n = len(steps) * cfg.batch_size
 
@@ -674,8 +737,14 @@ class QLearningTrainer(TrainerBase):
             # ascent on sum_k zeta_k delta_k: minimise -w q_psi sg(delta) (gradient: -w dq/dpsi delta)
             return -(w[i] * q * delta[i]).sum()
 
-        return self._minibatch_updates(n, cfg.actor_epochs, self.opt, self.params, loss_sum,
-                                       finite="non-finite actor gradient: the step was skipped, weights are unchanged")
+        return self._minibatch_updates(
+            n,
+            cfg.actor_epochs,
+            self.opt,
+            self.params,
+            loss_sum,
+            finite="non-finite actor gradient: the step was skipped, weights are unchanged",
+        )
 
     # -- one iteration ---------------------------------------------------------------------------------------
     def step(self) -> QStats:
@@ -720,8 +789,14 @@ class QLearningTrainer(TrainerBase):
         self.critic.load_state_dict(state["critic"])
         self.critic_opt.load_state_dict(state["critic_opt"])
 
-    def sample(self, num: int, steps: int = 100, sampler: str = "sde", conditions: Tensor | None = None,
-               seed: int = 0) -> Tensor:
+    def sample(
+        self,
+        num: int,
+        steps: int = 100,
+        sampler: str = "sde",
+        conditions: Tensor | None = None,
+        seed: int = 0,
+    ) -> Tensor:
         """Samples of the learned model (mean action; sde = DDPM, ode = DDIM, or heun)."""
         return sample_model(self.model, num, self.x_shape, steps, sampler, conditions, seed)
 
@@ -729,8 +804,15 @@ class QLearningTrainer(TrainerBase):
 # --- 5. sampling and the engine adapter ---------------------------------------------------------------------------
 @torch.no_grad()
 def sample_model(
-    model: ScoreModel, num: int, x_shape: tuple[int, ...], steps: int = 100, sampler: str = "sde",
-    conditions: Tensor | None = None, seed: int = 0, batch_size: int = 1024, use_pretrained: bool = False,
+    model: ScoreModel,
+    num: int,
+    x_shape: tuple[int, ...],
+    steps: int = 100,
+    sampler: str = "sde",
+    conditions: Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = 1024,
+    use_pretrained: bool = False,
 ) -> Tensor:
     """(num, *x_shape) samples with the engine's solvers: ``sde`` (DDPM), ``ode`` (DDIM), ``heun``, ..."""
     policy = GaussianScorePolicy(model, sampler)
@@ -761,18 +843,29 @@ def qlearning_problem(
     return Problem(
         policy=GaussianScorePolicy(model, solver),
         x_shape=tuple(x_shape),
-        condition_sampler=(lambda n, g: torch.randint(0, num_classes, (n,), generator=g)) if num_classes else (lambda n, g: None),
+        condition_sampler=(lambda n, g: torch.randint(0, num_classes, (n,), generator=g))
+        if num_classes
+        else (lambda n, g: None),
         eval_conditions=(lambda n: torch.arange(n) % num_classes) if num_classes else (lambda n: None),
         make_residual=make_residual,
     )
 
 
-def scratch_model(schedule: VPSchedule, data: Tensor, data_labels: Tensor | None = None, width: int = 128,
-                  num_classes: int = 0) -> QLearningScoreModel:
+def scratch_model(
+    schedule: VPSchedule,
+    data: Tensor,
+    data_labels: Tensor | None = None,
+    width: int = 128,
+    num_classes: int = 0,
+) -> QLearningScoreModel:
     """A from-scratch actor for data of this shape (EpsMLP for vectors, EpsConvNet for images) with the data's
     ratio score as its reference."""
     x_shape = tuple(data.shape[1:])
-    net = EpsMLP(x_shape[0], hidden=width) if len(x_shape) == 1 else EpsConvNet(x_shape[0], width=width, num_classes=num_classes)
+    net = (
+        EpsMLP(x_shape[0], hidden=width)
+        if len(x_shape) == 1
+        else EpsConvNet(x_shape[0], width=width, num_classes=num_classes)
+    )
     return QLearningScoreModel(net, schedule, reference=RatioScoreModel(schedule, data, data_labels))
 
 

@@ -34,14 +34,24 @@ def digits_problem(lora_rank: int = 8, solver: str = "ddpm", weights_dir=None) -
     )
 
 
-def checkpoint_problem(checkpoint_dir, lora_rank: int = 8, solver: str = "ddpm", prompts: str = "",
-                       guidance_scale: float = 7.0, autocast: str = "", gradient_checkpointing: bool = False,
-                       compile: str = "", channels_last: bool = False, merged_sampling: bool = False) -> Problem:
+def checkpoint_problem(
+    checkpoint_dir,
+    lora_rank: int = 8,
+    solver: str = "ddpm",
+    prompts: str = "",
+    guidance_scale: float = 7.0,
+    autocast: str = "",
+    gradient_checkpointing: bool = False,
+    compile: str = "",
+    channels_last: bool = False,
+    merged_sampling: bool = False,
+) -> Problem:
     """See ``_load_checkpoint_problem``; ``compile`` (a torch.compile mode, "" for eager), ``channels_last`` and
     ``merged_sampling`` (rollouts through a LoRA-merged copy of the UNet in the autocast dtype:
     ``DiffusersScoreModel.enable_merged_sampling``) apply to the UNet of any of these checkpoints."""
-    problem = _load_checkpoint_problem(checkpoint_dir, lora_rank, solver, prompts, guidance_scale, autocast,
-                                       gradient_checkpointing)
+    problem = _load_checkpoint_problem(
+        checkpoint_dir, lora_rank, solver, prompts, guidance_scale, autocast, gradient_checkpointing
+    )
     model = problem.policy.model
     if channels_last:
         model.use_channels_last()
@@ -54,8 +64,15 @@ def checkpoint_problem(checkpoint_dir, lora_rank: int = 8, solver: str = "ddpm",
     return problem
 
 
-def _load_checkpoint_problem(checkpoint_dir, lora_rank: int, solver: str, prompts: str, guidance_scale: float,
-                             autocast: str, gradient_checkpointing: bool) -> Problem:
+def _load_checkpoint_problem(
+    checkpoint_dir,
+    lora_rank: int,
+    solver: str,
+    prompts: str,
+    guidance_scale: float,
+    autocast: str,
+    gradient_checkpointing: bool,
+) -> Problem:
     """A fetched checkpoint folder: the built-in digits format (digits_config.json), a latent text-to-image
     Stable Diffusion folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``; prompts from ``prompts`` or the
     folder's prompts.txt, classifier-free guidance ``guidance_scale``; see latent.py) or a diffusers pipeline
@@ -72,8 +89,15 @@ def _load_checkpoint_problem(checkpoint_dir, lora_rank: int, solver: str, prompt
     if latent:
         from .latent import sd_folder_problem
 
-        return sd_folder_problem(d, lora_rank, solver, prompts_file=prompts, guidance_scale=guidance_scale,
-                                 autocast=autocast, gradient_checkpointing=gradient_checkpointing)
+        return sd_folder_problem(
+            d,
+            lora_rank,
+            solver,
+            prompts_file=prompts,
+            guidance_scale=guidance_scale,
+            autocast=autocast,
+            gradient_checkpointing=gradient_checkpointing,
+        )
     if (d / "unet" / "config.json").is_file():
         from diffusers import DDPMScheduler, UNet2DModel
 
@@ -93,14 +117,20 @@ def _load_checkpoint_problem(checkpoint_dir, lora_rank: int, solver: str, prompt
         return Problem(
             policy=GaussianScorePolicy(model, solver),
             x_shape=(ch, size, size),
-            condition_sampler=(lambda n, g: torch.randint(0, n_cls, (n,), generator=g)) if n_cls else (lambda n, g: None),
+            condition_sampler=(lambda n, g: torch.randint(0, n_cls, (n,), generator=g))
+            if n_cls
+            else (lambda n, g: None),
             eval_conditions=(lambda n: torch.arange(n) % n_cls) if n_cls else (lambda n: None),
             make_residual=lambda: ConvResidual(channels=ch, width=32, num_classes=n_cls),
         )
-    raise ValueError(f"{d}: not a checkpoint this pipeline can load (expected digits_config.json or unet/config.json)")
+    raise ValueError(
+        f"{d}: not a checkpoint this pipeline can load (expected digits_config.json or unet/config.json)"
+    )
 
 
-def gaussian_problem(data_mean: Tensor, data_std: Tensor, solver: str = "euler_maruyama", hidden: int = 64) -> Problem:
+def gaussian_problem(
+    data_mean: Tensor, data_std: Tensor, solver: str = "euler_maruyama", hidden: int = 64
+) -> Problem:
     """Gaussian data with its exact score plus a learned affine correction (the tilted-Gaussian problem)."""
     schedule = LinearVPSchedule()
     dim = int(torch.as_tensor(data_mean).numel())
@@ -116,9 +146,17 @@ def gaussian_problem(data_mean: Tensor, data_std: Tensor, solver: str = "euler_m
 
 @torch.no_grad()
 def collect_value_data(
-    problem: Problem, reward_fn: Callable, num_paths: int, steps: int, points_per_path: int, seed: int = 0,
-    batch_size: int = 128, resume: dict | None = None, on_batch: Callable[[dict], None] | None = None,
-    dist: Dist | None = None, value_reward_fn: Callable | None = None,
+    problem: Problem,
+    reward_fn: Callable,
+    num_paths: int,
+    steps: int,
+    points_per_path: int,
+    seed: int = 0,
+    batch_size: int = 128,
+    resume: dict | None = None,
+    on_batch: Callable[[dict], None] | None = None,
+    dist: Dist | None = None,
+    value_reward_fn: Callable | None = None,
 ) -> ValueDataset:
     """Monte-Carlo returns of the current policy at random times: (s, x_s, c, x_hat, RM(x_hat), RM(X_T)).
 
@@ -135,8 +173,10 @@ def collect_value_data(
     and every rank ends with the whole data set, in the one-process order."""
     dist = dist or Dist()
     if num_paths % dist.world or batch_size % dist.world:
-        raise ValueError(f"value.num_paths ({num_paths}) and value.batch_size ({batch_size}) must be multiples of "
-                         f"the number of processes ({dist.world})")
+        raise ValueError(
+            f"value.num_paths ({num_paths}) and value.batch_size ({batch_size}) must be multiples of "
+            f"the number of processes ({dist.world})"
+        )
     pol, g = problem.policy, torch.Generator().manual_seed(seed)
     parts, start = [], 0
     if resume is not None:
@@ -163,15 +203,34 @@ def collect_value_data(
 
 
 def pretrain_value(
-    problem: Problem, reward_fn: Callable, candidates: list[str], num_paths: int, steps: int, points_per_path: int,
-    epochs: int, lr: float = 1e-3, seed: int = 0,
+    problem: Problem,
+    reward_fn: Callable,
+    candidates: list[str],
+    num_paths: int,
+    steps: int,
+    points_per_path: int,
+    epochs: int,
+    lr: float = 1e-3,
+    seed: int = 0,
 ) -> LinkSelection:
     """Value pretraining with link-function selection by held-out MSE (paper Fig. 2b)."""
     data = collect_value_data(problem, reward_fn, num_paths, steps, points_per_path, seed)
-    return select_link(lambda link: ValueFunction(reward_fn, problem.make_residual(), link), data, candidates, epochs, lr, seed=seed)
+    return select_link(
+        lambda link: ValueFunction(reward_fn, problem.make_residual(), link),
+        data,
+        candidates,
+        epochs,
+        lr,
+        seed=seed,
+    )
 
 
-def make_trainer(problem: Problem, reward_fn: Callable, cfg: OptimConfig, value: ValueFunction | None,
-                 dist: Dist | None = None) -> Trainer:
+def make_trainer(
+    problem: Problem,
+    reward_fn: Callable,
+    cfg: OptimConfig,
+    value: ValueFunction | None,
+    dist: Dist | None = None,
+) -> Trainer:
     policy = problem.policy.with_solver(cfg.solver, None if cfg.eta < 0 else cfg.eta)
     return Trainer(policy, reward_fn, cfg, problem.x_shape, problem.condition_sampler, value, dist=dist)

@@ -84,8 +84,10 @@ def restore(store: CheckpointStore, found: tuple[int, Any, dict], load: Callable
                    "false to start this step over (the folder is cleared)." if written != this else
                    f"The same code ({this}) wrote it, so the checkpoint is damaged or this is a bug: please report "
                    "it; run.resume: false starts this step over (the folder is cleared).")  # fmt: skip
-        raise IncompatibleCheckpointError(f"{store.dir}: cannot resume from its checkpoint at {iteration}: the "
-                                          f"state does not fit this code ({type(err).__name__}: {err}). {way_out}") from err
+        raise IncompatibleCheckpointError(
+            f"{store.dir}: cannot resume from its checkpoint at {iteration}: the "
+            f"state does not fit this code ({type(err).__name__}: {err}). {way_out}"
+        ) from err
 
 
 class SupersededError(RuntimeError):
@@ -106,7 +108,9 @@ def flatten_state(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
         if isinstance(x, dict):
             for k in x:
                 if not isinstance(k, str | int) or isinstance(k, bool):
-                    raise TypeError(f"state key {k!r} at {path or '<root>'}: only str and int keys are supported")
+                    raise TypeError(
+                        f"state key {k!r} at {path or '<root>'}: only str and int keys are supported"
+                    )
             return {"__dict__": [[k, enc(v, f"{path}.{k}" if path else str(k))] for k, v in x.items()]}
         if isinstance(x, tuple):
             return {"__tuple__": [enc(v, f"{path}.{i}") for i, v in enumerate(x)]}
@@ -191,8 +195,15 @@ class CheckpointStore:
         its next save or clear and stops (SupersededError)."""
         self.owner = uuid.uuid4().hex
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, self.dir / self.LEASE)
+        atomic_write_json(
+            {
+                "owner": self.owner,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+            self.dir / self.LEASE,
+        )
         fsync_path(self.dir)
 
     def holder(self, folder: Path | None = None) -> dict | None:
@@ -209,16 +220,23 @@ class CheckpointStore:
             return
         lease = self.holder()
         if lease is None or lease.get("owner") != self.owner:
-            who = (f"by the attempt started {lease.get('since')} on {lease.get('host')} (pid {lease.get('pid')})"
-                   if lease else "(the lease is gone: a newer attempt cleared the folder, because it finished or "
-                   "started over with run.resume: false)")
-            raise SupersededError(f"{self.dir}: a newer attempt of this run took over the checkpoint folder {who}; "
-                                  "this attempt stops without writing: the run goes on there")
+            who = (
+                f"by the attempt started {lease.get('since')} on {lease.get('host')} (pid {lease.get('pid')})"
+                if lease
+                else "(the lease is gone: a newer attempt cleared the folder, because it finished or "
+                "started over with run.resume: false)"
+            )
+            raise SupersededError(
+                f"{self.dir}: a newer attempt of this run took over the checkpoint folder {who}; "
+                "this attempt stops without writing: the run goes on there"
+            )
 
     def _complete(self) -> list[Path]:
         if not self.dir.is_dir():
             return []
-        return sorted((p for p in self.dir.iterdir() if p.name.startswith(self.PREFIX) and p.is_dir()), reverse=True)
+        return sorted(
+            (p for p in self.dir.iterdir() if p.name.startswith(self.PREFIX) and p.is_dir()), reverse=True
+        )
 
     def save(self, iteration: int, state: Any, extra: dict | None = None) -> Path:
         """Write a checkpoint for ``iteration`` atomically; keeps the newest ``keep`` checkpoints."""
@@ -237,8 +255,14 @@ class CheckpointStore:
             # again) replaces it
             with atomic_folder(final, clean_stale=False, before_commit=self.check) as tmp:
                 save_file(tensors, str(tmp / "state.safetensors"))
-                meta = {"iteration": iteration, "run_key": self.key, "structure": structure, "extra": extra or {},
-                        "sha256": sha256_file(tmp / "state.safetensors"), "written_by": code_version()}
+                meta = {
+                    "iteration": iteration,
+                    "run_key": self.key,
+                    "structure": structure,
+                    "extra": extra or {},
+                    "sha256": sha256_file(tmp / "state.safetensors"),
+                    "written_by": code_version(),
+                }
                 (tmp / "meta.json").write_text(json.dumps(meta))
         except OSError:  # a newer attempt removed our temporary folder: say so, not ENOENT
             self.check()
@@ -254,7 +278,9 @@ class CheckpointStore:
         except (OSError, ValueError) as err:
             raise CorruptCheckpointError(f"{folder}: unreadable meta.json ({err})") from None
         if meta.get("run_key") != self.key:
-            raise CorruptCheckpointError(f"{folder}: belongs to run {meta.get('run_key')!r}, not {self.key!r}")
+            raise CorruptCheckpointError(
+                f"{folder}: belongs to run {meta.get('run_key')!r}, not {self.key!r}"
+            )
         if not data_path.is_file() or sha256_file(data_path) != meta.get("sha256"):
             raise CorruptCheckpointError(f"{folder}: state.safetensors does not match its recorded sha256")
         extra = {"written_by": meta.get("written_by", "an unrecorded version"), **meta.get("extra", {})}
@@ -289,6 +315,8 @@ class CheckpointStore:
                 self.owner = None
                 return
             shutil.rmtree(aside, ignore_errors=True)
-        for stale in self.dir.parent.glob(f".{self.dir.name}.clearing-*"):  # left by a process killed mid-clear
+        for stale in self.dir.parent.glob(
+            f".{self.dir.name}.clearing-*"
+        ):  # left by a process killed mid-clear
             shutil.rmtree(stale, ignore_errors=True)
         self.owner = None

@@ -234,7 +234,9 @@ def _download(client, source: str, bucket: str, key: str, tmp: Path, rel: str, l
             raise
 
 
-def _download_once(client, source: str, bucket: str, key: str, out: Path, listed: int | None, where: str) -> None:
+def _download_once(
+    client, source: str, bucket: str, key: str, out: Path, listed: int | None, where: str
+) -> None:
     resp = client.get_object(Bucket=bucket, Key=key)
     length = resp.get("ContentLength")
     h = hashlib.sha256()
@@ -252,9 +254,15 @@ def _download_once(client, source: str, bucket: str, key: str, out: Path, listed
         raise _IntegrityError(f"{source}: {where}: got {n} bytes, the listing says {listed}")
     etag = str(resp.get("ETag") or "").strip().strip('"').lower()
     sse = str(resp.get("ServerSideEncryption") or "").lower()
-    if re.fullmatch(r"[0-9a-f]{32}", etag) and not sse.startswith("aws:kms") and not resp.get("SSECustomerAlgorithm"):
+    if (
+        re.fullmatch(r"[0-9a-f]{32}", etag)
+        and not sse.startswith("aws:kms")
+        and not resp.get("SSECustomerAlgorithm")
+    ):
         if md5.hexdigest() != etag:
-            raise _IntegrityError(f"{source}: {where}: MD5 {md5.hexdigest()} does not match the ETag {etag} (corrupted?)")
+            raise _IntegrityError(
+                f"{source}: {where}: MD5 {md5.hexdigest()} does not match the ETag {etag} (corrupted?)"
+            )
     meta = {k.lower(): v for k, v in (resp.get("Metadata") or {}).items()}
     want = (meta.get("sha256") or "").strip().lower()
     if want and want != h.hexdigest():

@@ -85,11 +85,19 @@ class VPSchedule:
         """The sampling grid s_0 = s_start > ... > s_K = s_end with K = num_steps steps."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        return torch.linspace(self.default_s_start(num_steps) if s_start is None else s_start, s_end, num_steps + 1,
-                              dtype=torch.float64)
+        return torch.linspace(
+            self.default_s_start(num_steps) if s_start is None else s_start,
+            s_end,
+            num_steps + 1,
+            dtype=torch.float64,
+        )
 
     def random_time_grid(
-        self, num_steps: int, generator: torch.Generator | None = None, s_start: float | None = None, s_end: float = 0.0
+        self,
+        num_steps: int,
+        generator: torch.Generator | None = None,
+        s_start: float | None = None,
+        s_end: float = 0.0,
     ) -> Tensor:
         """A stratified random grid: every interior point of ``time_grid`` is moved uniformly inside its cell.
 
@@ -157,7 +165,9 @@ class DiscreteVPSchedule(VPSchedule):
         if s_start is not None or num_steps == 1:
             return super().time_grid(num_steps, s_start, s_end)
         first = self.default_s_start(num_steps)
-        if s_end >= 1.0 / self.num_train_timesteps:  # stopping early (e.g. q-learning's s_min): uniform to s_end
+        if (
+            s_end >= 1.0 / self.num_train_timesteps
+        ):  # stopping early (e.g. q-learning's s_min): uniform to s_end
             return super().time_grid(num_steps, first, s_end)
         body = torch.linspace(first, 1.0 / self.num_train_timesteps, num_steps, dtype=torch.float64)
         return torch.cat([body, torch.tensor([s_end], dtype=torch.float64)])
@@ -166,7 +176,9 @@ class DiscreteVPSchedule(VPSchedule):
     def from_scheduler(cls, scheduler) -> DiscreteVPSchedule:
         """Build from any diffusers scheduler that exposes ``alphas_cumprod`` (DDPM, DDIM, Euler, ...)."""
         if not hasattr(scheduler, "alphas_cumprod"):
-            raise TypeError(f"{type(scheduler).__name__} has no alphas_cumprod: not a VP (DDPM-family) schedule")
+            raise TypeError(
+                f"{type(scheduler).__name__} has no alphas_cumprod: not a VP (DDPM-family) schedule"
+            )
         return cls(scheduler.alphas_cumprod)
 
     def log_alpha_bar(self, s):
@@ -185,7 +197,9 @@ class DiscreteVPSchedule(VPSchedule):
 
 
 # --- score <-> network output, Tweedie ----------------------------------------------------------------
-def score_from_model_output(output: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+def score_from_model_output(
+    output: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str
+) -> Tensor:
     """eq. 31: s = -eps / sigma. v-prediction: eps = sigma x + alpha v. x0-prediction: s = (alpha x0 - x)/sigma^2."""
     a, sg = broadcast_to(alpha, x), broadcast_to(sigma, x)
     if prediction_type == "epsilon":

@@ -108,9 +108,13 @@ def _prompt_conditions(tm: TunedModel, prompts: list[str]) -> tuple[Tensor, Tens
             from transformers import CLIPTextModel, CLIPTokenizer
 
             d = tm.checkpoint_dir
-            encoder = CLIPTextModel.from_pretrained(d / "text_encoder", use_safetensors=True, local_files_only=True)
-            tm._text = (encoder.eval().to(model.prompt_embeds.device), CLIPTokenizer.from_pretrained(
-                d / "tokenizer", local_files_only=True))
+            encoder = CLIPTextModel.from_pretrained(
+                d / "text_encoder", use_safetensors=True, local_files_only=True
+            )
+            tm._text = (
+                encoder.eval().to(model.prompt_embeds.device),
+                CLIPTokenizer.from_pretrained(d / "tokenizer", local_files_only=True),
+            )
         rows = encode_prompts(*tm._text, unknown).to(model.prompt_embeds)
         encoded = dict(zip(unknown, rows, strict=True))
     embeds = torch.stack([model.prompt_embeds[known[p]] if p in known else encoded[p] for p in prompts])
@@ -133,8 +137,15 @@ def _latent_call(model, embeds: Tensor, guidance: float | None):
 
 
 @torch.no_grad()
-def generate(tm: TunedModel, conditions: list, steps: int, sampler: str = "sde", seed: int = 0,
-             guidance: float | None = None, batch_size: int = EVAL_BATCH_SIZE) -> Tensor:
+def generate(
+    tm: TunedModel,
+    conditions: list,
+    steps: int,
+    sampler: str = "sde",
+    seed: int = 0,
+    guidance: float | None = None,
+    batch_size: int = EVAL_BATCH_SIZE,
+) -> Tensor:
     """Images (N, C, H, W) float32 in [-1, 1] for N ``conditions`` (class labels, prompts, or anything, one per
     image, for an unconditional model). ``guidance``: classifier-free guidance of a text-to-image model (None:
     the trained ``model.guidance_scale``)."""
@@ -156,7 +167,9 @@ def generate(tm: TunedModel, conditions: list, steps: int, sampler: str = "sde",
     elif tm.kind == "label":
         c_all = torch.as_tensor([int(v) for v in conditions], dtype=torch.long)
         if int(c_all.min()) < 0 or int(c_all.max()) >= tm.num_classes:
-            raise ValueError(f"class labels must lie in 0..{tm.num_classes - 1}, got {sorted(set(c_all.tolist()))}")
+            raise ValueError(
+                f"class labels must lie in 0..{tm.num_classes - 1}, got {sorted(set(c_all.tolist()))}"
+            )
     else:
         c_all = None
     grid = policy.schedule.time_grid(steps)

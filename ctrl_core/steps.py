@@ -24,8 +24,13 @@ def _seed(params: Params) -> None:
     torch.manual_seed(params.run.seed)
 
 
-def checkpoint_store(params: Params, step: str, blocks: tuple[str, ...], input_dirs: list[str | Path | None],
-                     extra: dict | None = None):
+def checkpoint_store(
+    params: Params,
+    step: str,
+    blocks: tuple[str, ...],
+    input_dirs: list[str | Path | None],
+    extra: dict | None = None,
+):
     """The resumable-checkpoint store of this step of this run: keyed by the step's parameter blocks (run's
     seed, not its resume settings) and the digests of its input folders. With ``run.resume: false`` any earlier
     checkpoints of the same run are discarded. The main process takes the folder's writer lease: an older attempt
@@ -58,7 +63,9 @@ def resume_point(params: Params, store, dist) -> tuple[int, Any, dict] | None:
     try:
         return store.load(chosen)
     except CorruptCheckpointError as err:
-        raise RuntimeError(f"rank {dist.rank}: cannot read the checkpoint rank 0 resumes from ({err})") from None
+        raise RuntimeError(
+            f"rank {dist.rank}: cannot read the checkpoint rank 0 resumes from ({err})"
+        ) from None
 
 
 def _synchronised(trainer) -> list:
@@ -109,7 +116,9 @@ def value_parts(params: Params, problem, reward) -> tuple[Callable, Callable]:
     if vp.xhat_decoder != "vae" and not latent:
         raise ValueError(f"value.xhat_decoder={vp.xhat_decoder} applies to latent text-to-image checkpoints; this "
                          "checkpoint has no VAE: use vae")  # fmt: skip
-    value_reward = problem.wrap_value_reward(raw, vp.xhat_decoder) if latent and vp.xhat_decoder != "vae" else reward
+    value_reward = (
+        problem.wrap_value_reward(raw, vp.xhat_decoder) if latent and vp.xhat_decoder != "vae" else reward
+    )
     if vp.residual == "conv":
         return value_reward, problem.make_residual
     copy_of = getattr(raw, "trainable_copy", None)
@@ -144,8 +153,13 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
     _seed(params)
     t0 = time.perf_counter()
     dist = _dist()  # first: it picks this rank's GPU before any model is built
-    store = checkpoint_store(params, "pretrain_value", ("checkpoint", "model", "reward", "value"),
-                             [checkpoint_dir, params.model.prompts or None], extra={"solver": params.optimize.solver})
+    store = checkpoint_store(
+        params,
+        "pretrain_value",
+        ("checkpoint", "model", "reward", "value"),
+        [checkpoint_dir, params.model.prompts or None],
+        extra={"solver": params.optimize.solver},
+    )
     found = resume_point(params, store, dist)
     problem = load_problem(params, checkpoint_dir)
     reward = make_reward_fn(params, problem)
@@ -161,7 +175,9 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
         if st["fitted"]:
             fresh = make_residual().state_dict()
             for name, f in st["fitted"].items():
-                if set(f["weights"]) != set(fresh) or any(f["weights"][k].shape != fresh[k].shape for k in fresh):
+                if set(f["weights"]) != set(fresh) or any(
+                    f["weights"][k].shape != fresh[k].shape for k in fresh
+                ):
                     raise ValueError(f"the fitted {name!r} value net's weights do not fit this residual")
         return st
 
@@ -177,10 +193,19 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
             store.save(saves[0], new_state)
 
     if state["data"] is None:
-        data = collect_value_data(problem, reward, vp.num_paths, vp.steps, vp.points_per_path, seed, vp.batch_size,
-                                  resume=state["collecting"],
-                                  on_batch=lambda c: save({"collecting": c, "data": None, "fitted": {}}), dist=dist,
-                                  value_reward_fn=value_reward)
+        data = collect_value_data(
+            problem,
+            reward,
+            vp.num_paths,
+            vp.steps,
+            vp.points_per_path,
+            seed,
+            vp.batch_size,
+            resume=state["collecting"],
+            on_batch=lambda c: save({"collecting": c, "data": None, "fitted": {}}),
+            dist=dist,
+            value_reward_fn=value_reward,
+        )
         state = {"collecting": None, "data": data.state(), "fitted": {}}
         save(state)
     data = ValueDataset(**state["data"])
@@ -192,12 +217,28 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
         save(state)
 
     done = {name: (f["weights"], f["mse"]) for name, f in state["fitted"].items()}
-    sel = select_link(lambda link: ValueFunction(value_reward, make_residual(), link), data, vp.candidates, vp.epochs,
-                      vp.lr, seed=seed, done=done, on_fitted=on_fitted, dist=dist)
-    result = {"chosen": sel.chosen, "mse": sel.val_mse, "seconds": round(time.perf_counter() - t0, 2),
-              "resumed_candidates": sorted(done), "processes": dist.world}
+    sel = select_link(
+        lambda link: ValueFunction(value_reward, make_residual(), link),
+        data,
+        vp.candidates,
+        vp.epochs,
+        vp.lr,
+        seed=seed,
+        done=done,
+        on_fitted=on_fitted,
+        dist=dist,
+    )
+    result = {
+        "chosen": sel.chosen,
+        "mse": sel.val_mse,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "resumed_candidates": sorted(done),
+        "processes": dist.world,
+    }
     if not dist.identical(sel.value.residual.state_dict().values()):
-        raise RuntimeError("value pretraining: the processes ended with different value nets (gradients not synchronised)")
+        raise RuntimeError(
+            "value pretraining: the processes ended with different value nets (gradients not synchronised)"
+        )
     if not dist.is_main:
         return result
     with atomic_folder(out_dir) as tmp:
@@ -220,7 +261,10 @@ def load_value(params: Params, problem, reward, value_dir: str | Path):
 
 # --- 3. policy optimisation -----------------------------------------------------------------------------------
 def optimize(
-    params: Params, checkpoint_dir: str | Path, value_dir: str | Path | None, out_dir: str | Path,
+    params: Params,
+    checkpoint_dir: str | Path,
+    value_dir: str | Path | None,
+    out_dir: str | Path,
     progress: Callable[[dict], None] | None = None,
 ) -> dict:
     """Policy optimisation (CTRL, DDPO or q-learning), resumable, data-parallel for CTRL/DDPO. Outputs: the
@@ -239,12 +283,23 @@ def optimize(
         qcfg = params.qlearning_config()
         model, problem, data, labels, num_classes = qlearning_setup(params, checkpoint_dir)
         reward = make_reward_fn(params, problem)
-        trainer = QLearningTrainer(model, data, reward, qcfg, x_shape=problem.x_shape,
-                                   critic=make_critic(problem.x_shape, num_classes, qcfg.critic, model, reward, qcfg.reward_weight),
-                                   condition_sampler=problem.condition_sampler, data_labels=labels, dist=dist)
+        trainer = QLearningTrainer(
+            model,
+            data,
+            reward,
+            qcfg,
+            x_shape=problem.x_shape,
+            critic=make_critic(problem.x_shape, num_classes, qcfg.critic, model, reward, qcfg.reward_weight),
+            condition_sampler=problem.condition_sampler,
+            data_labels=labels,
+            dist=dist,
+        )
         iterations, blocks, timing = qcfg.iterations, ("qlearning",), ("sample", "critic", "actor")
         save_model = model.save if isinstance(model, QLearningScoreModel) else model.save_adapter
-        extra_outputs = lambda tmp: atomic_save_weights(trainer.critic.state_dict(), tmp / "critic.safetensors")  # noqa: E731
+
+        def extra_outputs(tmp: Path) -> None:
+            atomic_save_weights(trainer.critic.state_dict(), tmp / "critic.safetensors")
+
         if params.qlearning.data:
             inputs.append(params.qlearning.data)
     else:
@@ -257,14 +312,18 @@ def optimize(
         if cfg.algorithm == "ctrl":  # the value net's weights and link (not link.json's timing)
             inputs.append(Path(value_dir) / "value.safetensors")
             key_extra["link"] = value.link_name
-            key_extra["value_design"] = {k: getattr(params.value, k) for k in ("residual", "frozen_fraction", "xhat_decoder")}
+            key_extra["value_design"] = {
+                k: getattr(params.value, k) for k in ("residual", "frozen_fraction", "xhat_decoder")
+            }
 
         def extra_outputs(tmp: Path) -> None:
             if value is not None:
                 atomic_save_weights(value.residual.state_dict(), tmp / "value.safetensors")
                 atomic_write_json({"chosen": value.link_name}, tmp / "link.json")
 
-    store = checkpoint_store(params, "optimize", ("checkpoint", "model", "reward", "optimize", *blocks), inputs, key_extra)
+    store = checkpoint_store(
+        params, "optimize", ("checkpoint", "model", "reward", "optimize", *blocks), inputs, key_extra
+    )
     found = resume_point(params, store, dist)
     resumed_from = None
     if found is not None:
@@ -272,6 +331,7 @@ def optimize(
 
         restore(store, found, trainer.load_state_dict)
         resumed_from = found[0]
+
     def row_of(st) -> dict:  # numeric extras (old_log_probs=trainer: the sampler/trainer gap) join the row
         row = {k: v for k, v in st.__dict__.items() if k != "extra"}
         row.update({k: float(v) for k, v in st.extra.items() if isinstance(v, int | float) and k not in row})
@@ -283,7 +343,9 @@ def optimize(
     if not dist.is_main:  # the other ranks train in lockstep; rank 0 writes checkpoints and outputs
         trainer.train()
         if not dist.identical(_synchronised(trainer)):
-            raise RuntimeError("data-parallel ranks ended with different adapters (gradients not synchronised)")
+            raise RuntimeError(
+                "data-parallel ranks ended with different adapters (gradients not synchronised)"
+            )
         return {"rank": dist.rank, "iterations": trainer.iteration}
     with atomic_folder(out_dir) as tmp:
         with open(tmp / "metrics.jsonl", "w") as fh:
@@ -299,14 +361,18 @@ def optimize(
             if every and (n % every == 0 or n == iterations):
                 if n < iterations:
                     save_model(snapshots / f"iter-{n:05d}")
-                store.save(n, trainer.state_dict())  # after the snapshot: a checkpoint at n implies snapshot n
+                store.save(
+                    n, trainer.state_dict()
+                )  # after the snapshot: a checkpoint at n implies snapshot n
             if progress is not None:
                 progress(row)
 
         t0 = time.perf_counter()
         trainer.train(on_iteration)
         if not dist.identical(_synchronised(trainer)):
-            raise RuntimeError("data-parallel ranks ended with different adapters (gradients not synchronised)")
+            raise RuntimeError(
+                "data-parallel ranks ended with different adapters (gradients not synchronised)"
+            )
         if snapshots.is_dir():
             shutil.copytree(snapshots, tmp / "checkpoints")
         save_model(tmp / "adapter")
@@ -318,7 +384,9 @@ def optimize(
             "first_reward": history[0]["reward_mean"] if history else None,
             "final_kl": history[-1].get("kl") if history else None,
             "seconds": round(time.perf_counter() - t0, 2),
-            "seconds_per_iteration": {k: sum(h[f"{k}_s"] for h in history) / max(len(history), 1) for k in timing},
+            "seconds_per_iteration": {
+                k: sum(h[f"{k}_s"] for h in history) / max(len(history), 1) for k in timing
+            },
             "resumed_from_iteration": resumed_from,
             "processes": dist.world,
             "ranks_identical": True,  # checked above: every rank holds bitwise this adapter
@@ -347,8 +415,10 @@ def load_dataset(params: Params, checkpoint_dir: str | Path):
 
         return digits_dataset("all")
     else:
-        raise ValueError(f"qlearning: no data set. Set qlearning.data to a .safetensors file, or put data.safetensors "
-                         f"(tensors 'data' and optional 'labels') in the checkpoint source ({d})")
+        raise ValueError(
+            f"qlearning: no data set. Set qlearning.data to a .safetensors file, or put data.safetensors "
+            f"(tensors 'data' and optional 'labels') in the checkpoint source ({d})"
+        )
     tensors = load_weights(path)
     if "data" not in tensors:
         raise ValueError(f"{path}: no 'data' tensor (found {sorted(tensors)})")
@@ -374,12 +444,22 @@ def qlearning_setup(params: Params, checkpoint_dir: str | Path, model_dir: str |
         model = QLearningScoreModel.load(model_dir)
         model.reference = RatioScoreModel(model.schedule, data, labels)
     else:
-        model = scratch_model(LinearVPSchedule(), data, labels, width=params.qlearning.width, num_classes=num_classes)
-    return model, qlearning_problem(model, x_shape, params.optimize.solver, num_classes), data, labels, num_classes
+        model = scratch_model(
+            LinearVPSchedule(), data, labels, width=params.qlearning.width, num_classes=num_classes
+        )
+    return (
+        model,
+        qlearning_problem(model, x_shape, params.optimize.solver, num_classes),
+        data,
+        labels,
+        num_classes,
+    )
 
 
 # --- 4. evaluation -----------------------------------------------------------------------------------------
-def evaluate(params: Params, checkpoint_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> dict:
+def evaluate(
+    params: Params, checkpoint_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path
+) -> dict:
     from .evaluate import evaluate as run_eval
     from .evaluate import robustness_ratio, training_sampler
     from .report import write_reports
@@ -393,13 +473,27 @@ def evaluate(params: Params, checkpoint_dir: str | Path, adapter_dir: str | Path
     reward = make_reward_fn(params, problem)
     ep = params.evaluate
     t0 = time.perf_counter()
-    results, kept = run_eval(problem.policy, reward, problem.x_shape, ep.steps, ep.samplers, ep.num_samples,
-                             problem.eval_conditions, seed=ep.seed, keep_samples=20)
+    results, kept = run_eval(
+        problem.policy,
+        reward,
+        problem.x_shape,
+        ep.steps,
+        ep.samplers,
+        ep.num_samples,
+        problem.eval_conditions,
+        seed=ep.seed,
+        keep_samples=20,
+    )
     evaluation = {smp: {n: c.as_dict() for n, c in cells.items()} for smp, cells in results.items()}
     train_sampler = training_sampler(params.optimize.solver, params.optimize.eta)
     robustness = robustness_ratio(results, params.optimize.train_steps, train_sampler)
-    out = {"evaluation": evaluation, "robustness": robustness, "robustness_ratio": robustness["overall"],
-           "train_steps": params.optimize.train_steps, "seconds": round(time.perf_counter() - t0, 2)}
+    out = {
+        "evaluation": evaluation,
+        "robustness": robustness,
+        "robustness_ratio": robustness["overall"],
+        "train_steps": params.optimize.train_steps,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     with atomic_folder(out_dir) as tmp:
         atomic_write_json(out, tmp / "evaluation.json")
         write_reports(tmp, out, kept, decode=getattr(reward, "decode", None))  # latents are shown decoded

@@ -26,13 +26,17 @@ def tiny_decoder_for(latent_channels: int = 4, seed: int = 0, width: int = 8) ->
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(seed)
-    return AutoencoderTiny(
-        encoder_block_out_channels=(width, width),
-        decoder_block_out_channels=(width, width),
-        num_encoder_blocks=(1, 1),
-        num_decoder_blocks=(1, 1),
-        latent_channels=latent_channels,
-    ).eval().requires_grad_(False)
+    return (
+        AutoencoderTiny(
+            encoder_block_out_channels=(width, width),
+            decoder_block_out_channels=(width, width),
+            num_encoder_blocks=(1, 1),
+            num_decoder_blocks=(1, 1),
+            latent_channels=latent_channels,
+        )
+        .eval()
+        .requires_grad_(False)
+    )
 
 
 def _bytes_to_unicode() -> dict[int, str]:

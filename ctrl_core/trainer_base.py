@@ -45,8 +45,10 @@ class TrainerBase:
         self.cfg = config
         self.dist = dist or Dist()
         if config.batch_size % self.dist.world:
-            raise ValueError(f"{block}.batch_size ({config.batch_size}) must be a multiple of the number of processes "
-                             f"({self.dist.world})")
+            raise ValueError(
+                f"{block}.batch_size ({config.batch_size}) must be a multiple of the number of processes "
+                f"({self.dist.world})"
+            )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.iteration = 0
         self.history: list = []
@@ -95,11 +97,15 @@ class TrainerBase:
 
     def _load_params(self, saved: list[torch.Tensor]) -> None:
         if len(saved) != len(self.params):
-            raise ValueError(f"checkpoint has {len(saved)} {self.params_key} tensors, the model {len(self.params)}")
+            raise ValueError(
+                f"checkpoint has {len(saved)} {self.params_key} tensors, the model {len(self.params)}"
+            )
         with torch.no_grad():
             for p, t in zip(self.params, saved, strict=True):
                 if p.shape != t.shape:
-                    raise ValueError(f"checkpoint tensor of shape {tuple(t.shape)} for a parameter of shape {tuple(p.shape)}")
+                    raise ValueError(
+                        f"checkpoint tensor of shape {tuple(t.shape)} for a parameter of shape {tuple(p.shape)}"
+                    )
                 p.copy_(t)
 
     # -- optimisation -------------------------------------------------------------------------------------------
@@ -108,7 +114,9 @@ class TrainerBase:
         for group in opt.param_groups:
             group["lr"] = base_lr * lr_factor(self.cfg.lr_decay, self.iteration, self.cfg.iterations)
 
-    def clipped_step(self, opt: torch.optim.Optimizer, params: list[torch.Tensor], nonfinite: str = "") -> None:
+    def clipped_step(
+        self, opt: torch.optim.Optimizer, params: list[torch.Tensor], nonfinite: str = ""
+    ) -> None:
         """Sum ``params``' gradients over the ranks, raise ``FloatingPointError(nonfinite)`` on a NaN/inf one (when
         a message is given: the weights are then untouched), clip their norm to ``max_grad_norm``, step."""
         self.dist.sync_grads(params)

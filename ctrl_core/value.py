@@ -67,7 +67,11 @@ class MLPResidual(nn.Module):
         super().__init__()
         self.time_features = time_features
         self.net = nn.Sequential(
-            nn.Linear(dim + time_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1)
+            nn.Linear(dim + time_features, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 1),
         )
 
     def forward(self, s: Tensor, x: Tensor, c: Tensor | None = None) -> Tensor:
@@ -141,7 +145,7 @@ class RewardCopyResidual(nn.Module):
     def state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False):
         full = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
         # (inside a parent's state_dict, ``full`` is the parent's dict: only this module's own keys are filtered)
-        for k in [k for k in full if k.startswith(prefix) and k[len(prefix):] not in self._trainable]:
+        for k in [k for k in full if k.startswith(prefix) and k[len(prefix) :] not in self._trainable]:
             del full[k]
         return full
 
@@ -149,8 +153,10 @@ class RewardCopyResidual(nn.Module):
         keys = set(state_dict)
         if strict and keys != self._trainable:
             missing, unexpected = sorted(self._trainable - keys), sorted(keys - self._trainable)
-            raise ValueError(f"reward-copy value weights do not match: missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]} (another reward model or frozen fraction?)")
+            raise ValueError(
+                f"reward-copy value weights do not match: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]} (another reward model or frozen fraction?)"
+            )
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
 
@@ -164,7 +170,9 @@ class ValueFunction(nn.Module):
         self.link_name = link
         self.link = get_link(link)
 
-    def forward(self, s: Tensor, x: Tensor, c: Tensor | None, x_hat: Tensor, rm_x_hat: Tensor | None = None) -> Tensor:
+    def forward(
+        self, s: Tensor, x: Tensor, c: Tensor | None, x_hat: Tensor, rm_x_hat: Tensor | None = None
+    ) -> Tensor:
         """V at forward times s (B,), states x, conditions c and Tweedie predictions x_hat.
 
         ``rm_x_hat`` lets a caller pass RM(x_hat) it already computed (the reward model is frozen).
@@ -218,7 +226,12 @@ class ValueDataset:
 
     def subset(self, idx: Tensor) -> ValueDataset:
         return ValueDataset(
-            self.s[idx], self.x[idx], None if self.c is None else self.c[idx], self.x_hat[idx], self.rm_x_hat[idx], self.returns[idx]
+            self.s[idx],
+            self.x[idx],
+            None if self.c is None else self.c[idx],
+            self.x_hat[idx],
+            self.rm_x_hat[idx],
+            self.returns[idx],
         )
 
     def state(self) -> dict:

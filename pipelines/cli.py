@@ -31,7 +31,11 @@ DEFAULT_PARAMS = "params.yaml"
 
 
 def _load_params(params_path: str | None, overrides: tuple[str, ...]):
-    path = params_path if params_path is not None else (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
+    path = (
+        params_path
+        if params_path is not None
+        else (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
+    )
     try:
         return load(path, overrides)
     except ParamsError as err:
@@ -61,15 +65,24 @@ def params_cmd(markdown: bool) -> None:
     click.echo(markdown_table() if markdown else text_table(), nl=False)
 
 
-params_option = click.option("--params", "params_path", type=click.Path(dir_okay=False), default=None,
-                             help="params.yaml (default: ./params.yaml when present, else built-in defaults)")
-set_option = click.option("--set", "overrides", multiple=True, metavar="BLOCK.KEY=VALUE", help="override a parameter (repeatable)")
+params_option = click.option(
+    "--params",
+    "params_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="params.yaml (default: ./params.yaml when present, else built-in defaults)",
+)
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="BLOCK.KEY=VALUE", help="override a parameter (repeatable)"
+)
 
 
 @main.command()
 @params_option
 @set_option
-@click.option("--summary-out", type=click.Path(dir_okay=False), default=None, help="write the JSON summary here")
+@click.option(
+    "--summary-out", type=click.Path(dir_okay=False), default=None, help="write the JSON summary here"
+)
 @click.option("--output-dir", type=click.Path(file_okay=False), default="outputs", show_default=True)
 def run(params_path, overrides, summary_out, output_dir) -> None:
     """Run the whole DAG locally through kfp.local (no cluster, no GPU, no network)."""
@@ -84,27 +97,50 @@ def run(params_path, overrides, summary_out, output_dir) -> None:
     root = Path(output_dir).resolve() / run_id
     root.mkdir(parents=True, exist_ok=True)
     click.echo(f"ctrl run {run_id}: outputs in {root}, MLflow at {tracking_uri}")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp"), raise_on_error=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp"), raise_on_error=True
+    )
     pipeline = build_pipeline(params, git_sha())
     t0 = time.perf_counter()
     task = pipeline(**flatten(params))
-    outs = {k: json.loads(task.outputs[k]) for k in ("fetch", "value", "optimize", "evaluation", "registered")}
+    outs = {
+        k: json.loads(task.outputs[k]) for k in ("fetch", "value", "optimize", "evaluation", "registered")
+    }
     summary = {
         "run_id": run_id,
         "outputs_dir": str(root),
         "mlflow": {"tracking_uri": tracking_uri, "run_id": outs["registered"]["run_id"]},
-        "checkpoint": {"source": outs["fetch"]["manifest"]["source"], "sha256": outs["fetch"]["manifest"]["sha256"]},
+        "checkpoint": {
+            "source": outs["fetch"]["manifest"]["source"],
+            "sha256": outs["fetch"]["manifest"]["sha256"],
+        },
         "link": {"chosen": outs["value"]["chosen"], "mse": outs["value"]["mse"]},
-        "train": {k: outs["optimize"][k] for k in ("algorithm", "iterations", "first_reward", "final_reward", "final_kl",
-                                                   "seconds_per_iteration")},
+        "train": {
+            k: outs["optimize"][k]
+            for k in (
+                "algorithm",
+                "iterations",
+                "first_reward",
+                "final_reward",
+                "final_kl",
+                "seconds_per_iteration",
+            )
+        },
         "evaluation": outs["evaluation"]["evaluation"],
         "robustness_ratio": outs["evaluation"]["robustness_ratio"],
         "report": str(Path(outs["evaluation"]["artifacts_dir"]) / "report.html"),
-        "registered": {k: outs["registered"][k] for k in ("name", "version", "aliases", "promoted", "gate_passed",
-                                                          "gate_reason", "created")},
-        "wall_s": {"fetch_checkpoint": outs["fetch"]["wall_s"], "pretrain_value": outs["value"]["wall_s"],
-                   "ctrl_optimize": outs["optimize"]["wall_s"], "evaluate": outs["evaluation"]["wall_s"],
-                   "register": outs["registered"]["wall_s"], "total": round(time.perf_counter() - t0, 2)},
+        "registered": {
+            k: outs["registered"][k]
+            for k in ("name", "version", "aliases", "promoted", "gate_passed", "gate_reason", "created")
+        },
+        "wall_s": {
+            "fetch_checkpoint": outs["fetch"]["wall_s"],
+            "pretrain_value": outs["value"]["wall_s"],
+            "ctrl_optimize": outs["optimize"]["wall_s"],
+            "evaluate": outs["evaluation"]["wall_s"],
+            "register": outs["registered"]["wall_s"],
+            "total": round(time.perf_counter() - t0, 2),
+        },
     }
     text = json.dumps(summary, indent=2)
     (root / "summary.json").write_text(text + "\n")
@@ -115,19 +151,29 @@ def run(params_path, overrides, summary_out, output_dir) -> None:
 
 
 def _print_summary(s: dict) -> None:
-    click.echo(f"\nlink function: {s['link']['chosen']}  (validation MSE: "
-               + ", ".join(f"{k} {v:.4g}" for k, v in s["link"]["mse"].items()) + ")")
+    click.echo(
+        f"\nlink function: {s['link']['chosen']}  (validation MSE: "
+        + ", ".join(f"{k} {v:.4g}" for k, v in s["link"]["mse"].items())
+        + ")"
+    )
     click.echo("       sampler steps      base     tuned      gain (95% CI)  KL exact  KL Thm3.1")
     for smp, cells in s["evaluation"].items():
         for n in sorted(cells, key=int):
             c = cells[n]
             exact = "—" if c.get("kl_exact") is None else f"{c['kl_exact']:.4f}"
-            click.echo(f"{smp:>14} {n:>5} {c['base']:9.4f} {c['tuned']:9.4f} {c['gain']:+9.4f} ± {c['gain_ci']:.4f} "
-                       f"{exact:>9} {c.get('kl_thm31', c['kl']):10.4f}")
-    click.echo("KL exact: the discrete chain's path KL (— for ode/heun: a deterministic sampler has none); KL Thm3.1: "
-               "Theorem 3.1's running-reward sum (on ode/heun rows not a path KL)")
+            click.echo(
+                f"{smp:>14} {n:>5} {c['base']:9.4f} {c['tuned']:9.4f} {c['gain']:+9.4f} ± {c['gain_ci']:.4f} "
+                f"{exact:>9} {c.get('kl_thm31', c['kl']):10.4f}"
+            )
+    click.echo(
+        "KL exact: the discrete chain's path KL (— for ode/heun: a deterministic sampler has none); KL Thm3.1: "
+        "Theorem 3.1's running-reward sum (on ode/heun rows not a path KL)"
+    )
     ratio = s["robustness_ratio"]
-    click.echo("robustness ratio: " + ("n/a (no gain at the training step count)" if ratio is None else f"{ratio:.3f}"))
+    click.echo(
+        "robustness ratio: "
+        + ("n/a (no gain at the training step count)" if ratio is None else f"{ratio:.3f}")
+    )
     r = s["registered"]
     click.echo(f"registered {r['name']} v{r['version']} aliases={r['aliases']} ({r['gate_reason']})")
     click.echo(f"report: {s['report']}\nwall time: {s['wall_s']['total']:.0f}s")
@@ -135,30 +181,51 @@ def _print_summary(s: dict) -> None:
 
 # --- cluster: compile with placement, submit, schedule -------------------------------------------------
 
-chart_option = click.option("--chart", "chart_dir", type=click.Path(file_okay=False), default=None,
-                            help="the Helm chart whose values place the steps on node pools (default: $CTRL_CHART, "
-                                 "else the repository's charts/ctrl-pipeline)")
-values_option = click.option("-f", "--values", "value_files", multiple=True, type=click.Path(dir_okay=False),
-                             help="chart values file merged over the chart's values.yaml, as `helm install -f` "
-                                  "(repeatable)")
-no_placement_option = click.option("--no-placement", is_flag=True,
-                                   help="a generic pipeline: no node pools, GPUs, tolerations or Secrets (as "
-                                        "`ctrl run` uses); excludes --chart and -f")
-image_option = click.option("--image", default=None, help="image reference for every step (default: the values' "
-                            "image, else $CTRL_PIPELINE_IMAGE or components.image.DEFAULT_IMAGE)")
+chart_option = click.option(
+    "--chart",
+    "chart_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="the Helm chart whose values place the steps on node pools (default: $CTRL_CHART, "
+    "else the repository's charts/ctrl-pipeline)",
+)
+values_option = click.option(
+    "-f",
+    "--values",
+    "value_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="chart values file merged over the chart's values.yaml, as `helm install -f` (repeatable)",
+)
+no_placement_option = click.option(
+    "--no-placement",
+    is_flag=True,
+    help="a generic pipeline: no node pools, GPUs, tolerations or Secrets (as "
+    "`ctrl run` uses); excludes --chart and -f",
+)
+image_option = click.option(
+    "--image",
+    default=None,
+    help="image reference for every step (default: the values' "
+    "image, else $CTRL_PIPELINE_IMAGE or components.image.DEFAULT_IMAGE)",
+)
 
 
 REPO_CHART = Path(__file__).resolve().parents[1] / "charts" / "ctrl-pipeline"
 
 
-def _placement(chart_dir: str | None, value_files: tuple[str, ...], image: str | None, no_placement: bool = False):
+def _placement(
+    chart_dir: str | None, value_files: tuple[str, ...], image: str | None, no_placement: bool = False
+):
     """Compile-time cluster placement from the chart's values (``--chart``, else ``$CTRL_CHART``, else the
     repository's chart), or None with ``--no-placement`` (a generic pipeline, as ``ctrl run`` uses)."""
     from .placement import CHART_ENV, PlacementError, load
 
     if no_placement:
         if chart_dir is not None or value_files:
-            raise click.UsageError("--no-placement compiles a pipeline without the chart: drop --chart and -f")
+            raise click.UsageError(
+                "--no-placement compiles a pipeline without the chart: drop --chart and -f"
+            )
         return None
     try:
         return load(chart_dir or os.environ.get(CHART_ENV) or REPO_CHART, value_files, image)
@@ -192,16 +259,31 @@ def compile_cmd(params_path, overrides, chart_dir, value_files, no_placement, im
 
 
 kfp_options = [
-    click.option("--host", envvar="KFP_HOST", required=True,
-                 help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline (env KFP_HOST)"),
-    click.option("--token", envvar="KFP_TOKEN", default=None, show_envvar=True,
-                 help="bearer token for the KFP API (env KFP_TOKEN; in a pod: KF_PIPELINES_SA_TOKEN_PATH)"),
+    click.option(
+        "--host",
+        envvar="KFP_HOST",
+        required=True,
+        help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline (env KFP_HOST)",
+    ),
+    click.option(
+        "--token",
+        envvar="KFP_TOKEN",
+        default=None,
+        show_envvar=True,
+        help="bearer token for the KFP API (env KFP_TOKEN; in a pod: KF_PIPELINES_SA_TOKEN_PATH)",
+    ),
     click.option("--namespace", default=None, help="KFP namespace (multi-user KFP: your profile namespace)"),
     click.option("--experiment", default="ctrl-pipeline", show_default=True),
-    click.option("--version-name", default=None,
-                 help="pipeline version name (default: the git SHA; $CTRL_GIT_SHA / $GITHUB_SHA outside a checkout)"),
-    click.option("--service-account", default=None,
-                 help="Kubernetes ServiceAccount of the runs (default: the chart values' serviceAccount.name)"),
+    click.option(
+        "--version-name",
+        default=None,
+        help="pipeline version name (default: the git SHA; $CTRL_GIT_SHA / $GITHUB_SHA outside a checkout)",
+    ),
+    click.option(
+        "--service-account",
+        default=None,
+        help="Kubernetes ServiceAccount of the runs (default: the chart values' serviceAccount.name)",
+    ),
 ]
 
 
@@ -248,17 +330,28 @@ def _upload(client, package: str, name: str, version: str, sha: str) -> tuple[st
     digest = hashlib.sha256(Path(package).read_bytes()).hexdigest()
     pid = client.get_pipeline_id(name)
     if pid is None:
-        pid = client.upload_pipeline(package, pipeline_name=name, description=PIPELINE_DESCRIPTION).pipeline_id
+        pid = client.upload_pipeline(
+            package, pipeline_name=name, description=PIPELINE_DESCRIPTION
+        ).pipeline_id
     for candidate in (version, f"{version}-{digest[:12]}"):
-        found = client.list_pipeline_versions(pid, page_size=10, filter=_name_filter(candidate)).pipeline_versions or []
+        found = (
+            client.list_pipeline_versions(pid, page_size=10, filter=_name_filter(candidate)).pipeline_versions
+            or []
+        )
         if not found:
-            v = client.upload_pipeline_version(package, pipeline_version_name=candidate, pipeline_id=pid,
-                                               description=f"git {sha or 'unknown'}; package sha256:{digest}")
+            v = client.upload_pipeline_version(
+                package,
+                pipeline_version_name=candidate,
+                pipeline_id=pid,
+                description=f"git {sha or 'unknown'}; package sha256:{digest}",
+            )
             return pid, v.pipeline_version_id, candidate
         if f"sha256:{digest}" in (found[0].description or ""):
             return pid, found[0].pipeline_version_id, candidate
-    raise click.ClickException(f"pipeline {name}: versions {version} and {version}-{digest[:12]} exist with other "
-                               "packages; pass --version-name")
+    raise click.ClickException(
+        f"pipeline {name}: versions {version} and {version}-{digest[:12]} exist with other "
+        "packages; pass --version-name"
+    )
 
 
 def _compile_and_upload(params, opts: dict, chart_dir, value_files, image, no_placement: bool):
@@ -271,8 +364,10 @@ def _compile_and_upload(params, opts: dict, chart_dir, value_files, image, no_pl
     sha = _source_sha()
     version = opts["version_name"] or sha
     if not version:
-        raise click.UsageError("cannot name the pipeline version: not a git checkout and neither CTRL_GIT_SHA nor "
-                               "GITHUB_SHA is set; pass --version-name")
+        raise click.UsageError(
+            "cannot name the pipeline version: not a git checkout and neither CTRL_GIT_SHA nor "
+            "GITHUB_SHA is set; pass --version-name"
+        )
     placement = _placement(chart_dir, value_files, image, no_placement)
     service_account = opts["service_account"] or (placement.service_account if placement else None) or None
     with tempfile.TemporaryDirectory() as d:
@@ -297,12 +392,29 @@ def submit(params_path, overrides, chart_dir, value_files, no_placement, image, 
     from .pipeline import PIPELINE_NAME
 
     params = _load_params(params_path, overrides)
-    client, pid, vid, vname, sa = _compile_and_upload(params, opts, chart_dir, value_files, image, no_placement)
+    client, pid, vid, vname, sa = _compile_and_upload(
+        params, opts, chart_dir, value_files, image, no_placement
+    )
     exp = client.create_experiment(opts["experiment"], namespace=opts["namespace"])
-    run = client.run_pipeline(experiment_id=exp.experiment_id, job_name=run_name or f"{PIPELINE_NAME}-{vname[:12]}",
-                              pipeline_id=pid, version_id=vid, params=flatten(params), service_account=sa)
-    click.echo(json.dumps({"pipeline_id": pid, "version_id": vid, "version": vname, "experiment_id": exp.experiment_id,
-                           "run_id": run.run_id}))
+    run = client.run_pipeline(
+        experiment_id=exp.experiment_id,
+        job_name=run_name or f"{PIPELINE_NAME}-{vname[:12]}",
+        pipeline_id=pid,
+        version_id=vid,
+        params=flatten(params),
+        service_account=sa,
+    )
+    click.echo(
+        json.dumps(
+            {
+                "pipeline_id": pid,
+                "version_id": vid,
+                "version": vname,
+                "experiment_id": exp.experiment_id,
+                "run_id": run.run_id,
+            }
+        )
+    )
 
 
 def kfp_cron(expr: str) -> str:
@@ -312,7 +424,9 @@ def kfp_cron(expr: str) -> str:
         return "0 " + " ".join(fields)
     if len(fields) == 6:
         return " ".join(fields)
-    raise click.BadParameter(f"{expr!r}: expected a 5-field crontab or a 6-field KFP cron", param_hint="--cron")
+    raise click.BadParameter(
+        f"{expr!r}: expected a 5-field crontab or a 6-field KFP cron", param_hint="--cron"
+    )
 
 
 @main.command()
@@ -323,25 +437,54 @@ def kfp_cron(expr: str) -> str:
 @no_placement_option
 @image_option
 @_kfp_options
-@click.option("--cron", required=True, help="crontab, 5 fields ('0 3 * * 1', Mondays 03:00) or KFP's 6 (seconds first)")
+@click.option(
+    "--cron", required=True, help="crontab, 5 fields ('0 3 * * 1', Mondays 03:00) or KFP's 6 (seconds first)"
+)
 @click.option("--name", "job_name", default="ctrl-retrain", show_default=True)
-def schedule(params_path, overrides, chart_dir, value_files, no_placement, image, cron, job_name, **opts) -> None:
+def schedule(
+    params_path, overrides, chart_dir, value_files, no_placement, image, cron, job_name, **opts
+) -> None:
     """Create (or replace, by name) a recurring run of the pipeline version at this git SHA: max concurrency
     1, no catch-up of missed intervals."""
     cron = kfp_cron(cron)
     params = _load_params(params_path, overrides)
-    client, pid, vid, vname, sa = _compile_and_upload(params, opts, chart_dir, value_files, image, no_placement)
+    client, pid, vid, vname, sa = _compile_and_upload(
+        params, opts, chart_dir, value_files, image, no_placement
+    )
     exp = client.create_experiment(opts["experiment"], namespace=opts["namespace"])
-    old = client.list_recurring_runs(experiment_id=exp.experiment_id, page_size=100,
-                                     filter=_name_filter(job_name)).recurring_runs or []
-    rec = client.create_recurring_run(experiment_id=exp.experiment_id, job_name=job_name, cron_expression=cron,
-                                      max_concurrency=1, no_catchup=True, pipeline_id=pid, version_id=vid,
-                                      params=flatten(params), enabled=True, service_account=sa,
-                                      description=f"ctrl schedule: pipeline version {vname}")
+    old = (
+        client.list_recurring_runs(
+            experiment_id=exp.experiment_id, page_size=100, filter=_name_filter(job_name)
+        ).recurring_runs
+        or []
+    )
+    rec = client.create_recurring_run(
+        experiment_id=exp.experiment_id,
+        job_name=job_name,
+        cron_expression=cron,
+        max_concurrency=1,
+        no_catchup=True,
+        pipeline_id=pid,
+        version_id=vid,
+        params=flatten(params),
+        enabled=True,
+        service_account=sa,
+        description=f"ctrl schedule: pipeline version {vname}",
+    )
     for r in old:  # replace: one schedule per name, never two retrainings on overlapping schedules
         client.delete_recurring_run(r.recurring_run_id)
-    click.echo(json.dumps({"recurring_run_id": rec.recurring_run_id, "pipeline_id": pid, "version_id": vid,
-                           "version": vname, "cron": cron, "replaced": [r.recurring_run_id for r in old]}))
+    click.echo(
+        json.dumps(
+            {
+                "recurring_run_id": rec.recurring_run_id,
+                "pipeline_id": pid,
+                "version_id": vid,
+                "version": vname,
+                "cron": cron,
+                "replaced": [r.recurring_run_id for r in old],
+            }
+        )
+    )
 
 
 @main.command()
@@ -359,7 +502,11 @@ def promote(name, version, force, reason, params_path, overrides) -> None:
     params = _load_params(params_path, overrides)
     _default_tracking_uri()
     rp = params.register
-    gate = GateConfig(min_gain=rp.min_gain, require_no_worse_than_champion=rp.require_no_worse_than_champion, tolerance=rp.tolerance)
+    gate = GateConfig(
+        min_gain=rp.min_gain,
+        require_no_worse_than_champion=rp.require_no_worse_than_champion,
+        tolerance=rp.tolerance,
+    )
     try:
         ok, why = do_promote(name, version, force=force, reason=reason, gate=gate)
     except ValueError as err:
@@ -376,29 +523,51 @@ def promote(name, version, force, reason, params_path, overrides) -> None:
 @click.option("--value", "value_dir", default="data/value", show_default=True)
 @click.option("--optimize-dir", default="data/optimize", show_default=True)
 @click.option("--evaluate-dir", default="data/evaluate", show_default=True)
-@click.option("--num-processes", type=click.IntRange(min=1), default=None,
-              help="data-parallel processes for pretrain_value/optimize (one per GPU); default: $CTRL_NUM_PROCESSES or 1")
-@click.option("--launcher", type=click.Choice(LAUNCHERS), default=None,
-              help="what starts the processes: torchrun or accelerate (accelerate launch --multi_gpu); "
-                   "default: $CTRL_LAUNCHER or torchrun")
-def step(name, params_path, overrides, checkpoint, value_dir, optimize_dir, evaluate_dir, num_processes,
-         launcher) -> None:
+@click.option(
+    "--num-processes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="data-parallel processes for pretrain_value/optimize (one per GPU); default: $CTRL_NUM_PROCESSES or 1",
+)
+@click.option(
+    "--launcher",
+    type=click.Choice(LAUNCHERS),
+    default=None,
+    help="what starts the processes: torchrun or accelerate (accelerate launch --multi_gpu); "
+    "default: $CTRL_LAUNCHER or torchrun",
+)
+def step(
+    name, params_path, overrides, checkpoint, value_dir, optimize_dir, evaluate_dir, num_processes, launcher
+) -> None:
     """Run one pipeline step on folders (what dvc.yaml's stages and multi-GPU components call)."""
     from ctrl_core import steps
 
     params = _load_params(params_path, overrides)  # validated before any process is started
     n = num_processes or int(os.environ.get("CTRL_NUM_PROCESSES", "1") or 1)
     # q-learning has no value pretraining (the step only writes "skipped"): one process is enough there
-    data_parallel = name == "optimize" or (name == "pretrain_value" and params.optimize.algorithm != "qlearning")
+    data_parallel = name == "optimize" or (
+        name == "pretrain_value" and params.optimize.algorithm != "qlearning"
+    )
     if n > 1 and data_parallel and "WORLD_SIZE" not in os.environ:
         try:  # before any process starts
             check_split(params, name, n)
             launcher = launcher_name(launcher)
         except LaunchError as err:
             raise click.UsageError(str(err)) from None
-        argv = ["step", name, *(["--params", params_path] if params_path else []),
-                *[a for o in overrides for a in ("--set", o)], "--checkpoint", checkpoint, "--value", value_dir,
-                "--optimize-dir", optimize_dir, "--evaluate-dir", evaluate_dir]
+        argv = [
+            "step",
+            name,
+            *(["--params", params_path] if params_path else []),
+            *[a for o in overrides for a in ("--set", o)],
+            "--checkpoint",
+            checkpoint,
+            "--value",
+            value_dir,
+            "--optimize-dir",
+            optimize_dir,
+            "--evaluate-dir",
+            evaluate_dir,
+        ]
         sys.exit(launch_data_parallel(n, argv, launcher))
     if name == "fetch":
         out = steps.fetch(params, checkpoint)
@@ -415,19 +584,39 @@ def step(name, params_path, overrides, checkpoint, value_dir, optimize_dir, eval
 
         evaluation = json.loads((Path(evaluate_dir) / "evaluation.json").read_text())
         link = json.loads((Path(value_dir) / "link.json").read_text())
-        out = register_from_outputs(params, checkpoint, optimize_dir, evaluation, link, evaluation_dir=evaluate_dir)
+        out = register_from_outputs(
+            params, checkpoint, optimize_dir, evaluation, link, evaluation_dir=evaluate_dir
+        )
     click.echo(json.dumps(out, indent=2, default=str)[:4000])
 
 
 @main.command("export")
-@click.option("--fused", "fused_out", type=click.Path(file_okay=False), required=True,
-              help="write here a diffusers pipeline folder with the LoRA merged into the UNet (replaced whole)")
-@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False), default=None,
-              help="the fetched checkpoint folder (default: data/checkpoint, as `ctrl step`)")
-@click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None,
-              help="the LoRA adapter folder (default: data/optimize/adapter, the optimize step's adapter/)")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="a `ctrl run` output folder (outputs/RUN_ID): its checkpoint and adapter")
+@click.option(
+    "--fused",
+    "fused_out",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="write here a diffusers pipeline folder with the LoRA merged into the UNet (replaced whole)",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="the fetched checkpoint folder (default: data/checkpoint, as `ctrl step`)",
+)
+@click.option(
+    "--adapter",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="the LoRA adapter folder (default: data/optimize/adapter, the optimize step's adapter/)",
+)
+@click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="a `ctrl run` output folder (outputs/RUN_ID): its checkpoint and adapter",
+)
 def export(fused_out, checkpoint, adapter, run_dir) -> None:
     """Export the base checkpoint with the LoRA merged into its UNet as a complete diffusers pipeline folder
     (safetensors), loadable with `DiffusionPipeline.from_pretrained(OUT)`."""
@@ -436,8 +625,9 @@ def export(fused_out, checkpoint, adapter, run_dir) -> None:
     if run_dir is None:
         checkpoint, adapter = checkpoint or "data/checkpoint", adapter or "data/optimize/adapter"
     elif checkpoint or adapter:
-        raise click.UsageError("--run takes the checkpoint and the adapter from the run: leave out --checkpoint "
-                               "and --adapter")
+        raise click.UsageError(
+            "--run takes the checkpoint and the adapter from the run: leave out --checkpoint and --adapter"
+        )
     else:
         try:
             checkpoint, adapter = run_inputs(run_dir)

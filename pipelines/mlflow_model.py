@@ -65,13 +65,17 @@ class CtrlImageModel(mlflow.pyfunc.PythonModel):
         self.defaults = default_params(params, self.tuned.kind)
 
     # pd.DataFrame: a type hint MLflow infers no schema from (the declared signature is the schema)
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         from ctrl_core.serving import generate, png_base64
 
         p = {**self.defaults, **(params or {})}
         column = self.tuned.input_column
         if column not in model_input.columns:
-            raise ValueError(f"this model takes a {column!r} column (one row per image), got {list(model_input.columns)}")
+            raise ValueError(
+                f"this model takes a {column!r} column (one row per image), got {list(model_input.columns)}"
+            )
         images = generate(self.tuned, model_input[column].tolist(), steps=p["steps"], sampler=p["sampler"],
                           seed=p["seed"], guidance=p.get("guidance"), batch_size=p["batch_size"])  # fmt: skip
         out = {"image": png_base64(images), "shape": [list(images.shape[1:])] * len(images)}
@@ -131,7 +135,11 @@ def input_example(checkpoint_dir: Path, params, kind: str, num_classes: int) -> 
 
     if kind == "prompt":
         prompts_file = Path(params.model.prompts) if params.model.prompts else checkpoint_dir / "prompts.txt"
-        lines = [ln.strip() for ln in prompts_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        lines = [
+            ln.strip()
+            for ln in prompts_file.read_text().splitlines()
+            if ln.strip() and not ln.startswith("#")
+        ]
         values: list = lines[:2] or ["a photo"]
     else:
         values = list(range(min(4, num_classes))) if kind == "label" else [0, 1]
@@ -155,9 +163,19 @@ def _tree_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def build_model(path: str, mlflow_model=None, *, params, checkpoint_dir: str | Path, adapter_dir: str | Path,
-                evaluation: dict, lineage: dict[str, str], model_name: str, evaluation_dir: str | Path | None = None,
-                bundle: bool | None = None) -> None:
+def build_model(
+    path: str,
+    mlflow_model=None,
+    *,
+    params,
+    checkpoint_dir: str | Path,
+    adapter_dir: str | Path,
+    evaluation: dict,
+    lineage: dict[str, str],
+    model_name: str,
+    evaluation_dir: str | Path | None = None,
+    bundle: bool | None = None,
+) -> None:
     """Write the MLflow model folder at ``path`` (``registry.register_run(logged_model=...)`` calls this with the
     LoggedModel's ``mlflow_model``). ``bundle``: copy the base checkpoint in (None: when it is at most
     ``BUNDLE_LIMIT_BYTES``), else reference it by source and sha256. ``evaluation``: the evaluate step's output;
@@ -178,7 +196,9 @@ def build_model(path: str, mlflow_model=None, *, params, checkpoint_dir: str | P
         if bundle:
             artifacts["checkpoint"] = str(ckpt)
         else:
-            (staged / "checkpoint.json").write_text(json.dumps({k: manifest[k] for k in ("source", "sha256")}))
+            (staged / "checkpoint.json").write_text(
+                json.dumps({k: manifest[k] for k in ("source", "sha256")})
+            )
             artifacts["checkpoint_ref"] = str(staged / "checkpoint.json")
         if params.model.prompts:
             artifacts["prompts"] = params.model.prompts
@@ -219,7 +239,9 @@ def sample_grids(evaluation_dir: str | Path, params) -> tuple[str, dict[str, byt
     report = Path(evaluation_dir) / "report.html"
     if not report.is_file():
         return "", {}
-    found = {name: png for png, name in ((m.group(1), m.group(2)) for m in _FIGURE.finditer(report.read_text()))}
+    found = {
+        name: png for png, name in ((m.group(1), m.group(2)) for m in _FIGURE.finditer(report.read_text()))
+    }
     cells = sorted({n.split("/", 1)[1] for n in found if n.startswith("tuned/")},
                    key=lambda c: (c.split("/")[0] != "sde", c.split("/")[-1] != str(params.optimize.train_steps),
                                   -int(c.split("/")[-1]) if c.split("/")[-1].isdigit() else 0))  # fmt: skip
@@ -239,8 +261,19 @@ def _fmt(cell: dict, key: str, spec: str = ".4f") -> str:
     return format(float(value), spec) if isinstance(value, int | float) else "n/a"
 
 
-def model_card(model_name: str, params, manifest: dict, bundled: bool, kind: str, evaluation: dict,
-               lineage: dict[str, str], run_id: str, model_id: str, cell: str, grids: dict[str, bytes]) -> str:
+def model_card(
+    model_name: str,
+    params,
+    manifest: dict,
+    bundled: bool,
+    kind: str,
+    evaluation: dict,
+    lineage: dict[str, str],
+    run_id: str,
+    model_id: str,
+    cell: str,
+    grids: dict[str, bytes],
+) -> str:
     """The version's README.md: base model, method and key parameters, evaluation table, samples, lineage and
     how to load it."""
     algorithm = params.optimize.algorithm
@@ -272,7 +305,12 @@ def model_card(model_name: str, params, manifest: dict, bundled: bool, kind: str
         samples = [f"Tuned samples at {cell.replace('/', ' with ')} steps (the evaluate step's grid, "
                    "first rows of its evaluation set):", "", f"![tuned samples]({GRID})", ""]  # fmt: skip
         if BASE_GRID in grids:
-            samples += ["The base model on the same noise and conditions:", "", f"![base samples]({BASE_GRID})", ""]
+            samples += [
+                "The base model on the same noise and conditions:",
+                "",
+                f"![base samples]({BASE_GRID})",
+                "",
+            ]
     else:
         samples = ["No sample grid: the evaluation report had none.", ""]
     diffusers_line = (
@@ -284,7 +322,8 @@ def model_card(model_name: str, params, manifest: dict, bundled: bool, kind: str
         "",
         f"A diffusion model fine-tuned with {algorithm.upper() if algorithm != 'qlearning' else 'q-learning'} "
         f"for the reward `{params.reward.name}` by ctrl-pipeline: the base checkpoint below with a LoRA adapter "
-        "(rank " f"{params.model.lora_rank}), logged as an MLflow pyfunc model that generates images for "
+        "(rank "
+        f"{params.model.lora_rank}), logged as an MLflow pyfunc model that generates images for "
         f"{'prompts' if kind == 'prompt' else 'class labels' if kind == 'label' else 'rows (unconditional)'}.",
         "",
         "## Base model",
@@ -333,7 +372,9 @@ def model_card(model_name: str, params, manifest: dict, bundled: bool, kind: str
         "",
         "## How to load it",
         "",
-        "MLflow (in Python, or `mlflow models serve -m models:/" + model_name + "@champion --env-manager local` "
+        "MLflow (in Python, or `mlflow models serve -m models:/"
+        + model_name
+        + "@champion --env-manager local` "
         "and POST `/invocations`):",
         "",
         "```python",

@@ -23,8 +23,10 @@ from . import placement as placement_mod
 from .placement import Placement
 
 PIPELINE_NAME = "ctrl-pipeline"
-PIPELINE_DESCRIPTION = ("Fine-tune a diffusion model with continuous-time RL (CTRL); parameters are params.yaml's "
-                        "keys (block__key).")
+PIPELINE_DESCRIPTION = (
+    "Fine-tune a diffusion model with continuous-time RL (CTRL); parameters are params.yaml's "
+    "keys (block__key)."
+)
 
 
 class Outputs(NamedTuple):
@@ -44,8 +46,12 @@ def _docstring(names: list[str], descriptions: dict[str, str]) -> str:
     return f"{PIPELINE_DESCRIPTION}\n\nArgs:\n{args}\n"
 
 
-def build_pipeline(defaults: Params | None = None, git_sha: str = "", placement: Placement | None = None,
-                   image: str | None = None):
+def build_pipeline(
+    defaults: Params | None = None,
+    git_sha: str = "",
+    placement: Placement | None = None,
+    image: str | None = None,
+):
     """A KFP pipeline whose parameters are ``flatten(defaults)``; ``placement`` (compile-time cluster
     settings from the chart's values) puts each step on its node pool, or nothing when None; ``image``
     replaces every step's image (default: the placement's, else ``components.BASE_IMAGE``)."""
@@ -57,24 +63,44 @@ def build_pipeline(defaults: Params | None = None, git_sha: str = "", placement:
         resolved = resolve_params(**dict(zip(names, args, strict=True))).set_display_name("resolve_params")
         p = resolved.output
         fetch = fetch_checkpoint(params=p).set_display_name("fetch_checkpoint")
-        value = pretrain_value(params=p, checkpoint=fetch.outputs["checkpoint"]).set_display_name("pretrain_value")
+        value = pretrain_value(params=p, checkpoint=fetch.outputs["checkpoint"]).set_display_name(
+            "pretrain_value"
+        )
         optim = ctrl_optimize(params=p, checkpoint=fetch.outputs["checkpoint"], value=value.outputs["value"])
         optim.set_display_name("ctrl_optimize")
         ev = evaluate(params=p, checkpoint=fetch.outputs["checkpoint"], adapter=optim.outputs["adapter"])
         ev.set_display_name("evaluate")
-        reg = register(params=p, checkpoint=fetch.outputs["checkpoint"], adapter=optim.outputs["adapter"],
-                       report=ev.outputs["report"],
-                       evaluation_json=ev.outputs["Output"], link_json=value.outputs["Output"], git_sha=git_sha)
+        reg = register(
+            params=p,
+            checkpoint=fetch.outputs["checkpoint"],
+            adapter=optim.outputs["adapter"],
+            report=ev.outputs["report"],
+            evaluation_json=ev.outputs["Output"],
+            link_json=value.outputs["Output"],
+            git_sha=git_sha,
+        )
         reg.set_display_name("register")
         # caching (off for register: it reads the registry's champion) and, on a cluster, the placement
-        for step, task in (("resolve_params", resolved), ("fetch_checkpoint", fetch), ("pretrain_value", value),
-                           ("ctrl_optimize", optim), ("evaluate", ev), ("register", reg)):
+        for step, task in (
+            ("resolve_params", resolved),
+            ("fetch_checkpoint", fetch),
+            ("pretrain_value", value),
+            ("ctrl_optimize", optim),
+            ("evaluate", ev),
+            ("register", reg),
+        ):
             placement_mod.apply(task, step, placement, image=image)
-        return Outputs(fetch.outputs["Output"], value.outputs["Output"], optim.outputs["Output"], ev.outputs["Output"],
-                       reg.outputs["Output"])
+        return Outputs(
+            fetch.outputs["Output"],
+            value.outputs["Output"],
+            optim.outputs["Output"],
+            ev.outputs["Output"],
+            reg.outputs["Output"],
+        )
 
     params_sig = [
-        inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=flat[n], annotation=types[n]) for n in names
+        inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=flat[n], annotation=types[n])
+        for n in names
     ]
     ctrl_pipeline.__signature__ = inspect.Signature(params_sig, return_annotation=Outputs)
     ctrl_pipeline.__annotations__ = {**{n: types[n] for n in names}, "return": Outputs}
@@ -82,7 +108,14 @@ def build_pipeline(defaults: Params | None = None, git_sha: str = "", placement:
     return dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)(ctrl_pipeline)
 
 
-def compile_pipeline(out_file: str, defaults: Params | None = None, git_sha: str = "",
-                     placement: Placement | None = None, image: str | None = None) -> str:
-    compiler.Compiler().compile(build_pipeline(defaults, git_sha, placement, image), package_path=str(out_file))
+def compile_pipeline(
+    out_file: str,
+    defaults: Params | None = None,
+    git_sha: str = "",
+    placement: Placement | None = None,
+    image: str | None = None,
+) -> str:
+    compiler.Compiler().compile(
+        build_pipeline(defaults, git_sha, placement, image), package_path=str(out_file)
+    )
     return str(out_file)

@@ -118,7 +118,9 @@ class StepPlacement(_Model):
     resources: Resources | None = None
     shmSize: str = ""
     cache: bool = False
-    launcher: str = ""  # torchrun | accelerate for a multi-GPU step (CTRL_LAUNCHER); "": pipeline.env's, else torchrun
+    launcher: str = (
+        ""  # torchrun | accelerate for a multi-GPU step (CTRL_LAUNCHER); "": pipeline.env's, else torchrun
+    )
     secrets: list[str] = Field(default_factory=list)
     retry: Retry = Field(default_factory=Retry)
 
@@ -208,12 +210,18 @@ def load_values(chart_dir: str | Path | None = None, value_files: tuple[str, ...
     chart = Path(chart_dir) if chart_dir else default_chart_dir()
     base_file, schema_file = chart / "values.yaml", chart / "values.schema.json"
     if not base_file.is_file() or not schema_file.is_file():
-        raise PlacementError(f"{chart}: not the ctrl-pipeline chart (needs values.yaml and values.schema.json); "
-                             f"pass --chart or set {CHART_ENV}")
+        raise PlacementError(
+            f"{chart}: not the ctrl-pipeline chart (needs values.yaml and values.schema.json); "
+            f"pass --chart or set {CHART_ENV}"
+        )
     values = _read_yaml(base_file)
     for f in value_files:
         values = deep_merge(values, _read_yaml(Path(f)))
-    check_schema(values, json.loads(schema_file.read_text()), source=", ".join([str(base_file), *map(str, value_files)]))
+    check_schema(
+        values,
+        json.loads(schema_file.read_text()),
+        source=", ".join([str(base_file), *map(str, value_files)]),
+    )
     return values
 
 
@@ -252,38 +260,62 @@ def image_reference(values: dict) -> str:
     return f"{repo}:{img['tag']}"
 
 
-def _pool_settings(name: str, sp: StepPlacement, pools: dict[str, NodePool], secrets: dict[str, SecretRef],
-                   cache: ModelCache, env: dict[str, str]) -> StepSettings:
+def _pool_settings(
+    name: str,
+    sp: StepPlacement,
+    pools: dict[str, NodePool],
+    secrets: dict[str, SecretRef],
+    cache: ModelCache,
+    env: dict[str, str],
+) -> StepSettings:
     key = f"pipeline.steps.{name}"
     if sp.pool not in pools:
-        raise PlacementError(f"{key}.pool: node pool {sp.pool!r} is not defined in nodePools "
-                             f"(defined: {sorted(pools) or 'none'}); refusing to compile a step without a placement")
+        raise PlacementError(
+            f"{key}.pool: node pool {sp.pool!r} is not defined in nodePools "
+            f"(defined: {sorted(pools) or 'none'}); refusing to compile a step without a placement"
+        )
     pool = pools[sp.pool]
     gpu_pool = pool.gpu.count > 0
     if gpu_pool and not pool.gpu.type:
-        raise PlacementError(f"nodePools.{sp.pool}.gpu.type: a pool with GPUs must name the resource (nvidia.com/gpu)")
+        raise PlacementError(
+            f"nodePools.{sp.pool}.gpu.type: a pool with GPUs must name the resource (nvidia.com/gpu)"
+        )
     if gpu_pool and sp.gpus < 1:
-        raise PlacementError(f"{key}.gpus: zero GPUs for a step on GPU pool {sp.pool!r}; request at least 1 "
-                             "(a container without a GPU request on a GPU node sees every GPU of the node) "
-                             "or place the step on a CPU pool")
+        raise PlacementError(
+            f"{key}.gpus: zero GPUs for a step on GPU pool {sp.pool!r}; request at least 1 "
+            "(a container without a GPU request on a GPU node sees every GPU of the node) "
+            "or place the step on a CPU pool"
+        )
     if not gpu_pool and sp.gpus > 0:
-        raise PlacementError(f"{key}.gpus: {sp.gpus} GPUs requested on pool {sp.pool!r}, which has none "
-                             f"(nodePools.{sp.pool}.gpu.count is 0)")
+        raise PlacementError(
+            f"{key}.gpus: {sp.gpus} GPUs requested on pool {sp.pool!r}, which has none "
+            f"(nodePools.{sp.pool}.gpu.count is 0)"
+        )
     if sp.gpus > pool.gpu.count:
-        raise PlacementError(f"{key}.gpus: {sp.gpus} GPUs, but a node of pool {sp.pool!r} has "
-                             f"{pool.gpu.count}; the pod would never schedule")
+        raise PlacementError(
+            f"{key}.gpus: {sp.gpus} GPUs, but a node of pool {sp.pool!r} has "
+            f"{pool.gpu.count}; the pod would never schedule"
+        )
     refs = []
     for ref in sp.secrets:
         if ref not in secrets:
-            raise PlacementError(f"{key}.secrets: {ref!r} is not defined under secrets (defined: {sorted(secrets)})")
+            raise PlacementError(
+                f"{key}.secrets: {ref!r} is not defined under secrets (defined: {sorted(secrets)})"
+            )
         s = secrets[ref]
         if not s.name.strip():
-            raise PlacementError(f"secrets.{ref}.name: missing Secret name (used by step {name}); name the existing "
-                                 "Kubernetes Secret, or drop the reference from the step")
+            raise PlacementError(
+                f"secrets.{ref}.name: missing Secret name (used by step {name}); name the existing "
+                "Kubernetes Secret, or drop the reference from the step"
+            )
         if not s.env:
-            raise PlacementError(f"secrets.{ref}.env: map at least one environment variable to a key of Secret {s.name!r}")
+            raise PlacementError(
+                f"secrets.{ref}.env: map at least one environment variable to a key of Secret {s.name!r}"
+            )
         if len(set(s.env.values())) < len(s.env):
-            raise PlacementError(f"secrets.{ref}.env: each key of Secret {s.name!r} can feed one variable only")
+            raise PlacementError(
+                f"secrets.{ref}.env: each key of Secret {s.name!r} can feed one variable only"
+            )
         refs.append(s)
     if sp.cache and not cache.claimName.strip():
         raise PlacementError(f"modelCache.claimName: missing PVC name (step {name} mounts the model cache)")
@@ -295,18 +327,29 @@ def _pool_settings(name: str, sp: StepPlacement, pools: dict[str, NodePool], sec
     # checked here, else the pod fails after its GPUs were scheduled ("" is unset, as `ctrl step` reads it)
     if (step_env.get(LAUNCHER_ENV) or "torchrun") not in LAUNCHERS:
         where = f"{key}.launcher" if sp.launcher else f"pipeline.env.{LAUNCHER_ENV}"
-        raise PlacementError(f"{where}: {step_env[LAUNCHER_ENV]!r} is not a launcher; choose one of {LAUNCHERS}")
+        raise PlacementError(
+            f"{where}: {step_env[LAUNCHER_ENV]!r} is not a launcher; choose one of {LAUNCHERS}"
+        )
     if sp.cache:
         step_env.setdefault("HF_HOME", f"{cache.mountPath.rstrip('/')}/huggingface")
         step_env.setdefault("CTRL_CHECKPOINT_ROOT", f"{cache.mountPath.rstrip('/')}/checkpoints")
     return StepSettings(
-        step=name, pool=sp.pool, node_selector=dict(pool.nodeSelector),
+        step=name,
+        pool=sp.pool,
+        node_selector=dict(pool.nodeSelector),
         tolerations=[t.model_dump(exclude_none=True) for t in pool.tolerations],
-        accelerator_type=pool.gpu.type if sp.gpus else "", gpus=sp.gpus,
-        cpu_request=res.requests.cpu, cpu_limit=res.limits.cpu,
-        memory_request=res.requests.memory, memory_limit=res.limits.memory,
-        shm_size=sp.shmSize, cache_claim=cache.claimName if sp.cache else "", cache_mount=cache.mountPath,
-        secrets=refs, env=step_env, retry=sp.retry,
+        accelerator_type=pool.gpu.type if sp.gpus else "",
+        gpus=sp.gpus,
+        cpu_request=res.requests.cpu,
+        cpu_limit=res.limits.cpu,
+        memory_request=res.requests.memory,
+        memory_limit=res.limits.memory,
+        shm_size=sp.shmSize,
+        cache_claim=cache.claimName if sp.cache else "",
+        cache_mount=cache.mountPath,
+        secrets=refs,
+        env=step_env,
+        retry=sp.retry,
     )
 
 
@@ -318,24 +361,37 @@ def from_values(values: dict, image: str | None = None) -> Placement:
         cache = ModelCache.model_validate(values.get("modelCache") or {})
         pipe = PipelineValues.model_validate(values.get("pipeline") or {})
     except ValidationError as err:
-        raise PlacementError("invalid values:\n  " + "\n  ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())) from None
+        raise PlacementError(
+            "invalid values:\n  "
+            + "\n  ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        ) from None
     missing = [s for s in STEPS if s not in pipe.steps]
     unknown = [s for s in pipe.steps if s not in STEPS]
     if missing or unknown:
-        raise PlacementError(f"pipeline.steps: every step needs a placement (missing: {missing}, unknown: {unknown})")
+        raise PlacementError(
+            f"pipeline.steps: every step needs a placement (missing: {missing}, unknown: {unknown})"
+        )
     env = dict(pipe.env)
     mlflow = values.get("mlflow") or {}
     if mlflow.get("enabled") and "MLFLOW_TRACKING_URI" not in env:
-        env["MLFLOW_TRACKING_URI"] = f"http://{mlflow.get('name', 'ctrl-mlflow')}:{(mlflow.get('service') or {}).get('port', 5000)}"
+        env["MLFLOW_TRACKING_URI"] = (
+            f"http://{mlflow.get('name', 'ctrl-mlflow')}:{(mlflow.get('service') or {}).get('port', 5000)}"
+        )
     steps = {name: _pool_settings(name, pipe.steps[name], pools, secrets, cache, env) for name in STEPS}
     sa = (values.get("serviceAccount") or {}).get("name", "")
-    return Placement(image=image or image_reference(values), service_account=sa, steps=steps,
-                     security_context=pipe.securityContext)
+    return Placement(
+        image=image or image_reference(values),
+        service_account=sa,
+        steps=steps,
+        security_context=pipe.securityContext,
+    )
 
 
-def load(chart_dir: str | Path | None = None, value_files: tuple[str, ...] | list[str] = (),
-         image: str | None = None) -> Placement:
+def load(
+    chart_dir: str | Path | None = None,
+    value_files: tuple[str, ...] | list[str] = (),
+    image: str | None = None,
+) -> Placement:
     """``ctrl compile --chart DIR -f FILE --image REF``: merged, schema-checked values -> :class:`Placement`."""
     return from_values(load_values(chart_dir, value_files), image)
 
@@ -371,22 +427,39 @@ def apply(task, step: str, placement: Placement | None = None, image: str | None
     for label, value in s.node_selector.items():
         kubernetes.add_node_selector(task, label_key=label, label_value=value)
     for t in s.tolerations:
-        kubernetes.add_toleration(task, key=t.get("key"), operator=t.get("operator"), value=t.get("value"),
-                                  effect=t.get("effect"), toleration_seconds=t.get("tolerationSeconds"))
+        kubernetes.add_toleration(
+            task,
+            key=t.get("key"),
+            operator=t.get("operator"),
+            value=t.get("value"),
+            effect=t.get("effect"),
+            toleration_seconds=t.get("tolerationSeconds"),
+        )
     if s.shm_size:
-        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=s.shm_size)
+        kubernetes.empty_dir_mount(
+            task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=s.shm_size
+        )
     if s.cache_claim:
         kubernetes.mount_pvc(task, pvc_name=s.cache_claim, mount_path=s.cache_mount)
     for ref in s.secrets:
-        kubernetes.use_secret_as_env(task, secret_name=ref.name, secret_key_to_env={k: e for e, k in ref.env.items()},
-                                     optional=ref.optional)
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=ref.name,
+            secret_key_to_env={k: e for e, k in ref.env.items()},
+            optional=ref.optional,
+        )
     for name, value in s.env.items():
         task.set_env_variable(name, value)
     if s.retry.count:
-        task.set_retry(num_retries=s.retry.count, backoff_duration=s.retry.backoff, backoff_factor=s.retry.factor,
-                       backoff_max_duration=s.retry.maxDuration)
+        task.set_retry(
+            num_retries=s.retry.count,
+            backoff_duration=s.retry.backoff,
+            backoff_factor=s.retry.factor,
+            backoff_max_duration=s.retry.maxDuration,
+        )
     sc = placement.security_context
     if sc is not None and any(v is not None for v in (sc.runAsUser, sc.runAsGroup, sc.runAsNonRoot)):
-        kubernetes.set_security_context(task, run_as_user=sc.runAsUser, run_as_group=sc.runAsGroup,
-                                        run_as_non_root=sc.runAsNonRoot)
+        kubernetes.set_security_context(
+            task, run_as_user=sc.runAsUser, run_as_group=sc.runAsGroup, run_as_non_root=sc.runAsNonRoot
+        )
     return task

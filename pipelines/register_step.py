@@ -15,7 +15,9 @@ from ctrl_core.params import Params
 
 def git_sha(default: str = "") -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
         return out.stdout.strip() if out.returncode == 0 else default
     except (OSError, subprocess.SubprocessError):
         return default
@@ -33,8 +35,16 @@ def run_key(params: Params, checkpoint_sha256: str) -> str:
     return hashlib.sha256(f"{params.digest()}:{checkpoint_sha256}".encode()).hexdigest()[:32]
 
 
-def register_from_outputs(params: Params, checkpoint_dir: str, adapter_dir: str, evaluation: dict, link: dict,
-                          sha: str = "", evaluation_dir: str | None = None, bundle_checkpoint: bool | None = None) -> dict:
+def register_from_outputs(
+    params: Params,
+    checkpoint_dir: str,
+    adapter_dir: str,
+    evaluation: dict,
+    link: dict,
+    sha: str = "",
+    evaluation_dir: str | None = None,
+    bundle_checkpoint: bool | None = None,
+) -> dict:
     """``bundle_checkpoint``: copy the base checkpoint into the MLflow model (None: when it is small enough,
     ``mlflow_model.BUNDLE_LIMIT_BYTES``), else reference it by source and sha256."""
     from functools import partial
@@ -47,18 +57,29 @@ def register_from_outputs(params: Params, checkpoint_dir: str, adapter_dir: str,
     manifest = json.loads((Path(checkpoint_dir) / "manifest.json").read_text())
     metrics_file = Path(adapter_dir) / "metrics.json"
     train = json.loads(metrics_file.read_text())["summary"] if metrics_file.is_file() else {}
-    metrics = {f"train/{k}": float(v) for k, v in train.items() if isinstance(v, (int, float)) and v is not None}
+    metrics = {
+        f"train/{k}": float(v) for k, v in train.items() if isinstance(v, (int, float)) and v is not None
+    }
     if evaluation.get("robustness_ratio") is not None:
         metrics["eval/robustness_ratio"] = float(evaluation["robustness_ratio"])
     for name, mse in link.get("mse", {}).items():
         metrics[f"value/mse/{name}"] = float(mse)
-    artifacts = {k: str(Path(adapter_dir) / k) for k in ("metrics.json", "value.safetensors", "link.json")
-                 if (Path(adapter_dir) / k).exists()}
+    artifacts = {
+        k: str(Path(adapter_dir) / k)
+        for k in ("metrics.json", "value.safetensors", "link.json")
+        if (Path(adapter_dir) / k).exists()
+    }
     if evaluation_dir and Path(evaluation_dir).is_dir():  # the plot, the sample grids and the report
         artifacts["evaluation"] = evaluation_dir
     rp = params.register
-    lineage = {"git_sha": sha or git_sha(), "params_hash": params.digest(), "checkpoint_sha256": manifest["sha256"],
-               "checkpoint_source": manifest["source"], "dvc_revision": dvc_revision(), "value_link": link.get("chosen", "")}
+    lineage = {
+        "git_sha": sha or git_sha(),
+        "params_hash": params.digest(),
+        "checkpoint_sha256": manifest["sha256"],
+        "checkpoint_source": manifest["source"],
+        "dvc_revision": dvc_revision(),
+        "value_link": link.get("chosen", ""),
+    }
     model = partial(build_model, params=params, checkpoint_dir=checkpoint_dir, adapter_dir=Path(adapter_dir) / "adapter",
                     evaluation=evaluation, lineage=lineage, model_name=rp.model_name, evaluation_dir=evaluation_dir,
                     bundle=bundle_checkpoint)  # fmt: skip
@@ -70,11 +91,24 @@ def register_from_outputs(params: Params, checkpoint_dir: str, adapter_dir: str,
         evaluation=evaluation["evaluation"],
         artifacts=artifacts,
         lineage=lineage,
-        gate=GateConfig(min_gain=rp.min_gain, require_no_worse_than_champion=rp.require_no_worse_than_champion, tolerance=rp.tolerance),
+        gate=GateConfig(
+            min_gain=rp.min_gain,
+            require_no_worse_than_champion=rp.require_no_worse_than_champion,
+            tolerance=rp.tolerance,
+        ),
         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
         experiment=params.run.name,
         logged_model=model,
     )
-    return {"name": result.name, "version": result.version, "aliases": sorted(result.aliases), "run_id": result.run_id,
-            "promoted": result.promoted, "gate_passed": result.gate_passed, "gate_reason": result.gate_reason, "created": result.created,
-            "model_uri": f"models:/{result.name}/{result.version}", "model_id": result.model_id}
+    return {
+        "name": result.name,
+        "version": result.version,
+        "aliases": sorted(result.aliases),
+        "run_id": result.run_id,
+        "promoted": result.promoted,
+        "gate_passed": result.gate_passed,
+        "gate_reason": result.gate_reason,
+        "created": result.created,
+        "model_uri": f"models:/{result.name}/{result.version}",
+        "model_id": result.model_id,
+    }

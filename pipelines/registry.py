@@ -76,8 +76,13 @@ _METRICS_PER_BATCH = 1000
 #: process SIGKILL itself at that point, so tests and ``bench.faults`` can check that a retry converges after
 #: a crash anywhere in the registration. Unset in production; the points are listed in ``FAULT_POINTS``.
 FAULT_ENV = "CTRL_FAULT_INJECT"
-FAULT_POINTS = ("after_model_artifacts", "after_create_run", "after_create_version", "after_gate_tags",
-                "after_challenger_alias")
+FAULT_POINTS = (
+    "after_model_artifacts",
+    "after_create_run",
+    "after_create_version",
+    "after_gate_tags",
+    "after_challenger_alias",
+)
 
 _RUN_KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]")
@@ -553,7 +558,9 @@ def _create_run(
     return run.info, model_id
 
 
-def _log_model(client, experiment_id: str, run_id: str, run_key: str, build: Callable[[str, Any], None]) -> str:
+def _log_model(
+    client, experiment_id: str, run_id: str, run_key: str, build: Callable[[str, Any], None]
+) -> str:
     """The run's LoggedModel, as ``mlflow.pyfunc.log_model`` makes one, through this client only (no global
     tracking URI or active run): create it, link it to the run as an output, let ``build(path, mlflow_model)``
     write the MLflow model folder (``mlflow_model``: a ``mlflow.models.Model`` carrying the model's id, run id
@@ -592,7 +599,9 @@ def _version_source(run_info, model_id: str | None) -> str:
 
 def _model_id_of(version) -> str | None:
     source = version.source or ""
-    return getattr(version, "model_id", None) or (source[len("models:/") :] if source.startswith("models:/m-") else None)
+    return getattr(version, "model_id", None) or (
+        source[len("models:/") :] if source.startswith("models:/m-") else None
+    )
 
 
 def _registry_resolves_with(uri: str):

@@ -88,8 +88,15 @@ class KfpApiServer:
         docs = [d for d in yaml.safe_load_all(package) if d]
         # as the server stores it: one document, or the pipeline spec with the platform (Kubernetes) spec
         spec = docs[0] if len(docs) == 1 else {"pipeline_spec": docs[0], "platform_spec": docs[1]}
-        v = {"pipeline_id": pipeline_id, "pipeline_version_id": vid, "display_name": name, "name": name,
-             "description": description, "created_at": NOW, "pipeline_spec": spec}
+        v = {
+            "pipeline_id": pipeline_id,
+            "pipeline_version_id": vid,
+            "display_name": name,
+            "name": name,
+            "description": description,
+            "created_at": NOW,
+            "pipeline_spec": spec,
+        }
         self.versions[vid] = v
         return v
 
@@ -104,8 +111,14 @@ class KfpApiServer:
             if any(p["display_name"] == name for p in self.pipelines.values()):
                 return 409, {"error_message": f"pipeline {name} already exists", "code": 6}
             pid = self._id("pipeline")
-            p = {"pipeline_id": pid, "display_name": name, "name": name, "description": req.query.get("description", ""),
-                 "created_at": NOW, "namespace": req.query.get("namespace", "")}
+            p = {
+                "pipeline_id": pid,
+                "display_name": name,
+                "name": name,
+                "description": req.query.get("description", ""),
+                "created_at": NOW,
+                "namespace": req.query.get("namespace", ""),
+            }
             self.pipelines[pid] = p
             self._new_version(pid, name, p["description"], req.files["uploadfile"])  # as KFP: a first version
             return 200, p
@@ -124,8 +137,11 @@ class KfpApiServer:
             return 200, ({"pipelines": found, "total_size": len(found)} if found else {})
         if m == "GET" and len(parts) == 3 and parts[0] == "pipelines" and parts[2] == "versions":
             name = _filter_name(req.query)
-            found = [{k: v[k] for k in v if k != "pipeline_spec"} for v in self.versions.values()
-                     if v["pipeline_id"] == parts[1] and (name is None or v["display_name"] == name)]
+            found = [
+                {k: v[k] for k in v if k != "pipeline_spec"}
+                for v in self.versions.values()
+                if v["pipeline_id"] == parts[1] and (name is None or v["display_name"] == name)
+            ]
             return 200, ({"pipeline_versions": found, "total_size": len(found)} if found else {})
         if m == "GET" and len(parts) == 4 and parts[0] == "pipelines" and parts[2] == "versions":
             v = self.versions.get(parts[3])
@@ -141,18 +157,33 @@ class KfpApiServer:
             return 200, e
         if m == "POST" and path == "/runs":
             rid = self._id("run")
-            r = {**req.body, "run_id": rid, "created_at": NOW, "state": "PENDING", "storage_state": "AVAILABLE"}
+            r = {
+                **req.body,
+                "run_id": rid,
+                "created_at": NOW,
+                "state": "PENDING",
+                "storage_state": "AVAILABLE",
+            }
             self.runs[rid] = r
             return 200, r
         if m == "GET" and path == "/recurringruns":
             name = _filter_name(req.query)
             exp = req.query.get("experiment_id")
-            found = [r for r in self.recurring_runs.values()
-                     if (name is None or r["display_name"] == name) and (exp is None or r["experiment_id"] == exp)]
+            found = [
+                r
+                for r in self.recurring_runs.values()
+                if (name is None or r["display_name"] == name) and (exp is None or r["experiment_id"] == exp)
+            ]
             return 200, ({"recurringRuns": found, "total_size": len(found)} if found else {})
         if m == "POST" and path == "/recurringruns":
             rid = self._id("recurring")
-            r = {**req.body, "recurring_run_id": rid, "created_at": NOW, "updated_at": NOW, "status": "ENABLED"}
+            r = {
+                **req.body,
+                "recurring_run_id": rid,
+                "created_at": NOW,
+                "updated_at": NOW,
+                "status": "ENABLED",
+            }
             self.recurring_runs[rid] = r
             return 200, r
         if m == "DELETE" and len(parts) == 2 and parts[0] == "recurringruns":
@@ -178,12 +209,22 @@ class KfpApiServer:
                 ctype = self.headers.get("Content-Type", "")
                 if ctype.startswith("multipart/form-data"):
                     msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-                        f"Content-Type: {ctype}\r\n\r\n".encode() + raw)
+                        f"Content-Type: {ctype}\r\n\r\n".encode() + raw
+                    )
                     for part in msg.iter_parts():
-                        files[part.get_param("name", header="content-disposition")] = part.get_payload(decode=True)
+                        files[part.get_param("name", header="content-disposition")] = part.get_payload(
+                            decode=True
+                        )
                 elif raw:
                     body = json.loads(raw)
-                req = Request(self.command, url.path, query, {k.lower(): v for k, v in self.headers.items()}, body, files)
+                req = Request(
+                    self.command,
+                    url.path,
+                    query,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    body,
+                    files,
+                )
                 with server._lock:
                     server.requests.append(req)
                     try:

@@ -31,7 +31,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 KINDS = ("status", "drop", "truncate", "short", "corrupt")
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+}
 _STATUS_CODES = {500: "InternalError", 502: "BadGateway", 503: "ServiceUnavailable", 504: "GatewayTimeout"}
 
 
@@ -70,7 +78,10 @@ class FaultyS3Proxy:
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="faulty-s3-proxy", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="faulty-s3-proxy",
+            daemon=True,
         )
 
     @property
@@ -170,7 +181,9 @@ def _handler_for(proxy: FaultyS3Proxy) -> type[http.server.BaseHTTPRequestHandle
                 if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
                     self.send_header(k, v)
             if self.command == "HEAD":
-                self.send_header("Content-Length", dict((k.lower(), v) for k, v in headers).get("content-length", "0"))
+                self.send_header(
+                    "Content-Length", dict((k.lower(), v) for k, v in headers).get("content-length", "0")
+                )
             else:
                 self.send_header("Content-Length", str(declared))
             if fault is not None and fault.kind == "truncate":

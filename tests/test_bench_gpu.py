@@ -16,33 +16,85 @@ from bench import gpu
 
 torch.set_num_threads(1)
 
-KEYS = ("device", "ctrl_over_ddpo", "unet_mfu", "images_per_s", "matmul_peak_tflops", "unet_tflops_per_forward",
-        "seconds_per_iteration", "peak_memory_gb", "setting", "versions", "tiny")
+KEYS = (
+    "device",
+    "ctrl_over_ddpo",
+    "unet_mfu",
+    "images_per_s",
+    "matmul_peak_tflops",
+    "unet_tflops_per_forward",
+    "seconds_per_iteration",
+    "peak_memory_gb",
+    "setting",
+    "versions",
+    "tiny",
+)
 
 
 def test_gpu_bench_harness_smoke_tiny_cpu(tmp_path, monkeypatch):
     """Harness smoke test only: not a performance claim."""
     monkeypatch.setenv("CTRL_DEVICE", "cpu")
     out_path = tmp_path / "gpu_tiny.json"
-    gpu.main(["--tiny", "--batch", "2", "--steps", "4", "--train-timesteps", "2", "--minibatch", "2",
-              "--iterations", "1", "--designs", "conv/fd,conv_tiny/td_beta0,paper_tiny/td,latent_only/td", "--json", str(out_path)])
+    gpu.main(
+        [
+            "--tiny",
+            "--batch",
+            "2",
+            "--steps",
+            "4",
+            "--train-timesteps",
+            "2",
+            "--minibatch",
+            "2",
+            "--iterations",
+            "1",
+            "--designs",
+            "conv/fd,conv_tiny/td_beta0,paper_tiny/td,latent_only/td",
+            "--json",
+            str(out_path),
+        ]
+    )
     out = json.loads(out_path.read_text())
     assert all(k in out for k in KEYS)
     assert out["tiny"] is True and out["performance_claim"] is False and out["device"].startswith("cpu")
-    for k in ("ctrl_over_ddpo", "unet_mfu", "images_per_s", "matmul_peak_tflops", "unet_tflops_per_forward",
-              "peak_memory_gb"):
+    for k in (
+        "ctrl_over_ddpo",
+        "unet_mfu",
+        "images_per_s",
+        "matmul_peak_tflops",
+        "unet_tflops_per_forward",
+        "peak_memory_gb",
+    ):
         assert math.isfinite(out[k]) and out[k] > 0, k
     for alg in ("ctrl", "ddpo"):
         t = out["seconds_per_iteration"][alg]
         assert all(math.isfinite(t[p]) and t[p] >= 0 for p in ("total", "sample", "value", "policy"))
         assert t["total"] > 0
     assert out["unet_forward_batch"] == 4  # CFG: both halves in one UNet call
-    assert list(out["ctrl_over_ddpo_by_design"]) == ["conv/fd", "conv_tiny/td_beta0", "paper_tiny/td", "latent_only/td"]
-    assert out["ctrl_over_ddpo"] == out["ctrl_over_ddpo_by_design"]["conv/fd"] and out["ctrl_design"] == "conv/fd"
+    assert list(out["ctrl_over_ddpo_by_design"]) == [
+        "conv/fd",
+        "conv_tiny/td_beta0",
+        "paper_tiny/td",
+        "latent_only/td",
+    ]
+    assert (
+        out["ctrl_over_ddpo"] == out["ctrl_over_ddpo_by_design"]["conv/fd"]
+        and out["ctrl_design"] == "conv/fd"
+    )
     assert out["complete"] is True and out["skipped_designs"] == {}
-    assert out["sampling_mismatch"]["approx_kl"] < 1e-5 and out["sampling_mismatch"]["clipfrac"] == 0.0  # float32
-    assert out["phases_done"] == ["build", "unet_forward", "sampling", "ddpo", "ctrl conv/fd", "ctrl conv_tiny/td_beta0",
-                                  "ctrl paper_tiny/td", "ctrl latent_only/td"]
+    assert (
+        out["sampling_mismatch"]["approx_kl"] < 1e-5 and out["sampling_mismatch"]["clipfrac"] == 0.0
+    )  # float32
+    assert out["phases_done"] == [
+        "build",
+        "unet_forward",
+        "sampling",
+        "ddpo",
+        "ctrl conv/fd",
+        "ctrl conv_tiny/td_beta0",
+        "ctrl paper_tiny/td",
+        "ctrl latent_only/td",
+    ]
     assert not list(tmp_path.glob("*.tmp"))  # atomic rewrites leave no temporary file
     with pytest.raises(SystemExit, match="DESIGN/VARIANT"):
         gpu.main(["--tiny", "--designs", "conv/ppo", "--json", str(tmp_path / "x.json")])
@@ -59,12 +111,35 @@ def test_budget_skips_designs_and_keeps_what_was_measured(tmp_path, monkeypatch)
     --merged-sampling."""
     monkeypatch.setenv("CTRL_DEVICE", "cpu")
     out_path = tmp_path / "gpu_tiny.json"
-    argv = ["--tiny", "--batch", "2", "--steps", "2", "--train-timesteps", "1", "--minibatch", "2", "--iterations", "1",
-            "--designs", "conv/td,latent_only/td", "--merged-sampling", "--old-log-probs", "trainer", "--json", str(out_path)]
+    argv = [
+        "--tiny",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--train-timesteps",
+        "1",
+        "--minibatch",
+        "2",
+        "--iterations",
+        "1",
+        "--designs",
+        "conv/td,latent_only/td",
+        "--merged-sampling",
+        "--old-log-probs",
+        "trainer",
+        "--json",
+        str(out_path),
+    ]
     with pytest.raises(SystemExit, match="left no time for any CTRL design"):
         gpu.main([*argv, "--budget-s", "0.01"])
     partial = json.loads(out_path.read_text())
-    assert partial["complete"] is False and partial["phases_done"] == ["build", "unet_forward", "sampling", "ddpo"]
+    assert partial["complete"] is False and partial["phases_done"] == [
+        "build",
+        "unet_forward",
+        "sampling",
+        "ddpo",
+    ]
     assert partial["seconds_per_iteration"]["ddpo"]["total"] > 0 and partial["unet_mfu"] > 0
     assert "ctrl_over_ddpo" not in partial
     # --merged-sampling: sampling through the float32 merged copy; its log-probs are the trainer's
@@ -76,7 +151,9 @@ def test_budget_skips_designs_and_keeps_what_was_measured(tmp_path, monkeypatch)
 
 def test_forward_only_stops_after_mfu_and_sampling(tmp_path, monkeypatch):
     monkeypatch.setenv("CTRL_DEVICE", "cpu")
-    out = gpu.main(["--tiny", "--batch", "2", "--steps", "2", "--forward-only", "--json", str(tmp_path / "f.json")])
+    out = gpu.main(
+        ["--tiny", "--batch", "2", "--steps", "2", "--forward-only", "--json", str(tmp_path / "f.json")]
+    )
     assert out["complete"] is True and out["phases_done"] == ["build", "unet_forward", "sampling"]
     assert out["unet_mfu"] > 0 and out["images_per_s"] > 0 and "seconds_per_iteration" not in out
     assert json.loads((tmp_path / "f.json").read_text())["setting"]["forward_only"] is True
@@ -85,7 +162,12 @@ def test_forward_only_stops_after_mfu_and_sampling(tmp_path, monkeypatch):
 def test_inductor_tuning_sets_the_flags_it_reports():
     import torch._inductor.config as cfg
 
-    names = ("conv_1x1_as_mm", "coordinate_descent_tuning", "coordinate_descent_check_all_directions", "epilogue_fusion")
+    names = (
+        "conv_1x1_as_mm",
+        "coordinate_descent_tuning",
+        "coordinate_descent_check_all_directions",
+        "epilogue_fusion",
+    )
     saved = {k: getattr(cfg, k) for k in names if hasattr(cfg, k)}
     try:
         applied = gpu.inductor_tuning()

@@ -18,7 +18,10 @@ def test_iteration_accounting_counts_each_call_once():
     B, K, E, u = 4, 3, 2, 2 * F["unet_forward"]
     ddpo = vc.iteration_flops(F, "ddpo", "", B, K, E)
     assert sum(ddpo.values()) == pytest.approx(B * (30.0 + 1.5) + K * B * 2 * 21.0)
-    extra = lambda design, variant: sum(vc.iteration_flops(F, design, variant, B, K, E).values()) - sum(ddpo.values())  # noqa: E731
+
+    def extra(design: str, variant: str) -> float:
+        return sum(vc.iteration_flops(F, design, variant, B, K, E).values()) - sum(ddpo.values())
+
     # conv + tiny decoder, beta 0, no mu_pre: 2 K B value evaluations (decode + score + CNN) and the CNN's fit
     assert extra("conv_tiny", "td_beta0") == pytest.approx(2 * K * B * (2.0 + 1.5 + 0.01) + E * K * B * 0.03)
     # beta > 0 adds mu_pre at the K steps; the finite difference adds x_hat's UNet call at the perturbed state
@@ -26,12 +29,16 @@ def test_iteration_accounting_counts_each_call_once():
     assert extra("conv_tiny", "fd") - extra("conv_tiny", "td") == pytest.approx(K * B * u)
     # the paper's copy decodes x_t and scores it at every evaluation, and again in every epoch of the fit
     assert extra("paper", "td_beta0") == pytest.approx(
-        2 * K * B * (30.0 + 1.5) * 2 + E * K * B * (30.0 + 1.7))
+        2 * K * B * (30.0 + 1.5) * 2 + E * K * B * (30.0 + 1.7)
+    )
     # TD shares V between adjacent drawn steps: K (K - 1) / S fewer evaluations per path on average
     shared = sum(vc.iteration_flops(F, "conv_tiny", "td_beta0", B, K, E).values()) - sum(
-        vc.iteration_flops(F, "conv_tiny", "td_beta0", B, K, E, S=4).values())
+        vc.iteration_flops(F, "conv_tiny", "td_beta0", B, K, E, S=4).values()
+    )
     assert shared == pytest.approx(K * (K - 1) / 4 * B * (2.0 + 1.5 + 0.01))
-    assert vc.iteration_flops(F, "conv_tiny", "fd", B, K, E, S=4) == vc.iteration_flops(F, "conv_tiny", "fd", B, K, E)
+    assert vc.iteration_flops(F, "conv_tiny", "fd", B, K, E, S=4) == vc.iteration_flops(
+        F, "conv_tiny", "fd", B, K, E
+    )
     table = vc.cost_table(F, B, N=5, K=K, E=E)
     assert table["ddpo_tflop"] * 1e12 == pytest.approx(sum(ddpo.values()) + 5 * B * u)
     ratios = {k: r["ctrl_over_ddpo_flops"] for k, r in table["designs"].items()}
@@ -71,4 +78,6 @@ def test_fit_spread_is_mean_and_sample_std_of_r2():
     assert out["r2_by_seed"] == pytest.approx([0.8, 0.4])
     assert out["r2"] == pytest.approx(0.6) and out["val_mse"] == pytest.approx(0.2)
     assert out["r2_std"] == pytest.approx(0.2 * 2**0.5)  # sample (n - 1) standard deviation
-    assert vc._spread([0.1], var=0.5)["r2_std"] != vc._spread([0.1], var=0.5)["r2_std"]  # one fit: no spread (nan)
+    assert (
+        vc._spread([0.1], var=0.5)["r2_std"] != vc._spread([0.1], var=0.5)["r2_std"]
+    )  # one fit: no spread (nan)

@@ -392,7 +392,10 @@ def _hub_layout_sd(root: Path, fp16_only: bool = False) -> dict[str, bytes]:
               "safety_checker/model.safetensors": st_bytes(2), "safety_checker/pytorch_model.bin": pickle_bytes(),
               "feature_extractor/preprocessor_config.json": b"{}"}  # fmt: skip
     if fp16_only:
-        del files["unet/diffusion_pytorch_model.safetensors"], files["unet/diffusion_pytorch_model.non_ema.safetensors"]
+        del (
+            files["unet/diffusion_pytorch_model.safetensors"],
+            files["unet/diffusion_pytorch_model.non_ema.safetensors"],
+        )
     return files
 
 
@@ -418,8 +421,15 @@ def test_hub_layout_pipelines_fetch_only_what_the_steps_load(tmp_path, bucket, h
                             "unet/diffusion_flax_model.msgpack", "text_encoder/pytorch_model.bin",
                             "safety_checker/config.json", "safety_checker/model.safetensors",
                             "safety_checker/pytorch_model.bin", "feature_extractor/preprocessor_config.json"}  # fmt: skip
-    assert "unet/diffusion_pytorch_model.safetensors" in keep and "prompts.txt" in keep and "model_index.json" in keep
-    assert select_pipeline_files(["a.bin", "w.safetensors"]) == (["a.bin", "w.safetensors"], [])  # not a pipeline
+    assert (
+        "unet/diffusion_pytorch_model.safetensors" in keep
+        and "prompts.txt" in keep
+        and "model_index.json" in keep
+    )
+    assert select_pipeline_files(["a.bin", "w.safetensors"]) == (
+        ["a.bin", "w.safetensors"],
+        [],
+    )  # not a pipeline
     # shards (current and legacy variant names), project files at the top, exports and READMEs, pickle-only folders
     k, sk = select_pipeline_files([
         "model_index.json", "data.safetensors", "README.md", "unet/config.json",
@@ -427,10 +437,15 @@ def test_hub_layout_pipelines_fetch_only_what_the_steps_load(tmp_path, bucket, h
         "unet/diffusion_pytorch_model-00001-of-00002.fp16.safetensors", "unet/model.onnx",
         "vae/diffusion_pytorch_model.fp16-00001-of-00002.safetensors", "vae/diffusion_pytorch_model.non_ema.safetensors",
         "text_encoder/pytorch_model.bin"])  # fmt: skip
-    assert k == ["data.safetensors", "model_index.json", "text_encoder/pytorch_model.bin", "unet/config.json",
-                 "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
-                 "unet/diffusion_pytorch_model.safetensors.index.json",
-                 "vae/diffusion_pytorch_model.fp16-00001-of-00002.safetensors"], k  # (the .bin: refused by name)
+    assert k == [
+        "data.safetensors",
+        "model_index.json",
+        "text_encoder/pytorch_model.bin",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model.safetensors.index.json",
+        "vae/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+    ], k  # (the .bin: refused by name)
     assert sk == ["README.md", "unet/diffusion_pytorch_model-00001-of-00002.fp16.safetensors", "unet/model.onnx",
                   "vae/diffusion_pytorch_model.non_ema.safetensors"]  # fmt: skip
 
@@ -449,16 +464,30 @@ def test_hub_layout_pipelines_fetch_only_what_the_steps_load(tmp_path, bucket, h
     assert all(torch.equal(p, q) for p, q in zip(reference.parameters(), unet.parameters(), strict=True))
 
     linked = _write_tree(tmp_path / "linked", {k: v for k, v in files.items() if not k.startswith("vae/")})
-    (linked / "vae").symlink_to(tmp_path / "hub" / "vae", target_is_directory=True)  # followed, as copytree did
+    (linked / "vae").symlink_to(
+        tmp_path / "hub" / "vae", target_is_directory=True
+    )  # followed, as copytree did
     assert fetch_checkpoint(str(linked), tmp_path / "from-linked").sha256 == local.sha256
 
-    _fake_hf_snapshot(hf_home, "org/pickled-sd", {"model_index.json": b"{}", "unet/config.json": b"{}",
-                                                  "unet/diffusion_pytorch_model.bin": pickle_bytes()})
-    with pytest.raises(CheckpointError, match="refusing non-safetensors weights: unet/diffusion_pytorch_model.bin"):
+    _fake_hf_snapshot(
+        hf_home,
+        "org/pickled-sd",
+        {
+            "model_index.json": b"{}",
+            "unet/config.json": b"{}",
+            "unet/diffusion_pytorch_model.bin": pickle_bytes(),
+        },
+    )
+    with pytest.raises(
+        CheckpointError, match="refusing non-safetensors weights: unet/diffusion_pytorch_model.bin"
+    ):
         fetch_checkpoint("hf:org/pickled-sd", tmp_path / "from-pickled")
 
     half = _hub_layout_sd(tmp_path / "half", fp16_only=True)
     fetched = fetch_checkpoint(str(_write_tree(tmp_path / "hub-half", half)), tmp_path / "from-half")
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in fetched.files
     unet16 = load_sd_folder(tmp_path / "from-half")["unet"]
-    assert all(torch.equal(q, p.half().to(q.dtype)) for p, q in zip(reference.parameters(), unet16.parameters(), strict=True))
+    assert all(
+        torch.equal(q, p.half().to(q.dtype))
+        for p, q in zip(reference.parameters(), unet16.parameters(), strict=True)
+    )

@@ -22,17 +22,47 @@ from ctrl_core.recipes import gaussian_problem
 from ctrl_core.rewards import make_reward
 
 PARAMS = {
-    "value": {"candidates": ["linear"], "num_paths": 32, "steps": 8, "points_per_path": 2, "epochs": 2, "batch_size": 16},
-    "optimize": {"iterations": 3, "batch_size": 8, "train_steps": 8, "train_timesteps": 3, "minibatch_size": 4,
-                 "checkpoint_every": 1, "value_batch_size": 16, "lr": 3e-4},
+    "value": {
+        "candidates": ["linear"],
+        "num_paths": 32,
+        "steps": 8,
+        "points_per_path": 2,
+        "epochs": 2,
+        "batch_size": 16,
+    },
+    "optimize": {
+        "iterations": 3,
+        "batch_size": 8,
+        "train_steps": 8,
+        "train_timesteps": 3,
+        "minibatch_size": 4,
+        "checkpoint_every": 1,
+        "value_batch_size": 16,
+        "lr": 3e-4,
+    },
 }
 
 
 def _ctrl_step(work: Path, *args: str, processes: int = 1, launcher: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CTRL_CHECKPOINT_ROOT": str(work / f"ckpt-{processes}{launcher}"),
-           "CTRL_LAUNCHER": launcher}
-    cmd = [sys.executable, "-m", "pipelines.cli", "step", *args, "--params", str(work / "params.yaml"),
-           "--checkpoint", str(work / "checkpoint"), "--num-processes", str(processes)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CTRL_CHECKPOINT_ROOT": str(work / f"ckpt-{processes}{launcher}"),
+        "CTRL_LAUNCHER": launcher,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "step",
+        *args,
+        "--params",
+        str(work / "params.yaml"),
+        "--checkpoint",
+        str(work / "checkpoint"),
+        "--num-processes",
+        str(processes),
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -55,14 +85,25 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     _ctrl_step(tmp_path, "pretrain_value", "--value", str(tmp_path / "v1"))
     res = _ctrl_step(tmp_path, "pretrain_value", "--value", str(tmp_path / "v2"), processes=2)
     assert "launching 2 processes" in res.stderr
-    v1, v2 = load_file(str(tmp_path / "v1" / "value.safetensors")), load_file(str(tmp_path / "v2" / "value.safetensors"))
+    v1, v2 = (
+        load_file(str(tmp_path / "v1" / "value.safetensors")),
+        load_file(str(tmp_path / "v2" / "value.safetensors")),
+    )
     assert _rel_diff(v1, v2) < 1e-3
     m1 = json.loads((tmp_path / "v1" / "link.json").read_text())["mse"]["linear"]
     m2 = json.loads((tmp_path / "v2" / "link.json").read_text())["mse"]["linear"]
     assert m2 == pytest.approx(m1, rel=1e-4)
     # CTRL: LoRA gradients all-reduced; both start from the same value net
     _ctrl_step(tmp_path, "optimize", "--value", str(tmp_path / "v1"), "--optimize-dir", str(tmp_path / "o1"))
-    _ctrl_step(tmp_path, "optimize", "--value", str(tmp_path / "v1"), "--optimize-dir", str(tmp_path / "o2"), processes=2)
+    _ctrl_step(
+        tmp_path,
+        "optimize",
+        "--value",
+        str(tmp_path / "v1"),
+        "--optimize-dir",
+        str(tmp_path / "o2"),
+        processes=2,
+    )
     s2 = json.loads((tmp_path / "o2" / "metrics.json").read_text())["summary"]
     assert s2["processes"] == 2 and s2["ranks_identical"] is True
     a1 = load_file(str(tmp_path / "o1" / "adapter" / "adapter_model.safetensors"))
@@ -82,20 +123,28 @@ def test_accelerate_launch_runs_the_same_data_parallel_step_as_torchrun(tmp_path
     two-process value pretraining gives bitwise the same value net either way."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     _ctrl_step(tmp_path, "fetch")
-    res = _ctrl_step(tmp_path, "pretrain_value", "--value", str(tmp_path / "acc"), processes=2, launcher="accelerate")
+    res = _ctrl_step(
+        tmp_path, "pretrain_value", "--value", str(tmp_path / "acc"), processes=2, launcher="accelerate"
+    )
     assert "accelerate.commands.launch" in res.stderr and "launching 2 processes" in res.stderr
     _ctrl_step(tmp_path, "pretrain_value", "--value", str(tmp_path / "tr"), processes=2, launcher="torchrun")
     a, t = (load_file(str(tmp_path / d / "value.safetensors")) for d in ("acc", "tr"))
     assert a.keys() == t.keys() and all(torch.equal(a[k], t[k]) for k in a)
-    one = load_file(str(_ctrl_step(tmp_path, "pretrain_value", "--value", str(tmp_path / "one")) and
-                        tmp_path / "one" / "value.safetensors"))
+    one = load_file(
+        str(
+            _ctrl_step(tmp_path, "pretrain_value", "--value", str(tmp_path / "one"))
+            and tmp_path / "one" / "value.safetensors"
+        )
+    )
     assert _rel_diff(one, a) < 1e-3 and any(not torch.equal(one[k], a[k]) for k in a)  # really 2 processes
 
 
 def test_global_batch_must_split_over_the_processes():
     problem = gaussian_problem(torch.zeros(2), torch.ones(2), hidden=8)
     cfg = OptimConfig(algorithm="ddpo", batch_size=10, minibatch_size=5, train_steps=25, lr=3e-4)
-    with pytest.raises(ValueError, match=r"optimize.batch_size \(10\) must be a multiple of the number of processes \(3\)"):
+    with pytest.raises(
+        ValueError, match=r"optimize.batch_size \(10\) must be a multiple of the number of processes \(3\)"
+    ):
         Trainer(problem.policy, make_reward("quadratic"), cfg, problem.x_shape, dist=Dist(rank=0, world=3))
     assert Dist(rank=1, world=4).shard(8) == slice(2, 4)
 
@@ -127,7 +176,9 @@ def test_qlearning_two_processes_equal_one_process(tmp_path):
     for name in ("adapter/model.safetensors", "critic.safetensors"):
         one, two = (load_file(str(tmp_path / d / name)) for d in ("q1", "q2"))
         assert _rel_diff(one, two) < 1e-3, name
-        assert any(not torch.equal(one[k], two[k]) for k in one), f"{name}: bitwise equal, so not 2 real processes"
+        assert any(not torch.equal(one[k], two[k]) for k in one), (
+            f"{name}: bitwise equal, so not 2 real processes"
+        )
     h1, h2 = (json.loads((tmp_path / d / "metrics.json").read_text())["history"] for d in ("q1", "q2"))
     for key in ("reward_mean", "objective", "td_error", "score_error"):
         assert [r[key] for r in h2] == pytest.approx([r[key] for r in h1], rel=1e-4), key
@@ -138,13 +189,19 @@ def test_qlearning_two_processes_equal_one_process(tmp_path):
 
     os.environ["CTRL_CHECKPOINT_ROOT"] = str(tmp_path / "ckpt-resume")
     try:
+
         def preempted(row: dict) -> None:
             if row["iteration"] == 1:
                 raise KeyboardInterrupt  # after checkpoint 2
 
         with pytest.raises(KeyboardInterrupt):
-            steps.optimize(params_mod.load(tmp_path / "params.yaml"), tmp_path / "checkpoint", None, tmp_path / "q3",
-                           progress=preempted)
+            steps.optimize(
+                params_mod.load(tmp_path / "params.yaml"),
+                tmp_path / "checkpoint",
+                None,
+                tmp_path / "q3",
+                progress=preempted,
+            )
     finally:
         del os.environ["CTRL_CHECKPOINT_ROOT"]
     (tmp_path / "ckpt-2").rename(tmp_path / "ckpt-2-done")
@@ -160,5 +217,8 @@ def test_qlearning_two_processes_equal_one_process(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pipelines.cli", "step", "optimize", "--params", str(tmp_path / "params.yaml"),
                           "--checkpoint", str(tmp_path / "checkpoint"), "--num-processes", "3"],
                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert bad.returncode == 2 and "qlearning.batch_size = 16: must be a multiple of the number of processes (3)" in bad.stderr
+    assert (
+        bad.returncode == 2
+        and "qlearning.batch_size = 16: must be a multiple of the number of processes (3)" in bad.stderr
+    )
     assert "launching" not in bad.stderr

@@ -34,15 +34,25 @@ BIN = Path(sys.executable).parent  # the virtualenv's bin: ctrl and dvc live nex
 WEIGHTS = REPO / "ctrl_core" / "weights"
 STAGES = ("fetch_checkpoint", "pretrain_value", "ctrl_optimize", "evaluate", "register")
 CACHED = STAGES[:4]  # register is always_changed
-OUTS = {"fetch_checkpoint": "data/checkpoint", "pretrain_value": "data/value", "ctrl_optimize": "data/optimize",
-        "evaluate": "data/evaluate"}
+OUTS = {
+    "fetch_checkpoint": "data/checkpoint",
+    "pretrain_value": "data/value",
+    "ctrl_optimize": "data/optimize",
+    "evaluate": "data/evaluate",
+}
 
 #: Only sizes differ from the repository's params.yaml (same keys, same algorithm, reward and checkpoint): the
 #: smallest that still shows two candidate links, two iterations, two step counts and both samplers.
 TINY = {
     "value": {"num_paths": 8, "steps": 4, "epochs": 1, "candidates": ["cos_sin", "rm_only"]},
-    "optimize": {"iterations": 2, "batch_size": 4, "train_steps": 4, "train_timesteps": 2, "minibatch_size": 4,
-                 "checkpoint_every": 0},
+    "optimize": {
+        "iterations": 2,
+        "batch_size": 4,
+        "train_steps": 4,
+        "train_timesteps": 2,
+        "minibatch_size": 4,
+        "checkpoint_every": 0,
+    },
     "evaluate": {"steps": [2, 4], "num_samples": 4, "samplers": ["sde", "ode"]},
 }
 
@@ -77,16 +87,28 @@ def _env(tracking_uri: str) -> dict[str, str]:
         MLFLOW_DISABLE_TELEMETRY="true",
         HF_HUB_OFFLINE="1",
         MLFLOW_TRACKING_URI=tracking_uri,
-        GIT_AUTHOR_NAME="ctrl-test", GIT_AUTHOR_EMAIL="ctrl-test@example.invalid",
-        GIT_COMMITTER_NAME="ctrl-test", GIT_COMMITTER_EMAIL="ctrl-test@example.invalid",
+        GIT_AUTHOR_NAME="ctrl-test",
+        GIT_AUTHOR_EMAIL="ctrl-test@example.invalid",
+        GIT_COMMITTER_NAME="ctrl-test",
+        GIT_COMMITTER_EMAIL="ctrl-test@example.invalid",
     )
     return env
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 600, merge: bool = True) -> str:
-    p = subprocess.run(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True, timeout=timeout, check=False)
-    assert p.returncode == 0, f"`{' '.join(args)}` exited with {p.returncode}:\n{p.stdout[-8000:]}{p.stderr or ''}"
+    p = subprocess.run(
+        args,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge else subprocess.PIPE,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert p.returncode == 0, (
+        f"`{' '.join(args)}` exited with {p.returncode}:\n{p.stdout[-8000:]}{p.stderr or ''}"
+    )
     return p.stdout
 
 
@@ -139,8 +161,10 @@ def _relocate(db: Path, old: Path, new: Path) -> None:
         for table in tables:
             for _, column, kind, *_ in con.execute(f'PRAGMA table_info("{table}")').fetchall():
                 if any(k in (kind or "").upper() for k in ("CHAR", "TEXT", "CLOB")):
-                    con.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE instr("{column}", ?) > 0',
-                                (str(old), str(new), str(old)))
+                    con.execute(
+                        f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE instr("{column}", ?) > 0',
+                        (str(old), str(new), str(old)),
+                    )
         con.commit()
     finally:
         con.close()
@@ -149,11 +173,16 @@ def _relocate(db: Path, old: Path, new: Path) -> None:
 @pytest.fixture(scope="session")
 def template(tmp_path_factory) -> Template:
     """Made once: a git + DVC repository with the tiny params, its first ``dvc repro`` and a baseline commit."""
-    missing = [n for n in ("digits_unet.safetensors", "digits_config.json", "digits_classifier.safetensors")
-               if not (WEIGHTS / n).is_file()]
+    missing = [
+        n
+        for n in ("digits_unet.safetensors", "digits_config.json", "digits_classifier.safetensors")
+        if not (WEIGHTS / n).is_file()
+    ]
     assert not missing, f"built-in checkpoint files missing from {WEIGHTS}: {missing}"
     for exe in ("ctrl", "dvc"):
-        assert (BIN / exe).is_file(), f"{BIN / exe} not found: run the tests with the project's virtualenv python"
+        assert (BIN / exe).is_file(), (
+            f"{BIN / exe} not found: run the tests with the project's virtualenv python"
+        )
 
     root = tmp_path_factory.mktemp("dvc-template")
     repo = root / "repo"
@@ -162,10 +191,14 @@ def template(tmp_path_factory) -> Template:
     shutil.copytree(REPO / "prompts", repo / "prompts")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for block, values in TINY.items():
-        assert set(values) <= set(params[block]), f"params.yaml lost keys of {block}: {set(values) - set(params[block])}"
+        assert set(values) <= set(params[block]), (
+            f"params.yaml lost keys of {block}: {set(values) - set(params[block])}"
+        )
         params[block].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / ".gitignore").write_text("/mlruns/\n")  # MLflow's local artifact store (cwd of the register stage)
+    (repo / ".gitignore").write_text(
+        "/mlruns/\n"
+    )  # MLflow's local artifact store (cwd of the register stage)
     env = _env(_tracking_uri(root))
 
     _git(repo, env, "init", "-q")
@@ -188,8 +221,14 @@ def project(template, tmp_path) -> Project:
     shutil.copytree(template.root, root)
     _relocate(root / "mlflow.db", template.root, root)
     tracking_uri = _tracking_uri(root)
-    return Project(root / "repo", _env(tracking_uri), tracking_uri, template.model_name, template.first,
-                   template.lock_after_first)
+    return Project(
+        root / "repo",
+        _env(tracking_uri),
+        tracking_uri,
+        template.model_name,
+        template.first,
+        template.lock_after_first,
+    )
 
 
 def test_repro_runs_the_five_stages(project):
@@ -204,10 +243,14 @@ def test_repro_runs_the_five_stages(project):
 
     manifest = json.loads((repo / "data/checkpoint/manifest.json").read_text())
     assert manifest["source"] == "builtin:digits" and len(manifest["sha256"]) == 64
-    assert {"digits_unet.safetensors", "digits_config.json", "digits_classifier.safetensors"} <= set(manifest["files"])
+    assert {"digits_unet.safetensors", "digits_config.json", "digits_classifier.safetensors"} <= set(
+        manifest["files"]
+    )
 
     link = json.loads((repo / "data/value/link.json").read_text())
-    assert link["chosen"] in TINY["value"]["candidates"] and set(link["mse"]) == set(TINY["value"]["candidates"])
+    assert link["chosen"] in TINY["value"]["candidates"] and set(link["mse"]) == set(
+        TINY["value"]["candidates"]
+    )
     assert (repo / "data/value/value.safetensors").stat().st_size > 0
 
     assert (repo / "data/optimize/adapter/adapter_model.safetensors").stat().st_size > 0
@@ -252,7 +295,10 @@ def test_exp_run_reruns_optimize_and_downstream_only(project):
     after = _tree_hashes(repo)
     unchanged = {k: v for k, v in before.items() if k.startswith(("data/checkpoint/", "data/value/"))}
     assert unchanged and {k: after[k] for k in unchanged} == unchanged
-    assert after["data/optimize/adapter/adapter_model.safetensors"] != before["data/optimize/adapter/adapter_model.safetensors"]
+    assert (
+        after["data/optimize/adapter/adapter_model.safetensors"]
+        != before["data/optimize/adapter/adapter_model.safetensors"]
+    )
     assert lock["ctrl_optimize"]["outs"][0]["md5"] != before_lock["ctrl_optimize"]["outs"][0]["md5"]
 
     assert len(_dvc(repo, env, "exp", "list", "--name-only").split()) == 1

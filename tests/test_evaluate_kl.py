@@ -56,7 +56,9 @@ def test_every_solver_is_evaluated_with_the_exact_kl_where_the_chain_is_stochast
     # DDPM steps on a coarse grid: the chain's KL exceeds the theorem's sum (docs/method.md, "KL")
     assert all_solvers["sde"]["10"].kl_exact > 1.1 * all_solvers["sde"]["10"].kl_thm31
     # one DDPM step lands on Tweedie's x_hat with no noise: that chain is deterministic too
-    assert all_solvers["sde"]["1"].kl_exact is None and all_solvers["euler_maruyama"]["1"].kl_exact is not None
+    assert (
+        all_solvers["sde"]["1"].kl_exact is None and all_solvers["euler_maruyama"]["1"].kl_exact is not None
+    )
 
 
 def test_the_evaluation_json_carries_both_kls_and_no_nan(all_solvers):

@@ -37,7 +37,9 @@ def _tilted_model(schedule, seed: int = 0, scale: float = 0.3) -> GaussianScoreM
 def _cosine_schedule() -> DiscreteVPSchedule:
     from diffusers import DDPMScheduler
 
-    return DiscreteVPSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"))
+    return DiscreteVPSchedule.from_scheduler(
+        DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    )
 
 
 def _rollout(policy, schedule, n: int, B: int, seed: int = 0, s_end: float | None = None):
@@ -47,7 +49,9 @@ def _rollout(policy, schedule, n: int, B: int, seed: int = 0, s_end: float | Non
     return sample(policy, x0, None, grid, g, reference_steps=list(range(n)))
 
 
-@pytest.mark.parametrize(("schedule_name", "n"), [("linear", 10), ("linear", 20), ("cosine", 10), ("cosine", 20)])
+@pytest.mark.parametrize(
+    ("schedule_name", "n"), [("linear", 10), ("linear", 20), ("cosine", 10), ("cosine", 20)]
+)
 def test_exact_path_kl_is_the_expected_log_likelihood_ratio_of_the_discrete_chains(schedule_name, n):
     """The per-step KL sum equals E[log p_theta(path) - log p_pre(path)] over paths of the tuned chain, on coarse
     grids as well as fine ones (Monte-Carlo check with 4 standard errors)."""
@@ -62,7 +66,9 @@ def test_exact_path_kl_is_the_expected_log_likelihood_ratio_of_the_discrete_chai
         if not coef.stochastic:
             continue
         x, x_next = traj.states[k], traj.states[k + 1]
-        log_ratio += policy.log_prob(coef, x, x_next, traj.means[k]) - policy.log_prob(coef, x, x_next, traj.ref_means[k])
+        log_ratio += policy.log_prob(coef, x, x_next, traj.means[k]) - policy.log_prob(
+            coef, x, x_next, traj.ref_means[k]
+        )
     se = float(log_ratio.std() / math.sqrt(B))
     assert float(exact.mean()) > 0.05  # the correction matters, so the check has teeth
     assert abs(float(exact.mean()) - float(log_ratio.mean())) < 4 * se

@@ -129,10 +129,18 @@ def invalid_field(draw) -> tuple[dict, str]:
         block = draw(words.filter(lambda w: w not in BLOCKS))
         return {block: {"x": 1}}, block
     if how == "eta":
-        return {"optimize": {"eta": draw(st.floats(1.01, 1e3) | st.floats(-1e3, -1.01) | st.just(0.5))}}, "optimize.eta"
+        return {
+            "optimize": {"eta": draw(st.floats(1.01, 1e3) | st.floats(-1e3, -1.01) | st.just(0.5))}
+        }, "optimize.eta"
     if how == "list_item":
-        path = draw(st.sampled_from([("value", "candidates"), ("evaluate", "steps"), ("evaluate", "samplers")]))
-        bad = {"candidates": words, "steps": st.integers(-100, 0), "samplers": words.filter(lambda w: w not in ("sde", "ode", "heun"))}
+        path = draw(
+            st.sampled_from([("value", "candidates"), ("evaluate", "steps"), ("evaluate", "samplers")])
+        )
+        bad = {
+            "candidates": words,
+            "steps": st.integers(-100, 0),
+            "samplers": words.filter(lambda w: w not in ("sde", "ode", "heun")),
+        }
         items = draw(st.lists(bad[path[1]], min_size=1, max_size=3))
         return {path[0]: {path[1]: items}}, ".".join(path)
     if how == "unknown_key":
@@ -174,8 +182,8 @@ def test_validate_rejects_and_names_the_field(case):
 @given(case=invalid_field(), shape=st.sampled_from(["file", "set"]))
 def test_load_rejects_from_a_file_or_an_override(tmp_path_factory, case, shape):
     raw, field = case
-    (block, inner), = raw.items()
-    (key, value), = inner.items()
+    ((block, inner),) = raw.items()
+    ((key, value),) = inner.items()
     if shape == "file":
         path = tmp_path_factory.mktemp("p") / "params.yaml"
         path.write_text(yaml.safe_dump(raw))
@@ -324,8 +332,8 @@ def _assert_rejected_cleanly(result, elapsed, left, db, field: str) -> None:
 @given(case=invalid_field())
 def test_cli_run_rejects_bad_overrides_before_any_work(cli, case):
     raw, field = case
-    (block, inner), = raw.items()
-    (key, value), = inner.items()
+    ((block, inner),) = raw.items()
+    ((key, value),) = inner.items()
     result, elapsed, left, db = cli(["run", "--set", f"{block}.{key}={_yaml_scalar(value)}"])
     _assert_rejected_cleanly(result, elapsed, left, db, field)
 

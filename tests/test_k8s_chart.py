@@ -27,7 +27,11 @@ def chart():
 
 def render(chart, values: dict | None = None) -> dict[str, list[dict]]:
     out = chart.render(values or {}, name="ctrl", namespace="ml", is_install=True)
-    return {path: [d for d in yaml.safe_load_all(text) if d] for path, text in out.items() if not path.endswith(".txt")}
+    return {
+        path: [d for d in yaml.safe_load_all(text) if d]
+        for path, text in out.items()
+        if not path.endswith(".txt")
+    }
 
 
 def manifests(rendered: dict[str, list[dict]]) -> list[dict]:
@@ -116,13 +120,23 @@ def test_rbac_pvc_and_service_account(chart):
     (sa,) = rendered["ctrl-pipeline/templates/serviceaccount.yaml"]
     assert sa["metadata"]["name"] == "ctrl-pipeline-runner"
     role, binding = rendered["ctrl-pipeline/templates/rbac.yaml"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ctrl-pipeline-runner", "namespace": "ml"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "ctrl-pipeline-runner", "namespace": "ml"}
+    ]
     secret_rules = [r for r in role["rules"] if "secrets" in r["resources"]]
-    assert secret_rules == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["mlpipeline-minio-artifact"],
-                             "verbs": ["get"]}]  # no blanket read of the namespace's Secrets
+    assert secret_rules == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["mlpipeline-minio-artifact"],
+            "verbs": ["get"],
+        }
+    ]  # no blanket read of the namespace's Secrets
     assert not any("*" in r["verbs"] for r in role["rules"])
     (pvc,) = rendered["ctrl-pipeline/templates/pvc.yaml"]
-    assert pvc["metadata"]["name"] == "ctrl-pipeline-cache" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["metadata"]["name"] == "ctrl-pipeline-cache" and pvc["spec"]["accessModes"] == [
+        "ReadWriteMany"
+    ]
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
@@ -147,8 +161,14 @@ def test_bad_values_fail_the_schema(chart, values, message):
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"pipeline": {"steps": {"ctrl_optimize": {"pool": "gpu-b200", "gpus": 8}}}}, 'node pool "gpu-b200" is not defined'),
-        ({"pipeline": {"steps": {"ctrl_optimize": {"pool": "gpu-h100", "gpus": 0}}}}, "zero GPUs for a step on GPU pool"),
+        (
+            {"pipeline": {"steps": {"ctrl_optimize": {"pool": "gpu-b200", "gpus": 8}}}},
+            'node pool "gpu-b200" is not defined',
+        ),
+        (
+            {"pipeline": {"steps": {"ctrl_optimize": {"pool": "gpu-h100", "gpus": 0}}}},
+            "zero GPUs for a step on GPU pool",
+        ),
         ({"pipeline": {"steps": {"evaluate": {"pool": "gpu-h100", "gpus": 9}}}}, "9 GPUs, but a node"),
         ({"secrets": {"s3": {"name": ""}}}, "secrets.s3.name: missing Secret name"),
         ({"mlflow": {"enabled": True}}, "mlflow.backendStore"),
@@ -165,7 +185,7 @@ def test_values_are_documented_and_hold_no_secret_values():
     # every top-level key carries a `# --` comment (helm-docs style), directly or on its first documented child
     for i, line in enumerate(lines):
         if re.match(r"^[A-Za-z]\w*:", line):
-            block = "\n".join(lines[max(0, i - 3): i + 4])
+            block = "\n".join(lines[max(0, i - 3) : i + 4])
             assert "# --" in block, f"values.yaml: {line.split(':')[0]} is undocumented"
     values = yaml.safe_load(text)
 
@@ -173,7 +193,9 @@ def test_values_are_documented_and_hold_no_secret_values():
         if isinstance(node, dict):
             for k, v in node.items():
                 if re.fullmatch(r"secrets\.[^.]+\.env\.", path):  # ENV_VAR -> the key's name in the Secret
-                    assert re.fullmatch(r"[-._a-zA-Z0-9]{1,63}", v), f"{path}{k}: a Secret key name, not a value"
+                    assert re.fullmatch(r"[-._a-zA-Z0-9]{1,63}", v), (
+                        f"{path}{k}: a Secret key name, not a value"
+                    )
                     continue
                 secretish = re.search(r"password|token|access.?key|secret.?key|credential", str(k), re.I)
                 assert not (secretish and isinstance(v, str) and v), f"{path}{k} looks like a secret value"
@@ -187,7 +209,9 @@ def test_values_are_documented_and_hold_no_secret_values():
     def closed(node, path="#"):
         if isinstance(node, dict):
             if node.get("type") == "object" and "properties" in node:
-                assert node.get("additionalProperties") is False, f"{path}: objects must set additionalProperties: false"
+                assert node.get("additionalProperties") is False, (
+                    f"{path}: objects must set additionalProperties: false"
+                )
             for k, v in node.items():
                 closed(v, f"{path}/{k}")
         elif isinstance(node, list):

@@ -37,11 +37,31 @@ def invoke(*args: str) -> dict:
 
 
 def test_submit_uploads_a_version_named_by_the_git_sha_with_documented_parameters(kfp):
-    out = invoke("submit", "--host", kfp.url, "--token", "t0ken", "--params", "params.yaml", "-f", CI_VALUES,
-                 "--version-name", SHA, "--run-name", "nightly")
+    out = invoke(
+        "submit",
+        "--host",
+        kfp.url,
+        "--token",
+        "t0ken",
+        "--params",
+        "params.yaml",
+        "-f",
+        CI_VALUES,
+        "--version-name",
+        SHA,
+        "--run-name",
+        "nightly",
+    )
     assert [r.path.removeprefix("/apis/v2beta1") for r in kfp.requests] == [
-        "/healthz", "/pipelines", "/pipelines/upload", f"/pipelines/{out['pipeline_id']}/versions",
-        "/pipelines/upload_version", "/experiments", "/experiments", "/runs"]
+        "/healthz",
+        "/pipelines",
+        "/pipelines/upload",
+        f"/pipelines/{out['pipeline_id']}/versions",
+        "/pipelines/upload_version",
+        "/experiments",
+        "/experiments",
+        "/runs",
+    ]
     assert all(r.headers.get("authorization") == "Bearer t0ken" for r in kfp.requests[1:])
     (upload,) = kfp.calls("POST", "/pipelines/upload")
     assert upload.query["name"] == PIPELINE_NAME and "continuous-time RL" in upload.query["description"]
@@ -60,11 +80,16 @@ def test_submit_uploads_a_version_named_by_the_git_sha_with_documented_parameter
     # and the cluster placement travelled with it (kfp #11374: the GPU request is in the uploaded spec)
     ex = stored["pipeline_spec"]["deploymentSpec"]["executors"]["exec-ctrl-optimize"]["container"]
     assert ex["resources"]["accelerator"]["resourceCount"] == "8"
-    assert "exec-ctrl-optimize" in stored["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert (
+        "exec-ctrl-optimize"
+        in stored["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    )
     (run,) = kfp.calls("POST", "/runs")
     assert run.body["display_name"] == "nightly"
-    assert run.body["pipeline_version_reference"] == {"pipeline_id": out["pipeline_id"],
-                                                       "pipeline_version_id": out["version_id"]}
+    assert run.body["pipeline_version_reference"] == {
+        "pipeline_id": out["pipeline_id"],
+        "pipeline_version_id": out["version_id"],
+    }
     assert run.body["runtime_config"]["parameters"] == flatten(params)
     assert run.body["service_account"] == "ctrl-pipeline-runner"  # from the chart values
     assert run.body["experiment_id"] == out["experiment_id"]
@@ -75,7 +100,10 @@ def test_submit_uploads_a_version_named_by_the_git_sha_with_documented_parameter
 def test_submit_again_reuses_the_version_and_a_different_package_gets_its_own(kfp):
     first = invoke("submit", "--host", kfp.url, "--version-name", SHA)
     again = invoke("submit", "--host", kfp.url, "--version-name", SHA)
-    assert again["version_id"] == first["version_id"] and len(kfp.calls("POST", "/pipelines/upload_version")) == 1
+    assert (
+        again["version_id"] == first["version_id"]
+        and len(kfp.calls("POST", "/pipelines/upload_version")) == 1
+    )
     assert len(kfp.calls("POST", "/pipelines/upload")) == 1  # the pipeline exists: found by name
     other = invoke("submit", "--host", kfp.url, "--version-name", SHA, "--set", "optimize.iterations=5")
     assert other["version"].startswith(SHA + "-") and other["version_id"] != first["version_id"]
@@ -99,7 +127,9 @@ def test_schedule_creates_one_recurring_run_without_catch_up(kfp):
     assert body["pipeline_version_reference"]["pipeline_version_id"] == out["version_id"]
     assert body["runtime_config"]["parameters"] == flatten(load(REPO / "params.yaml"))
     # scheduling again replaces the schedule instead of adding a second one
-    again = invoke("schedule", "--host", kfp.url, "--cron", "0 0 4 * * *", "-f", CI_VALUES, "--version-name", SHA)
+    again = invoke(
+        "schedule", "--host", kfp.url, "--cron", "0 0 4 * * *", "-f", CI_VALUES, "--version-name", SHA
+    )
     assert again["replaced"] == [out["recurring_run_id"]]
     assert list(kfp.recurring_runs) == [again["recurring_run_id"]]
     assert kfp.recurring_runs[again["recurring_run_id"]]["trigger"]["cron_schedule"]["cron"] == "0 0 4 * * *"
@@ -108,8 +138,12 @@ def test_schedule_creates_one_recurring_run_without_catch_up(kfp):
 def test_bad_input_never_reaches_the_server(kfp, tmp_path):
     bad = tmp_path / "v.yaml"
     bad.write_text("pipeline:\n  steps:\n    ctrl_optimize: {pool: gpu-b200, gpus: 8}\n")
-    for args in (["submit", "-f", str(bad)], ["schedule", "--cron", "0 3 * * 1", "-f", str(bad)],
-                 ["schedule", "--cron", "every monday"], ["submit", "--set", "optimize.beta=-1"]):
+    for args in (
+        ["submit", "-f", str(bad)],
+        ["schedule", "--cron", "0 3 * * 1", "-f", str(bad)],
+        ["schedule", "--cron", "every monday"],
+        ["submit", "--set", "optimize.beta=-1"],
+    ):
         result = CliRunner().invoke(main, [*args, "--host", kfp.url, "--version-name", SHA])
         assert result.exit_code == 2, result.output
     assert kfp.requests == []

@@ -249,11 +249,15 @@ def test_pipeline_steps_run_on_a_latent_checkpoint(tmp_path, monkeypatch):
     summary = steps.optimize(p, tmp_path / "checkpoint", tmp_path / "value", tmp_path / "optimize")
     assert summary["final_reward"] is not None and torch.isfinite(torch.tensor(summary["final_reward"]))
     row = json.loads((tmp_path / "optimize" / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["sampler_approx_kl"] == 0.0 and row["recompute_s"] > 0  # old_log_probs=trainer: the gap is logged
+    assert (
+        row["sampler_approx_kl"] == 0.0 and row["recompute_s"] > 0
+    )  # old_log_probs=trainer: the gap is logged
     ev = steps.evaluate(p, tmp_path / "checkpoint", tmp_path / "optimize" / "adapter", tmp_path / "evaluate")
     cell = ev["evaluation"]["sde"]["4"]
     assert torch.isfinite(torch.tensor([cell["base"], cell["tuned"]])).all()
-    assert "<figure><img src='data:image/png" in (tmp_path / "evaluate" / "report.html").read_text()  # sample grids
+    assert (
+        "<figure><img src='data:image/png" in (tmp_path / "evaluate" / "report.html").read_text()
+    )  # sample grids
 
 
 def test_params_choose_autocast_and_gradient_checkpointing(tmp_path):
@@ -268,7 +272,9 @@ def test_params_choose_autocast_and_gradient_checkpointing(tmp_path):
                                "model.autocast=bf16", "model.gradient_checkpointing=true"])  # fmt: skip
     model = load_problem(p, tmp_path / "sd").policy.model
     assert model.autocast_dtype == torch.bfloat16 and model.base_unet.is_gradient_checkpointing
-    plain = load_problem(params_mod.load(None, [f"checkpoint.source={tmp_path / 'sd'}"]), tmp_path / "sd").policy.model
+    plain = load_problem(
+        params_mod.load(None, [f"checkpoint.source={tmp_path / 'sd'}"]), tmp_path / "sd"
+    ).policy.model
     assert plain.autocast_dtype is None and not plain.base_unet.is_gradient_checkpointing
     with pytest.raises(params_mod.ParamsError, match="model.autocast"):
         params_mod.load(None, ["model.autocast=int8"])
@@ -301,7 +307,9 @@ def test_compiled_unet_keeps_scores_the_adapter_switch_and_gradients():
     try:
         model.compile_unet(backend="aot_eager")
         compiled = run()
-        assert counters["stats"]["unique_graphs"] >= 2  # really compiled: one graph per adapter state at least
+        assert (
+            counters["stats"]["unique_graphs"] >= 2
+        )  # really compiled: one graph per adapter state at least
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
@@ -413,10 +421,14 @@ def test_merged_sampling_in_training_keeps_sampler_and_trainer_log_probs_equal(t
     import pytest
 
     save_tiny_sd(tmp_path / "sd")
-    p = params_mod.load(None, [f"checkpoint.source={tmp_path / 'sd'}", "model.lora_rank=2", "model.merged_sampling=true"])
+    p = params_mod.load(
+        None, [f"checkpoint.source={tmp_path / 'sd'}", "model.lora_rank=2", "model.merged_sampling=true"]
+    )
     model = load_problem(p, tmp_path / "sd").policy.model
     assert model._sampler.dtype is None and next(model._sampler.unet.parameters()).dtype == torch.float32
-    with pytest.raises(params_mod.ParamsError, match="model.merged_sampling: must be false with model.autocast=bf16"):
+    with pytest.raises(
+        params_mod.ParamsError, match="model.merged_sampling: must be false with model.autocast=bf16"
+    ):
         params_mod.load(None, ["model.merged_sampling=true", "model.autocast=bf16"])
     assert getattr(load_problem(params_mod.load(None, [f"checkpoint.source={tmp_path / 'sd'}"]), tmp_path / "sd")
                    .policy.model, "_sampler", None) is None  # fmt: skip
@@ -424,12 +436,22 @@ def test_merged_sampling_in_training_keeps_sampler_and_trainer_log_probs_equal(t
     problem, model = _tuned_problem()
     model.enable_merged_sampling(None)
     reward = problem.wrap_reward(make_reward("jpeg_compressibility"))
-    cfg = OptimConfig(algorithm="ddpo", iterations=2, batch_size=4, train_steps=3, train_timesteps=3, minibatch_size=4,
-                      lr=1e-2, kl_monitor=False)
+    cfg = OptimConfig(
+        algorithm="ddpo",
+        iterations=2,
+        batch_size=4,
+        train_steps=3,
+        train_timesteps=3,
+        minibatch_size=4,
+        lr=1e-2,
+        kl_monitor=False,
+    )
     trainer = make_trainer(problem, reward, cfg, None)
     first = trainer.step()
     assert first.approx_kl < 1e-6 and first.clipfrac == 0.0
-    second = trainer.step()  # the weights moved after the first: the copy must have followed them (stale: ~660)
+    second = (
+        trainer.step()
+    )  # the weights moved after the first: the copy must have followed them (stale: ~660)
     assert model._sampler.refreshes == 2 and second.approx_kl < 1e-6 and second.clipfrac == 0.0
     ro = trainer.rollout()
     m = trainer.sampling_mismatch(ro)
@@ -481,14 +503,24 @@ def test_old_log_probs_from_the_trainer_make_the_first_pass_ratios_one():
     computes differently (a bf16 merged copy under bf16 autocast, built through the library: params refuse it),
     the first pass's ratios are then exactly 1 where the recorded ones clip heavily, and the gap is logged. In
     float32, where sampler and trainer agree, both settings train to bitwise the same weights."""
+
     def run(old_log_probs: str, bf16: bool):
         problem, model = _tuned_problem()
         if bf16:
             model.autocast_dtype = torch.bfloat16
             model.enable_merged_sampling(torch.bfloat16)
         reward = problem.wrap_reward(make_reward("jpeg_compressibility"))
-        cfg = OptimConfig(algorithm="ddpo", iterations=1, batch_size=4, train_steps=4, train_timesteps=4,
-                          minibatch_size=4, kl_monitor=False, old_log_probs=old_log_probs, lr=3e-4)  # one update: all ratios before it
+        cfg = OptimConfig(
+            algorithm="ddpo",
+            iterations=1,
+            batch_size=4,
+            train_steps=4,
+            train_timesteps=4,
+            minibatch_size=4,
+            kl_monitor=False,
+            old_log_probs=old_log_probs,
+            lr=3e-4,
+        )  # one update: all ratios before it
         stats = make_trainer(problem, reward, cfg, None).step()
         return stats, [p.detach().clone() for p in model.trainable_parameters()]
 
@@ -514,11 +546,19 @@ def test_a_bf16_unet_gets_a_bf16_vae_decode_and_fp16_keeps_it_float32():
     parts = tiny_sd_components(0)
     ref = latent_problem(**tiny_sd_components(0), prompts=["a red circle"], lora_rank=2)
     bf16 = latent_problem(**parts, prompts=["a red circle"], lora_rank=2, autocast_dtype=torch.bfloat16)
-    fp16 = latent_problem(**tiny_sd_components(0), prompts=["a red circle"], lora_rank=2, autocast_dtype=torch.float16)
+    fp16 = latent_problem(
+        **tiny_sd_components(0), prompts=["a red circle"], lora_rank=2, autocast_dtype=torch.float16
+    )
     assert next(bf16.vae.parameters()).dtype == torch.bfloat16
-    assert next(fp16.vae.parameters()).dtype == torch.float32 and next(ref.vae.parameters()).dtype == torch.float32
+    assert (
+        next(fp16.vae.parameters()).dtype == torch.float32
+        and next(ref.vae.parameters()).dtype == torch.float32
+    )
     z = torch.randn((3, *ref.x_shape), generator=torch.Generator().manual_seed(0))
-    images = {name: p.wrap_reward(make_reward("jpeg_compressibility")).decode(z) for name, p in (("ref", ref), ("bf16", bf16))}
+    images = {
+        name: p.wrap_reward(make_reward("jpeg_compressibility")).decode(z)
+        for name, p in (("ref", ref), ("bf16", bf16))
+    }
     assert images["bf16"].dtype == torch.float32 and images["bf16"].abs().max() <= 1
     assert (images["bf16"] - images["ref"]).abs().mean() < 0.02 * images["ref"].abs().mean() + 1e-3
     assert not torch.equal(images["bf16"], images["ref"])  # really computed in bf16

@@ -168,4 +168,6 @@ def test_no_import_statement_reaches_a_layer_above(path):
     for line, name in imports_of(path):
         if any(name == p or name.startswith(p + ".") for p in forbidden):
             bad.setdefault(line, name)
-    assert not bad, "\n".join(f"{path.relative_to(ROOT)}:{line} imports {name}" for line, name in sorted(bad.items()))
+    assert not bad, "\n".join(
+        f"{path.relative_to(ROOT)}:{line} imports {name}" for line, name in sorted(bad.items())
+    )

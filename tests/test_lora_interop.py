@@ -52,7 +52,11 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def _sd_inputs(seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([20.0, 700.0]), torch.randn(2, 7, 32, generator=g)
+    return (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.tensor([20.0, 700.0]),
+        torch.randn(2, 7, 32, generator=g),
+    )
 
 
 def _digits_inputs(seed: int = 1):
@@ -76,7 +80,9 @@ def _sd_model(sd_folder: Path, lora_alpha: float | None, targets: tuple[str, ...
     [(None, LATENT_LORA_TARGETS), (8.0, LATENT_LORA_TARGETS), (2.0, DEFAULT_LORA_TARGETS)],
     ids=["pipeline-alpha=rank", "alpha=2rank", "alpha=rank/2-with-convs"],
 )
-def test_a_stock_sd_pipeline_loads_the_adapter_folder_with_no_arguments(sd_folder, tmp_path, lora_alpha, targets):
+def test_a_stock_sd_pipeline_loads_the_adapter_folder_with_no_arguments(
+    sd_folder, tmp_path, lora_alpha, targets
+):
     from diffusers import StableDiffusionPipeline
 
     model = _sd_model(sd_folder, lora_alpha, targets)
@@ -90,7 +96,9 @@ def test_a_stock_sd_pipeline_loads_the_adapter_folder_with_no_arguments(sd_folde
         pipe.load_lora_weights(tmp_path / "adapter")
         got = pipe.unet(x, t, text).sample
         want = model.net(x, t, encoder_hidden_states=text).sample
-    assert _relative_error(base, want) > 1e-2, "the LoRA must change the output for the check to mean anything"
+    assert _relative_error(base, want) > 1e-2, (
+        "the LoRA must change the output for the check to mean anything"
+    )
     assert _relative_error(got, want) <= 1e-5
     (config,) = pipe.unet.peft_config.values()  # the scale lora_alpha / r came through the file's metadata
     assert (config.r, config.lora_alpha) == (4, lora_alpha or 4)
@@ -157,7 +165,9 @@ def test_the_adapter_folder_is_replaced_whole_or_not_at_all(sd_folder, tmp_path,
 
 
 def _assert_safetensors_only(folder: Path) -> None:
-    weights = [p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".safetensors")]
+    weights = [
+        p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".safetensors")
+    ]
     assert weights and all(p.suffix == ".safetensors" for p in weights)
 
 
@@ -166,7 +176,9 @@ def test_the_fused_digits_export_loads_with_diffusion_pipeline(tmp_path, lora_al
     from diffusers import DDPMPipeline, DiffusionPipeline
 
     unet, scheduler = load_builtin_unet(WEIGHTS_DIR)
-    model = DiffusersScoreModel(unet, DiscreteVPSchedule.from_scheduler(scheduler), lora_rank=4, lora_alpha=lora_alpha)
+    model = DiffusersScoreModel(
+        unet, DiscreteVPSchedule.from_scheduler(scheduler), lora_rank=4, lora_alpha=lora_alpha
+    )
     _randomise_lora(model)
     model.save_adapter(tmp_path / "adapter")
     info = export_fused(WEIGHTS_DIR, tmp_path / "adapter", tmp_path / "fused")
@@ -184,7 +196,9 @@ def test_the_fused_digits_export_loads_with_diffusion_pipeline(tmp_path, lora_al
     assert _relative_error(base, want) > 1e-2
     assert _relative_error(got, want) <= 1e-5
     _assert_safetensors_only(tmp_path / "fused")
-    assert json.loads((tmp_path / "fused" / EXPORT_INFO).read_text())["adapter"]["lora_alpha"] == (lora_alpha or 4)
+    assert json.loads((tmp_path / "fused" / EXPORT_INFO).read_text())["adapter"]["lora_alpha"] == (
+        lora_alpha or 4
+    )
 
 
 def test_the_fused_sd_export_loads_with_diffusion_pipeline_and_generates(sd_folder, tmp_path):
@@ -228,7 +242,9 @@ def test_ctrl_export_from_folders_and_from_a_run_folder(tmp_path):
     assert _relative_error(got, want) <= 1e-5
 
     # a `ctrl run` output folder, as kfp.local lays it out: kfp/<pipeline run>/<task>/<output artifact>
-    tasks = tmp_path / "outputs" / "20260101-000000-abcdef" / "kfp" / "ctrl-pipeline-2026-01-01-00-00-00-000000"
+    tasks = (
+        tmp_path / "outputs" / "20260101-000000-abcdef" / "kfp" / "ctrl-pipeline-2026-01-01-00-00-00-000000"
+    )
     checkpoint = tasks / "fetch-checkpoint" / "checkpoint"
     shutil.copytree(WEIGHTS_DIR, checkpoint)
     (checkpoint / "manifest.json").write_text(json.dumps({"source": "builtin:digits", "sha256": "ab" * 32}))
@@ -237,7 +253,10 @@ def test_ctrl_export_from_folders_and_from_a_run_folder(tmp_path):
     run_dir = tasks.parents[1]
     result = runner.invoke(main, ["export", "--run", str(run_dir), "--fused", str(tmp_path / "fused2")])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "fused2" / EXPORT_INFO).read_text())["checkpoint"]["source"] == "builtin:digits"
+    assert (
+        json.loads((tmp_path / "fused2" / EXPORT_INFO).read_text())["checkpoint"]["source"]
+        == "builtin:digits"
+    )
     with torch.no_grad():
         got = DiffusionPipeline.from_pretrained(tmp_path / "fused2").unet(x, t, class_labels=labels).sample
     assert _relative_error(got, want) <= 1e-5

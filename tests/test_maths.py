@@ -256,7 +256,9 @@ def test_discrete_grids_stay_strictly_decreasing_when_stopping_early():
     """A grid ending at s_end > 0 (q-learning's s_min) used to append s_end after timestep 0 (not monotone)."""
     from diffusers import DDPMScheduler
 
-    sch = DiscreteVPSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"))
+    sch = DiscreteVPSchedule.from_scheduler(
+        DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    )
     for s_end in (0.0, 0.0005, 0.001, 0.05):
         assert bool((sch.time_grid(8, s_end=s_end).diff() < 0).all())
         for seed in range(50):

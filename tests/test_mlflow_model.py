@@ -148,7 +148,9 @@ def test_mlflow_models_serve_answers_rest_with_the_images(champion, reference):
     port = free_port()
     cli = Path(sys.executable).with_name("mlflow")
     env = _env(champion)
-    env["PATH"] = f"{cli.parent}{os.pathsep}{env.get('PATH', '')}"  # the scoring server runs this venv's uvicorn
+    env["PATH"] = (
+        f"{cli.parent}{os.pathsep}{env.get('PATH', '')}"  # the scoring server runs this venv's uvicorn
+    )
     log = open(champion / "serve.log", "wb")  # noqa: SIM115 - closed below
     server = subprocess.Popen(
         [str(cli), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
@@ -160,7 +162,9 @@ def test_mlflow_models_serve_answers_rest_with_the_images(champion, reference):
         deadline = time.monotonic() + 240
         while True:
             assert server.poll() is None, (champion / "serve.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "no /ping answer:\n" + (champion / "serve.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, (
+                "no /ping answer:\n" + (champion / "serve.log").read_text()[-4000:]
+            )
             try:
                 with urllib.request.urlopen(f"{url}/ping", timeout=2) as resp:
                     if resp.status == 200:
@@ -174,7 +178,9 @@ def test_mlflow_models_serve_answers_rest_with_the_images(champion, reference):
         assert status == 200, body
         rows = body["predictions"]
         _check_images({k: [r[k] for r in rows] for k in ("image", "shape", "pixels")}, reference["sde"])
-        status, body = _post(f"{url}/invocations", {"dataframe_records": [{"label": 3}], "params": {"steps": 2}})
+        status, body = _post(
+            f"{url}/invocations", {"dataframe_records": [{"label": 3}], "params": {"steps": 2}}
+        )
         assert status == 200 and set(body["predictions"][0]) == {"image", "shape"}  # no pixels unless asked
         status, body = _post(f"{url}/invocations", {"dataframe_records": [{"label": 12}]})
         assert status >= 400 and "0..9" in json.dumps(body)  # a bad label is the client's error, named
@@ -202,7 +208,9 @@ def test_the_version_is_a_logged_model_with_a_model_card(champion):
     model_id = mv.source.removeprefix("models:/")
     logged = client.get_logged_model(model_id)
     assert mv.source.startswith("models:/m-") and logged.status == LoggedModelStatus.READY
-    assert logged.source_run_id == mv.run_id and client.get_run(mv.run_id).data.tags["ctrl.model_id"] == model_id
+    assert (
+        logged.source_run_id == mv.run_id and client.get_run(mv.run_id).data.tags["ctrl.model_id"] == model_id
+    )
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=logged.artifact_location, tracking_uri=uri,
                                                      dst_path=str(champion / "download")))  # fmt: skip
 
@@ -216,7 +224,9 @@ def test_the_version_is_a_logged_model_with_a_model_card(champion):
     art = local / "artifacts"
     assert (art / "checkpoint" / "digits_unet.safetensors").is_file()  # bundled: loads with no network
     assert m.metadata["ctrl"]["checkpoint"]["bundled"] is True
-    assert (art / "adapter" / "adapter_model.safetensors").is_file() and not (art / "adapter" / "README.md").exists()
+    assert (art / "adapter" / "adapter_model.safetensors").is_file() and not (
+        art / "adapter" / "README.md"
+    ).exists()
     assert json.loads((art / "params.json").read_text())["optimize"]["train_steps"] == 4
 
     card = (local / "README.md").read_text()
@@ -228,7 +238,10 @@ def test_the_version_is_a_logged_model_with_a_model_card(champion):
     assert "| optimize.beta | 0.01 |" in card and "| optimize.train_steps | 4 |" in card
     evaluation = json.loads((champion / "evaluation" / "evaluation.json").read_text())["evaluation"]
     cell = evaluation["sde"]["4"]
-    assert f"| sde | 4 | {cell['base']:.4f} | {cell['tuned']:.4f} | {cell['gain']:+.4f} ± {cell['gain_ci']:.4f} |" in card
+    assert (
+        f"| sde | 4 | {cell['base']:.4f} | {cell['tuned']:.4f} | {cell['gain']:+.4f} ± {cell['gain_ci']:.4f} |"
+        in card
+    )
     assert mv.run_id in card and model_id in card and "0" * 40 in card and "params digest" in card
     assert "DVC revision" in card
     assert f'mlflow.pyfunc.load_model("models:/{NAME}@champion")' in card and "ctrl export --fused" in card

@@ -131,7 +131,9 @@ def test_every_registered_reward_resolves_to_its_factory(monkeypatch):
         return lambda images, conditions=None: torch.full((images.shape[0],), value)
 
     assert "test_constant" in reward_names() and "test_constant" in REWARDS
-    torch.testing.assert_close(make_reward("test_constant", value=2.0)(torch.zeros(3, 2), None), torch.full((3,), 2.0))
+    torch.testing.assert_close(
+        make_reward("test_constant", value=2.0)(torch.zeros(3, 2), None), torch.full((3,), 2.0)
+    )
 
 
 @pytest.mark.parametrize(

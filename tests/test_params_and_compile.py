@@ -68,7 +68,14 @@ def test_compiled_pipeline_has_the_dag_and_every_parameter(tmp_path):
     out = compile_pipeline(tmp_path / "p.yaml", params, git_sha="abc123")
     spec = yaml.safe_load(Path(out).read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"resolve-params", "fetch-checkpoint", "pretrain-value", "ctrl-optimize", "evaluate", "register"}
+    assert set(tasks) == {
+        "resolve-params",
+        "fetch-checkpoint",
+        "pretrain-value",
+        "ctrl-optimize",
+        "evaluate",
+        "register",
+    }
 
     def upstream(name):
         return set(tasks[name].get("dependentTasks", []))
@@ -100,7 +107,9 @@ def test_every_pipeline_parameter_is_documented_for_the_kfp_ui(tmp_path):
     descriptions = parameter_descriptions()
     for name in flatten(params):
         assert declared[name].get("description") == descriptions[name], name
-        assert len(descriptions[name]) > 10 and descriptions[name] != name.replace("__", "."), name  # real help
+        assert len(descriptions[name]) > 10 and descriptions[name] != name.replace("__", "."), (
+            name
+        )  # real help
     assert descriptions["optimize__beta"].startswith("KL weight")
     assert "the weight of the reward" in descriptions["qlearning__reward_weight"]  # the qlearning block too
 
@@ -125,15 +134,24 @@ def test_resolve_params_is_a_real_function_run_by_kfps_executor(tmp_path):
     assert container["args"] == ["--executor_input", "{{$}}", "--function_to_execute", "resolve_params"]
     inputs = spec["components"]["comp-resolve-params"]["inputDefinitions"]["parameters"]
     assert {n: p.get("description") for n, p in inputs.items()} == parameter_descriptions()
-    kinds = {"NUMBER_DOUBLE": float, "NUMBER_INTEGER": int, "BOOLEAN": bool, "STRING": str, "LIST": list,
-             "STRUCT": dict}
+    kinds = {
+        "NUMBER_DOUBLE": float,
+        "NUMBER_INTEGER": int,
+        "BOOLEAN": bool,
+        "STRING": str,
+        "LIST": list,
+        "STRUCT": dict,
+    }
     assert {n: kinds[p["parameterType"]] for n, p in inputs.items()} == kfp_parameter_types()
 
 
 def test_resolve_params_module_folder_holds_only_that_module():
     """KFP's executor puts the module's folder first on sys.path: nothing there may shadow a module."""
     folder = REPO / "components" / "resolve_params"
-    assert sorted(p.name for p in folder.iterdir() if p.name != "__pycache__") == ["__init__.py", "component.py"]
+    assert sorted(p.name for p in folder.iterdir() if p.name != "__pycache__") == [
+        "__init__.py",
+        "component.py",
+    ]
 
 
 def test_dvc_yaml_params_name_real_keys():
@@ -168,10 +186,14 @@ def test_compile_defaults_to_the_charts_values(tmp_path, monkeypatch):
     assert _placed(*compiled())
     assert not _placed(*compiled("--no-placement"))
     refused = CliRunner().invoke(main, ["compile", "--out", "q.yaml", "--no-placement", "-f", "values.yaml"])
-    assert refused.exit_code == 2 and "--no-placement" in refused.output and not (tmp_path / "q.yaml").exists()
+    assert (
+        refused.exit_code == 2 and "--no-placement" in refused.output and not (tmp_path / "q.yaml").exists()
+    )
     monkeypatch.setenv("CTRL_CHART", str(tmp_path))  # the image's chart location comes first
     moved = CliRunner().invoke(main, ["compile", "--out", "q.yaml"])
-    assert moved.exit_code == 2 and "values.schema.json" in moved.output and not (tmp_path / "q.yaml").exists()
+    assert (
+        moved.exit_code == 2 and "values.schema.json" in moved.output and not (tmp_path / "q.yaml").exists()
+    )
 
 
 @pytest.mark.parametrize("command", ["submit", "schedule"])
@@ -185,7 +207,9 @@ def test_submit_and_schedule_default_to_the_charts_values(command, tmp_path, mon
     extra = ["--cron", "0 3 * * 1"] if command == "schedule" else []
     with KfpApiServer() as kfp:
         for version, flag in (("placed", []), ("generic", ["--no-placement"])):
-            result = CliRunner().invoke(main, [command, "--host", kfp.url, "--version-name", version, *extra, *flag])
+            result = CliRunner().invoke(
+                main, [command, "--host", kfp.url, "--version-name", version, *extra, *flag]
+            )
             assert result.exit_code == 0, result.output + repr(result.exception)
         # (the server keeps a one-document package as it is, a two-document one as pipeline_spec + platform_spec)
         stored = {v["display_name"]: v["pipeline_spec"] for v in kfp.versions.values()}

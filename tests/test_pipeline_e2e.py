@@ -18,8 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 #: counts and both samplers.
 TINY = {
     "value": {"num_paths": 8, "steps": 4, "epochs": 1, "candidates": ["cos_sin", "rm_only"]},
-    "optimize": {"iterations": 2, "batch_size": 4, "train_steps": 4, "train_timesteps": 2, "minibatch_size": 4,
-                 "checkpoint_every": 1},
+    "optimize": {
+        "iterations": 2,
+        "batch_size": 4,
+        "train_steps": 4,
+        "train_timesteps": 2,
+        "minibatch_size": 4,
+        "checkpoint_every": 1,
+    },
     "evaluate": {"steps": [2, 4], "num_samples": 4},
     "register": {"model_name": "ctrl-e2e"},
 }
@@ -57,7 +63,13 @@ def test_ctrl_run_end_to_end(tmp_path, monkeypatch, mlflow_server, tiny_params):
             assert {"base", "tuned", "gain", "kl", "gain_ci"} <= set(cell)
             assert cell["gain"] == pytest.approx(cell["tuned"] - cell["base"], abs=1e-5)
     assert s1["robustness_ratio"] is None or isinstance(s1["robustness_ratio"], float)
-    assert set(s1["wall_s"]) >= {"fetch_checkpoint", "pretrain_value", "ctrl_optimize", "evaluate", "register"}
+    assert set(s1["wall_s"]) >= {
+        "fetch_checkpoint",
+        "pretrain_value",
+        "ctrl_optimize",
+        "evaluate",
+        "register",
+    }
     reg = s1["registered"]
     assert reg["name"] == "ctrl-e2e" and reg["version"] == 1 and "challenger" in reg["aliases"]
     assert Path(s1["report"]).is_file()

@@ -142,8 +142,16 @@ def _gaussian_run(ppo_epochs: int, minibatch_size: int):
     problem = gaussian_problem(torch.zeros(2), torch.ones(2))
     reward = make_reward("quadratic", target=[2.0, 0.0])
     value = ValueFunction(reward, MLPResidual(2), "cos_sin")
-    cfg = OptimConfig(iterations=3, batch_size=32, train_steps=10, train_timesteps=4, minibatch_size=minibatch_size,
-                      ppo_epochs=ppo_epochs, lr=3e-3, seed=0)
+    cfg = OptimConfig(
+        iterations=3,
+        batch_size=32,
+        train_steps=10,
+        train_timesteps=4,
+        minibatch_size=minibatch_size,
+        ppo_epochs=ppo_epochs,
+        lr=3e-3,
+        seed=0,
+    )
     return make_trainer(problem, reward, cfg, value).train()
 
 

@@ -34,7 +34,9 @@ def test_ratio_estimator_error_falls_with_m():
                 data = mean + std * torch.randn(m, 2, generator=g, dtype=torch.float64)
                 s_vec = torch.full((2000,), s, dtype=torch.float64)
                 a, sg = sch.alpha(s), sch.sigma(s)
-                y = a * (mean + std * torch.randn(2000, 2, generator=g, dtype=torch.float64)) + sg * torch.randn(2000, 2, generator=g, dtype=torch.float64)
+                y = a * (
+                    mean + std * torch.randn(2000, 2, generator=g, dtype=torch.float64)
+                ) + sg * torch.randn(2000, 2, generator=g, dtype=torch.float64)
                 truth = exact.exact_score(s_vec, y)
                 est = ratio_score(sch, s_vec, y, data)
                 rel.append(float((est - truth).pow(2).sum(1).mean() / truth.pow(2).sum(1).mean()))
@@ -60,7 +62,9 @@ def test_config_errors_name_the_key():
 def _mixture(m: int, g: torch.Generator) -> torch.Tensor:
     """0.6 N(-2, 0.5^2) + 0.4 N(2, 0.5^2); the reward region is y > 0 (the right mode)."""
     right = torch.rand(m, generator=g) < 0.4
-    return torch.where(right, 2 + 0.5 * torch.randn(m, generator=g), -2 + 0.5 * torch.randn(m, generator=g))[:, None]
+    return torch.where(right, 2 + 0.5 * torch.randn(m, generator=g), -2 + 0.5 * torch.randn(m, generator=g))[
+        :, None
+    ]
 
 
 @pytest.mark.slow
@@ -70,8 +74,19 @@ def test_gmm1d_beta0_reproduces_data_and_beta_tilts(tmp_path):
     data = _mixture(300, g)
     sch = LinearVPSchedule()
     model = scratch_model(sch, data, width=64)
-    trainer = QLearningTrainer(model, data, None, QLearningConfig(iterations=80, batch_size=256, train_steps=40, reward_weight=0.0,
-                                                                   critic_target="td", critic="free"))
+    trainer = QLearningTrainer(
+        model,
+        data,
+        None,
+        QLearningConfig(
+            iterations=80,
+            batch_size=256,
+            train_steps=40,
+            reward_weight=0.0,
+            critic_target="td",
+            critic="free",
+        ),
+    )
     trainer.train()
     x0 = trainer.sample(500, steps=100, sampler="sde", seed=1)[:, 0]
     p_model = ks_2samp(x0.numpy(), data[:, 0].numpy()).pvalue
@@ -86,8 +101,15 @@ def test_gmm1d_beta0_reproduces_data_and_beta_tilts(tmp_path):
         return (x[:, 0] > 0).float()
 
     tuned = QLearningScoreModel.from_pretrained(model)
-    cfg = QLearningConfig(iterations=40, batch_size=256, train_steps=40, reward_weight=2.0, critic_target="monte_carlo",
-                          lr=5e-4, critic="free")
+    cfg = QLearningConfig(
+        iterations=40,
+        batch_size=256,
+        train_steps=40,
+        reward_weight=2.0,
+        critic_target="monte_carlo",
+        lr=5e-4,
+        critic="free",
+    )
     tilted = QLearningTrainer(tuned, data, reward, cfg)
     tilted.train()
     x2 = tilted.sample(1000, steps=100, sampler="sde", seed=1)[:, 0]
@@ -161,7 +183,14 @@ def test_linked_critic_reward_terms_are_computed_once_per_iteration():
         return (x[:, 0] > 0).float()
 
     model = QLearningScoreModel.from_pretrained(scratch_model(LinearVPSchedule(), data, width=16))
-    cfg = QLearningConfig(iterations=1, batch_size=8, train_steps=5, reward_weight=1.0, critic="linked", critic_epochs=2,
-                          critic_target="td")
+    cfg = QLearningConfig(
+        iterations=1,
+        batch_size=8,
+        train_steps=5,
+        reward_weight=1.0,
+        critic="linked",
+        critic_epochs=2,
+        critic_target="td",
+    )
     QLearningTrainer(model, data, reward, cfg).train()
     assert sorted(calls) == [8, 8, (2 * 5 - 1) * 8], calls

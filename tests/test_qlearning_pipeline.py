@@ -24,8 +24,16 @@ def _mixture(n: int, seed: int = 0) -> torch.Tensor:
 
 def test_qlearning_trainer_resumes_bitwise():
     data = _mixture(64)
-    cfg = QLearningConfig(iterations=4, batch_size=16, train_steps=6, reward_weight=1.0, minibatch_size=32, seed=3,
-                          critic_target="td", critic="free")
+    cfg = QLearningConfig(
+        iterations=4,
+        batch_size=16,
+        train_steps=6,
+        reward_weight=1.0,
+        minibatch_size=32,
+        seed=3,
+        critic_target="td",
+        critic="free",
+    )
     reward = lambda x, c=None: (x[:, 0] > 0).float()  # noqa: E731
 
     def make():
@@ -57,8 +65,16 @@ def test_pipeline_trains_from_a_data_set_alone(tmp_path, monkeypatch):
         "reward": {"name": "quadratic", "options": {"target": [1.5, 0.0]}},
         "optimize": {"algorithm": "qlearning", "checkpoint_every": 2, "train_steps": 25},
         # the smallest run that still shows a checkpoint before the last of several iterations
-        "qlearning": {"iterations": 4, "batch_size": 16, "train_steps": 5, "reward_weight": 1.0, "width": 16,
-                      "critic_target": "monte_carlo", "critic": "free", "minibatch_size": 128},
+        "qlearning": {
+            "iterations": 4,
+            "batch_size": 16,
+            "train_steps": 5,
+            "reward_weight": 1.0,
+            "width": 16,
+            "critic_target": "monte_carlo",
+            "critic": "free",
+            "minibatch_size": 128,
+        },
         "evaluate": {"steps": [10, 20], "num_samples": 16},
         "register": {"model_name": "qlearning-test"},
     }
@@ -78,7 +94,9 @@ def test_pipeline_trains_from_a_data_set_alone(tmp_path, monkeypatch):
     assert all(torch.isfinite(torch.tensor([cell["base"], cell["tuned"]])))
     from pipelines.register_step import register_from_outputs
 
-    reg = register_from_outputs(p, str(tmp_path / "checkpoint"), str(out), ev, link, evaluation_dir=str(tmp_path / "evaluate"))
+    reg = register_from_outputs(
+        p, str(tmp_path / "checkpoint"), str(out), ev, link, evaluation_dir=str(tmp_path / "evaluate")
+    )
     assert reg["name"] == "qlearning-test" and reg["version"] == 1 and "challenger" in reg["aliases"]
 
 

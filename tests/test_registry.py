@@ -329,6 +329,7 @@ register_run(model_name=name, run_key=key, params={"p": 1}, metrics={"loss": 0.1
 print("NOT KILLED")
 """
 
+
 @pytest.fixture(scope="module")
 def sqlite_uri(tmp_path_factory) -> str:
     """One local sqlite tracking store for the module (its schema migration is the slow part)."""
@@ -342,8 +343,12 @@ BETTER = {"ddim": {"10": _cell(0.50, 0.75), "50": _cell(0.60, 0.85)}, "euler": {
 
 @pytest.mark.parametrize(
     "point,evaluation,champion_after",
-    [("after_create_run", BETTER, 2), ("after_create_version", BETTER, 2), ("after_gate_tags", WORSE, 1),
-     ("after_challenger_alias", BETTER, 2)],
+    [
+        ("after_create_run", BETTER, 2),
+        ("after_create_version", BETTER, 2),
+        ("after_gate_tags", WORSE, 1),
+        ("after_challenger_alias", BETTER, 2),
+    ],
     ids=["after_create_run", "after_create_version", "after_gate_tags-worse", "after_challenger_alias"],
 )
 def test_sigkill_during_registration_then_retry_converges(
@@ -383,7 +388,9 @@ _REWARD = st.floats(-10, 10, allow_nan=False)
 
 @st.composite
 def _evaluations(draw, min_cells: int = 1) -> dict:
-    cells = draw(st.dictionaries(st.tuples(_SAMPLERS, _STEPS), st.tuples(_REWARD, _REWARD), min_size=min_cells))
+    cells = draw(
+        st.dictionaries(st.tuples(_SAMPLERS, _STEPS), st.tuples(_REWARD, _REWARD), min_size=min_cells)
+    )
     out: dict = {}
     for (sampler, steps), (base, tuned) in cells.items():
         cell = _cell(base, tuned)
@@ -415,13 +422,18 @@ def test_gate_never_passes_a_model_worse_than_the_champion(candidate, champ, tol
     if _worse_than(candidate, champ, tolerance):
         assert not ok, reason
     if ok:
-        shared = {(s, k) for s, c in candidate.items() for k in c} & {(s, k) for s, c in champ.items() for k in c}
+        shared = {(s, k) for s, c in candidate.items() for k in c} & {
+            (s, k) for s, c in champ.items() for k in c
+        }
         assert shared, reason  # never promoted blind
         assert all(float(c["gain"]) >= min_gain for cells in candidate.values() for c in cells.values())
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(sequence=st.lists(_evaluations(min_cells=2), min_size=3, max_size=5), tolerance=st.sampled_from([0.0, 0.1]))
+@given(
+    sequence=st.lists(_evaluations(min_cells=2), min_size=3, max_size=5),
+    tolerance=st.sampled_from([0.0, 0.1]),
+)
 def test_registering_a_sequence_never_moves_champion_to_a_worse_model(sqlite_uri, sequence, tolerance):
     uri = sqlite_uri
     name = f"seq-{uuid.uuid4().hex[:6]}"
@@ -431,7 +443,9 @@ def test_registering_a_sequence_never_moves_champion_to_a_worse_model(sqlite_uri
         if r.promoted:
             assert champ_eval is None or not _worse_than(evaluation, champ_eval, tolerance), r.gate_reason
             champ_eval = evaluation
-        assert champion(name, tracking_uri=uri) == (r.version if r.promoted else champion(name, tracking_uri=uri))
+        assert champion(name, tracking_uri=uri) == (
+            r.version if r.promoted else champion(name, tracking_uri=uri)
+        )
 
 
 # ------------------------------------------------ the version's model as an MLflow LoggedModel (logged_model=)
@@ -449,7 +463,9 @@ _namespace: dict = {}
 exec(_BUILD, _namespace)  # noqa: S102 - the same builder in this process and in the crash worker
 _build = _namespace["build"]
 
-_MODEL_CRASH_WORKER = _BUILD + r"""
+_MODEL_CRASH_WORKER = (
+    _BUILD
+    + r"""
 import json, sys
 uri, name, key, ev = sys.argv[1:5]
 from pipelines.registry import GateConfig, register_run
@@ -457,6 +473,7 @@ register_run(model_name=name, run_key=key, params={"p": 1}, metrics={"loss": 0.1
              artifacts={}, lineage={}, gate=GateConfig(), tracking_uri=uri, logged_model=build)
 print("NOT KILLED")
 """
+)
 
 
 def _logged_models(uri: str, key: str) -> list:
@@ -465,20 +482,26 @@ def _logged_models(uri: str, key: str) -> list:
     return list(c.search_logged_models([exp.experiment_id], filter_string=f"tags.`ctrl.run_key` = '{key}'"))
 
 
-def test_logged_model_is_the_versions_source_and_survives_a_crash_and_a_retry(sqlite_uri, tmp_path, model_name):
+def test_logged_model_is_the_versions_source_and_survives_a_crash_and_a_retry(
+    sqlite_uri, tmp_path, model_name
+):
     """The version's source is a READY LoggedModel of its run; a SIGKILL after the model's upload (before the run
     is FINISHED) leaves no version, and the retry makes one version with its own READY model; retries reuse it."""
     from mlflow.entities import LoggedModelStatus
     from mlflow.models import Model
 
     uri, key = sqlite_uri, f"{model_name}-m"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **{registry.FAULT_ENV: "after_model_artifacts"})
+    env = dict(
+        os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **{registry.FAULT_ENV: "after_model_artifacts"}
+    )
     proc = subprocess.run(
         [sys.executable, "-c", _MODEL_CRASH_WORKER, uri, model_name, key, json.dumps(GOOD)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == -9, (proc.returncode, proc.stdout, proc.stderr[-2000:])
-    assert _live_versions(uri, model_name) == []  # the run never finished: nothing to register, nothing reused
+    assert (
+        _live_versions(uri, model_name) == []
+    )  # the run never finished: nothing to register, nothing reused
     assert [m.status for m in _logged_models(uri, key)] == [LoggedModelStatus.PENDING]
 
     r = _register(uri, model_name, key, GOOD, logged_model=_build)
@@ -496,7 +519,10 @@ def test_logged_model_is_the_versions_source_and_survives_a_crash_and_a_retry(sq
     got = Path(mlflow.artifacts.download_artifacts(artifact_uri=c.get_model_version_download_uri(model_name, "1"),
                                                    dst_path=str(tmp_path / "v"), tracking_uri=uri))  # fmt: skip
     assert (got / "weights.txt").read_text() == "w"
-    assert (Model.load(str(got / "MLmodel")).model_id, Model.load(str(got / "MLmodel")).run_id) == (r.model_id, r.run_id)
+    assert (Model.load(str(got / "MLmodel")).model_id, Model.load(str(got / "MLmodel")).run_id) == (
+        r.model_id,
+        r.run_id,
+    )
 
     again = _register(uri, model_name, key, GOOD, logged_model=_build)
     assert (again.version, again.created, again.model_id, again.run_id) == (1, False, r.model_id, r.run_id)
@@ -522,7 +548,11 @@ def test_a_failing_model_build_fails_the_run_and_its_model_and_creates_no_versio
     assert [x.info.status for x in _active_runs(uri, key)] == ["FAILED"]
     assert [m.status for m in _logged_models(uri, key)] == [LoggedModelStatus.FAILED]
     r = _register(uri, model_name, key, GOOD, logged_model=_build)  # a retry makes a new run and model
-    assert r.created and r.version == 1 and _client(uri).get_logged_model(r.model_id).status == LoggedModelStatus.READY
+    assert (
+        r.created
+        and r.version == 1
+        and _client(uri).get_logged_model(r.model_id).status == LoggedModelStatus.READY
+    )
 
 
 def test_losing_a_race_also_deletes_own_logged_model(sqlite_uri, model_name, monkeypatch):
@@ -537,7 +567,12 @@ def test_losing_a_race_also_deletes_own_logged_model(sqlite_uri, model_name, mon
 
     monkeypatch.setattr(registry, "_create_run", rival_first)
     r = _register(uri, model_name, key, GOOD, logged_model=_build)
-    assert (r.version, r.created, r.run_id, r.model_id) == (1, False, rival["result"].run_id, rival["result"].model_id)
+    assert (r.version, r.created, r.run_id, r.model_id) == (
+        1,
+        False,
+        rival["result"].run_id,
+        rival["result"].model_id,
+    )
     assert _live_versions(uri, model_name) == [1]
     assert [m.model_id for m in _logged_models(uri, key)] == [r.model_id]  # ours was deleted with our run
 

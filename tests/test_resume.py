@@ -24,15 +24,28 @@ from ctrl_core.value import MLPResidual, ValueFunction
 
 def test_state_round_trip_keeps_types_keys_and_bits():
     g = torch.Generator().manual_seed(3)
-    state = {"opt": {"state": {0: {"step": torch.tensor(3.0), "m": torch.randn(2, 3, dtype=torch.float64)}},
-                     "param_groups": [{"betas": (0.9, 0.999), "lr": 1e-3, "params": [0]}]},
-             "gen": g.get_state(), "n": 7, "none": None, "nan": float("nan"), "names": ["a", "b"]}
+    state = {
+        "opt": {
+            "state": {0: {"step": torch.tensor(3.0), "m": torch.randn(2, 3, dtype=torch.float64)}},
+            "param_groups": [{"betas": (0.9, 0.999), "lr": 1e-3, "params": [0]}],
+        },
+        "gen": g.get_state(),
+        "n": 7,
+        "none": None,
+        "nan": float("nan"),
+        "names": ["a", "b"],
+    }
     tensors, structure = flatten_state(state)
     back = unflatten_state(tensors, json.loads(json.dumps(structure)))
     assert list(back["opt"]["state"]) == [0]  # int keys stay ints (optimizer state is keyed by index)
     assert back["opt"]["param_groups"][0]["betas"] == (0.9, 0.999)
     assert back["opt"]["state"][0]["m"].equal(state["opt"]["state"][0]["m"])
-    assert back["gen"].equal(state["gen"]) and back["n"] == 7 and back["none"] is None and math.isnan(back["nan"])
+    assert (
+        back["gen"].equal(state["gen"])
+        and back["n"] == 7
+        and back["none"] is None
+        and math.isnan(back["nan"])
+    )
     with pytest.raises(TypeError, match="cannot checkpoint"):
         flatten_state({"x": object()})
 
@@ -183,8 +196,11 @@ def test_a_checkpoint_from_other_code_is_a_clear_error(tmp_path, monkeypatch):
         item[0] = "optimiser" if item[0] == "opt" else item[0]
     meta["written_by"] = "ctrl-pipeline 0.0.9 at fedcba987654"
     (ckpt / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(IncompatibleCheckpointError, match=r"(?s)KeyError: 'opt'.*written by ctrl-pipeline 0\.0\.9 at "
-                       r"fedcba987654, this is ctrl-pipeline 0\.1\.0 at 0123456789ab.*run\.resume: false"):
+    with pytest.raises(
+        IncompatibleCheckpointError,
+        match=r"(?s)KeyError: 'opt'.*written by ctrl-pipeline 0\.0\.9 at "
+        r"fedcba987654, this is ctrl-pipeline 0\.1\.0 at 0123456789ab.*run\.resume: false",
+    ):
         steps.optimize(p, *dirs)
     assert ckpt.is_dir() and not (tmp_path / "optimize").exists()  # nothing lost, nothing half-written
     summary = steps.optimize(p.model_copy(update={"run": p.run.model_copy(update={"resume": False})}), *dirs)
@@ -196,8 +212,16 @@ def _trainer(seed: int = 0, reward=None, **kw) -> Trainer:
     problem = gaussian_problem(torch.zeros(2), torch.ones(2), hidden=16)
     reward = reward or make_reward("quadratic", target=[1.0, 0.5])
     value = ValueFunction(reward, MLPResidual(2, hidden=16), "cos_sin")
-    cfg = OptimConfig(iterations=6, batch_size=16, train_steps=6, train_timesteps=3, minibatch_size=16, lr=1e-2,
-                      seed=seed, **kw)
+    cfg = OptimConfig(
+        iterations=6,
+        batch_size=16,
+        train_steps=6,
+        train_timesteps=3,
+        minibatch_size=16,
+        lr=1e-2,
+        seed=seed,
+        **kw,
+    )
     return Trainer(problem.policy, reward, cfg, problem.x_shape, problem.condition_sampler, value)
 
 
@@ -274,7 +298,10 @@ def test_sigkill_campaign_resumes_to_the_same_weights(tmp_path):
     assert out["kills_survived"] == out["kills_tried"] >= 5, out
     assert out["lost_iterations"] == 0
     assert series["optimize"]["iterations_completed"] == 12 and series["optimize"]["bitwise_equal"]
-    assert all(s["partial_outputs"] == 0 and not s["leftover_temp_dirs"] and s["checkpoints_cleared"] for s in out["series"])
+    assert all(
+        s["partial_outputs"] == 0 and not s["leftover_temp_dirs"] and s["checkpoints_cleared"]
+        for s in out["series"]
+    )
     # a second live attempt of the same run (a KFP retry beside a still-running pod) takes over and finishes
     assert out["overlap"]["overlapped"] and out["overlap"]["survived"], out["overlap"]
     assert out["overlap"]["older_exit"] != 0 and out["overlap"]["newer_resumed_from"] >= 1

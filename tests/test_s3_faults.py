@@ -43,7 +43,9 @@ def store(s3_endpoint):
     files = {"unet.safetensors": _st(0), "sub/extra.safetensors": _st(1, 2048)}
     # "one/" is uploaded without a flexible checksum (like older SDKs and many tools): then our own size and
     # ETag checks are the only defence, and the tests below see them work. "tree/" carries botocore's CRC32.
-    plain = boto3.client("s3", endpoint_url=s3_endpoint, config=Config(request_checksum_calculation="when_required"))
+    plain = boto3.client(
+        "s3", endpoint_url=s3_endpoint, config=Config(request_checksum_calculation="when_required")
+    )
     plain.put_object(Bucket=bucket, Key="one/unet.safetensors", Body=files["unet.safetensors"])
     for rel, data in files.items():
         client.put_object(Bucket=bucket, Key=f"tree/{rel}", Body=data)
@@ -93,7 +95,9 @@ TRANSIENT = [
 ]
 
 
-@pytest.mark.parametrize("kind,method,path,status", TRANSIENT, ids=[f"{k}-{m}-{p or 'any'}" for k, m, p, _ in TRANSIENT])
+@pytest.mark.parametrize(
+    "kind,method,path,status", TRANSIENT, ids=[f"{k}-{m}-{p or 'any'}" for k, m, p, _ in TRANSIENT]
+)
 def test_transient_faults_are_retried(store, proxy, tmp_path, kind, method, path, status):
     which = "tree" if path == "list-type" else "one"
     source, expected = store[which]
@@ -117,7 +121,9 @@ PERSISTENT = [
 
 
 @pytest.mark.parametrize("kind,method,path,message", PERSISTENT, ids=[k for k, *_ in PERSISTENT])
-def test_persistent_faults_fail_cleanly_and_keep_the_previous_copy(store, proxy, tmp_path, kind, method, path, message):
+def test_persistent_faults_fail_cleanly_and_keep_the_previous_copy(
+    store, proxy, tmp_path, kind, method, path, message
+):
     source, _ = store["one"]
     dest = tmp_path / "ckpt"
     # a previous, good checkpoint of another source sits in dest: it must survive the failed fetch untouched
@@ -152,7 +158,11 @@ def test_random_fault_schedules_never_yield_a_partial_checkpoint(store, proxy, t
         for _ in range(rng.randint(1, 3)):
             kind, method = rng.choice(kinds)
             body = kind in ("truncate", "short", "corrupt")
-            proxy.add(Fault(kind, times=rng.randint(1, 2), method=method, path_contains=".safetensors" if body else ""))
+            proxy.add(
+                Fault(
+                    kind, times=rng.randint(1, 2), method=method, path_contains=".safetensors" if body else ""
+                )
+            )
         which = rng.choice(["one", "tree"])
         source, expected = store[which]
         dest = tmp_path / f"ckpt{i}"

@@ -95,13 +95,17 @@ def test_pickles_are_refused_from_s3(s3_endpoint, tmp_path):
     client.create_bucket(Bucket="security-pickles")
     marker = tmp_path / "PWNED"
     for suffix in (".bin", ".safetensors"):
-        client.put_object(Bucket="security-pickles", Key=f"m{suffix}/model{suffix}", Body=_malicious_pickle(marker, True))
+        client.put_object(
+            Bucket="security-pickles", Key=f"m{suffix}/model{suffix}", Body=_malicious_pickle(marker, True)
+        )
         with pytest.raises(CheckpointError, match="refusing"):
             fetch_checkpoint(f"s3://security-pickles/m{suffix}/", tmp_path / "x")
     assert not marker.exists() and not (tmp_path / "x").exists()
 
 
-_UNSAFE_CALLS = re.compile(r"\b(pickle|cPickle|dill|joblib|cloudpickle)\.loads?\(|\bnp\.load\([^)]*allow_pickle=True")
+_UNSAFE_CALLS = re.compile(
+    r"\b(pickle|cPickle|dill|joblib|cloudpickle)\.loads?\(|\bnp\.load\([^)]*allow_pickle=True"
+)
 
 
 def test_sources_never_unpickle():
@@ -142,7 +146,9 @@ GENERIC = [
 
 def scan(text: str, where: str) -> list[str]:
     hits = [f"{where}: value of {name}" for name, value in SECRETS.items() if value in text]
-    hits += [f"{where}: pattern {p.pattern!r}: {m.group(0)[:40]!r}" for p in GENERIC for m in p.finditer(text)]
+    hits += [
+        f"{where}: pattern {p.pattern!r}: {m.group(0)[:40]!r}" for p in GENERIC for m in p.finditer(text)
+    ]
     return hits
 
 
@@ -168,7 +174,9 @@ def test_no_secrets_in_compiled_pipeline_or_params(secret_env, tmp_path):
     compiled = Path(out).read_text()
     assert "optimize__beta" in compiled  # it is the real pipeline
     hits = scan(compiled, "compiled pipeline")
-    hits += scan(yaml.safe_dump(params.model_dump()), "params") + scan(json.dumps(flatten(params)), "flat params")
+    hits += scan(yaml.safe_dump(params.model_dump()), "params") + scan(
+        json.dumps(flatten(params)), "flat params"
+    )
     assert hits == []
 
 
@@ -207,6 +215,10 @@ def test_no_secrets_in_mlflow_or_logs(secret_env, tmp_path, caplog, capfd, monke
         if f.is_file() and f.suffix in (".json", ".yaml", ".txt", ".md", ".html", ""):
             stored += f.read_text(errors="replace")
     captured = capfd.readouterr()
-    hits = scan(stored, "MLflow") + scan(caplog.text, "logs") + scan(captured.out + captured.err, "stdout/stderr")
+    hits = (
+        scan(stored, "MLflow")
+        + scan(caplog.text, "logs")
+        + scan(captured.out + captured.err, "stdout/stderr")
+    )
     assert "optimize.beta" in run.data.params or "optimize__beta" in run.data.params
     assert hits == []

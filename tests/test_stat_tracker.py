@@ -75,10 +75,21 @@ def _ddpo_trainer(seed: int = 0, **kw) -> Trainer:
     torch.manual_seed(seed)
     problem = gaussian_problem(torch.zeros(2), torch.ones(2), hidden=16)
     reward = make_reward("quadratic", target=[1.0, 0.5])
-    cfg = OptimConfig(algorithm="ddpo", iterations=6, batch_size=12, train_steps=5, train_timesteps=3,
-                      minibatch_size=12, lr=1e-2, seed=seed, **kw)
+    cfg = OptimConfig(
+        algorithm="ddpo",
+        iterations=6,
+        batch_size=12,
+        train_steps=5,
+        train_timesteps=3,
+        minibatch_size=12,
+        lr=1e-2,
+        seed=seed,
+        **kw,
+    )
     # three "prompts": the Gaussian model ignores them, the tracker keys its statistics by them
-    return Trainer(problem.policy, reward, cfg, problem.x_shape, lambda n, g: torch.randint(0, 3, (n,), generator=g))
+    return Trainer(
+        problem.policy, reward, cfg, problem.x_shape, lambda n, g: torch.randint(0, 3, (n,), generator=g)
+    )
 
 
 def _flat(tr: Trainer) -> torch.Tensor:

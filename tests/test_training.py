@@ -16,8 +16,18 @@ from ctrl_core.rewards import make_reward
 def test_ctrl_reaches_the_tilted_gaussian_optimum():
     """Data N(0, 1), exact score, RM = -0.5 (x - 2)^2, beta = 2: p* = N(2/3, 2/3). Within 5% in mean and std
     (the mean's error relative to the optimum's scale, max(|mean|, std))."""
-    out = tilted_gaussian.run(dim=1, data_mean="0", data_std="1", target="2", k=0.5, beta=2.0, iterations=TILTED_ITERS,
-                              seed=0, eval_steps=200, eval_samples=8192)
+    out = tilted_gaussian.run(
+        dim=1,
+        data_mean="0",
+        data_std="1",
+        target="2",
+        k=0.5,
+        beta=2.0,
+        iterations=TILTED_ITERS,
+        seed=0,
+        eval_steps=200,
+        eval_samples=8192,
+    )
     assert out["rel_error_mean"][0] < 0.05, out
     assert out["rel_error_std"][0] < 0.05, out
     assert out["max_rel_error"] < 0.05
@@ -31,14 +41,25 @@ def test_ctrl_raises_reward_on_the_embedded_default_at_several_step_counts():
     torch.manual_seed(0)
     problem = digits_problem(lora_rank=4)
     reward = make_reward("jpeg_compressibility")
-    sel = pretrain_value(problem, reward, ["linear", "rm_only"], num_paths=64, steps=10, points_per_path=4, epochs=5)
+    sel = pretrain_value(
+        problem, reward, ["linear", "rm_only"], num_paths=64, steps=10, points_per_path=4, epochs=5
+    )
     assert set(sel.val_mse) == {"linear", "rm_only"} and sel.chosen in sel.val_mse
-    cfg = OptimConfig(iterations=DIGITS_ITERS, batch_size=32, train_steps=20, train_timesteps=8, minibatch_size=32,
-                      lr=1e-3, beta=0.01)
+    cfg = OptimConfig(
+        iterations=DIGITS_ITERS,
+        batch_size=32,
+        train_steps=20,
+        train_timesteps=8,
+        minibatch_size=32,
+        lr=1e-3,
+        beta=0.01,
+    )
     trainer = make_trainer(problem, reward, cfg, sel.value)
     history = trainer.train()
     assert all(torch.isfinite(torch.tensor([h.reward_mean, h.kl])).all() for h in history)
-    results, _ = evaluate(trainer.policy, reward, problem.x_shape, [10, 20, 40], ["sde"], 100, problem.eval_conditions)
+    results, _ = evaluate(
+        trainer.policy, reward, problem.x_shape, [10, 20, 40], ["sde"], 100, problem.eval_conditions
+    )
     for steps, cell in results["sde"].items():
         # a real improvement at the training count (20) and at two others: the gain's 95% CI excludes zero
         # and the gain is at least 0.02 (2 bytes of JPEG per 8x8 image, against a base-model spread of ~60)
@@ -101,7 +122,9 @@ def test_value_data_reuses_the_advantages_reward_calls():
     from ctrl_core.value import ValueFunction
 
     value = ValueFunction(reward, MLPResidual(2), "cos_sin")
-    cfg = OptimConfig(iterations=1, batch_size=16, train_steps=10, train_timesteps=4, minibatch_size=16, seed=3, lr=3e-4)
+    cfg = OptimConfig(
+        iterations=1, batch_size=16, train_steps=10, train_timesteps=4, minibatch_size=16, seed=3, lr=3e-4
+    )
     trainer = make_trainer(problem, reward, cfg, value)
     ro = trainer.rollout()
     calls.clear()

@@ -20,9 +20,15 @@ from ctrl_core.value import MLPResidual, RewardCopyResidual, ValueFunction, free
 
 torch.set_num_threads(1)
 FIXTURE = Path(__file__).parent / "fixtures" / "imagereward_tiny"
-PROMPTS = [p for p in json.loads((FIXTURE / "reference.json").read_text())["prompts"] if p]  # prompts.txt skips blanks
-IR_OPTIONS = {"checkpoint": str(FIXTURE / "ImageReward.safetensors"), "med_config": str(FIXTURE / "med_config.json"),
-              "tokenizer_dir": str(FIXTURE / "tokenizer"), "device": "cpu"}
+PROMPTS = [
+    p for p in json.loads((FIXTURE / "reference.json").read_text())["prompts"] if p
+]  # prompts.txt skips blanks
+IR_OPTIONS = {
+    "checkpoint": str(FIXTURE / "ImageReward.safetensors"),
+    "med_config": str(FIXTURE / "med_config.json"),
+    "tokenizer_dir": str(FIXTURE / "tokenizer"),
+    "device": "cpu",
+}
 
 
 def test_freeze_leading_freezes_the_first_share_of_weights_in_order():
@@ -57,7 +63,9 @@ def test_imagereward_copy_starts_as_the_reward_and_trains_only_its_tail():
     assert set(state) == {n for n, p in named.items() if p.requires_grad}
     # nested in a module with other weights, only its own frozen keys are dropped
     parent = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "residual": res, "z": torch.nn.Linear(2, 2)})
-    assert set(parent.state_dict()) == {"a.weight", "a.bias", "z.weight", "z.bias"} | {f"residual.{k}" for k in state}
+    assert set(parent.state_dict()) == {"a.weight", "a.bias", "z.weight", "z.bias"} | {
+        f"residual.{k}" for k in state
+    }
     with torch.no_grad():
         for p in res.parameters():
             if p.requires_grad:
@@ -87,7 +95,9 @@ def _counting_trainer(cfg: OptimConfig):
 def test_trainer_scores_x_hat_with_the_values_reward_and_x_T_with_its_own():
     """RM(x_hat) (2 K batches per iteration) goes through the value's reward, the terminal reward (1 batch)
     through the trainer's: a cheaper decoder can serve the value without touching RM(X_T)."""
-    cfg = OptimConfig(iterations=1, batch_size=8, train_steps=6, train_timesteps=3, minibatch_size=8, seed=1, lr=3e-4)
+    cfg = OptimConfig(
+        iterations=1, batch_size=8, train_steps=6, train_timesteps=3, minibatch_size=8, seed=1, lr=3e-4
+    )
     trainer, terminal, skip = _counting_trainer(cfg)
     trainer.step()
     assert len(terminal) == 1 and len(skip) == 2 * 3
@@ -99,8 +109,18 @@ def test_td_advantage_evaluates_each_value_once(solver):
     V(t', x'), and V(0, x) is the rollout's terminal reward (a solver whose last step is random), so with every
     step chosen the value's reward runs once per step (DDPM: and once at the deterministic last step's start)
     and the terminal reward once; the advantages equal the ones evaluated afresh."""
-    cfg = OptimConfig(iterations=1, batch_size=8, train_steps=5, train_timesteps=5, minibatch_size=8, seed=1,
-                      advantage="temporal_difference", value_xhat="policy", solver=solver, lr=3e-4)
+    cfg = OptimConfig(
+        iterations=1,
+        batch_size=8,
+        train_steps=5,
+        train_timesteps=5,
+        minibatch_size=8,
+        seed=1,
+        advantage="temporal_difference",
+        value_xhat="policy",
+        solver=solver,
+        lr=3e-4,
+    )
     trainer, terminal, skip = _counting_trainer(cfg)
     ro = trainer.rollout()
     assert ro.steps == ([0, 1, 2, 3] if solver == "ddpm" else [0, 1, 2, 3, 4]) and len(terminal) == 1
@@ -109,7 +129,9 @@ def test_td_advantage_evaluates_each_value_once(solver):
     grid, traj = ro.traj.grid, ro.traj
     for k in ro.steps:  # afresh: V at both ends of each step
         s, s_next = float(grid[k]), float(grid[k + 1])
-        v_next = trainer._value_at(s_next, traj.states[k + 1], traj.means[k + 1] if k + 1 < 5 else None, traj.conditions)
+        v_next = trainer._value_at(
+            s_next, traj.states[k + 1], traj.means[k + 1] if k + 1 < 5 else None, traj.conditions
+        )
         assert (s_next <= 0) == (k == 4)
         v_here = trainer._value_at(s, traj.states[k], traj.means[k], traj.conditions)
         torch.testing.assert_close(adv[k], v_next - v_here - cfg.beta * ro.kl_terms[k], rtol=0, atol=0)
@@ -148,7 +170,9 @@ def test_pipeline_value_designs_on_a_latent_checkpoint(tmp_path, monkeypatch):
     # the skip term's reward decodes with the tiny decoder; the terminal reward with the full VAE
     x = torch.randn(3, *problem.x_shape, generator=torch.Generator().manual_seed(0))
     c = torch.tensor([0, 1, 2]) % len(PROMPTS)
-    tiny = latent_reward(reward.raw, load_tiny_decoder(tmp_path / "checkpoint" / TINY_DECODER_SUBFOLDER), prompts=PROMPTS)
+    tiny = latent_reward(
+        reward.raw, load_tiny_decoder(tmp_path / "checkpoint" / TINY_DECODER_SUBFOLDER), prompts=PROMPTS
+    )
     torch.testing.assert_close(value.reward_fn(x, c), tiny(x, c))
     assert not torch.allclose(value.reward_fn(x, c), reward(x, c))
     summary = steps.optimize(p, tmp_path / "checkpoint", tmp_path / "value", tmp_path / "optimize")
@@ -156,13 +180,18 @@ def test_pipeline_value_designs_on_a_latent_checkpoint(tmp_path, monkeypatch):
     assert set(load_file(tmp_path / "optimize" / "value.safetensors")) == set(saved)
     # clear errors for designs that do not apply
     with pytest.raises(ValueError, match="reward_copy copies the reward model"):
-        steps.value_parts(params_mod.load(None, ["value.residual=reward_copy"]),
-                          steps.load_problem(params_mod.load(None, []), tmp_path / "checkpoint"), lambda x, c=None: x)
+        steps.value_parts(
+            params_mod.load(None, ["value.residual=reward_copy"]),
+            steps.load_problem(params_mod.load(None, []), tmp_path / "checkpoint"),
+            lambda x, c=None: x,
+        )
     from ctrl_core.embedded import WEIGHTS_DIR
 
     digits = params_mod.load(None, ["value.xhat_decoder=tiny"])
     with pytest.raises(ValueError, match="applies to latent text-to-image"):
-        steps.value_parts(digits, steps.load_problem(digits, WEIGHTS_DIR), make_reward("jpeg_compressibility"))
+        steps.value_parts(
+            digits, steps.load_problem(digits, WEIGHTS_DIR), make_reward("jpeg_compressibility")
+        )
     (tmp_path / "checkpoint" / TINY_DECODER_SUBFOLDER / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="no tiny decoder"):
         steps.value_parts(p, steps.load_problem(p, tmp_path / "checkpoint"), reward)
@@ -182,9 +211,20 @@ def test_mu_pre_is_computed_only_where_something_needs_it(algorithm, beta, xhat,
     problem = gaussian_problem(torch.zeros(2), torch.ones(2))
     reward = make_reward("quadratic", target=[1.0, 0.0])
     value = ValueFunction(reward, MLPResidual(2), "cos_sin") if algorithm == "ctrl" else None
-    cfg = OptimConfig(algorithm=algorithm, iterations=1, batch_size=8, train_steps=6, train_timesteps=3,
-                      minibatch_size=8, beta=beta, value_xhat=xhat, kl_monitor=monitor,
-                      advantage="temporal_difference", seed=2, lr=3e-4)
+    cfg = OptimConfig(
+        algorithm=algorithm,
+        iterations=1,
+        batch_size=8,
+        train_steps=6,
+        train_timesteps=3,
+        minibatch_size=8,
+        beta=beta,
+        value_xhat=xhat,
+        kl_monitor=monitor,
+        advantage="temporal_difference",
+        seed=2,
+        lr=3e-4,
+    )
     trainer = make_trainer(problem, reward, cfg, value)
     ro = trainer.rollout()
     assert bool(ro.traj.ref_means) == computed and ro.kl_measured == computed
@@ -221,7 +261,9 @@ def test_aesthetic_copy_starts_as_the_reward_and_trains_only_its_tail(tmp_path):
     from ctrl_core.rewards.aesthetic import write_tiny_aesthetic
 
     paths = write_tiny_aesthetic(tmp_path, seed=0)
-    raw = make_reward("aesthetic", clip_dir=str(paths["clip_dir"]), head=str(paths["head_safetensors"]), device="cpu")
+    raw = make_reward(
+        "aesthetic", clip_dir=str(paths["clip_dir"]), head=str(paths["head_safetensors"]), device="cpu"
+    )
     images = torch.rand(3, 3, 20, 20, generator=torch.Generator().manual_seed(1)) * 2 - 1
     res = RewardCopyResidual(raw.trainable_copy(None, 0.7))
     out = res(torch.full((3,), 0.5), images, None)
@@ -247,7 +289,9 @@ def test_weighted_sum_copy_is_the_weighted_sum_of_its_terms_copies(tmp_path):
     c = torch.tensor([0, 1, 2]) % len(PROMPTS)
     res = RewardCopyResidual(raw.trainable_copy(PROMPTS, 0.7))
     s = torch.full((3,), 0.5)
-    expected = 0.5 * make_reward("aesthetic", **aes)(images, c) + 2.0 * make_reward("imagereward", **IR_OPTIONS).bind_prompts(PROMPTS)(images, c)
+    expected = 0.5 * make_reward("aesthetic", **aes)(images, c) + 2.0 * make_reward(
+        "imagereward", **IR_OPTIONS
+    ).bind_prompts(PROMPTS)(images, c)
     torch.testing.assert_close(res(s, images, c), expected, rtol=1e-5, atol=1e-5)
     res(s, images, c).sum().backward()
     for part in res.copy.copies:  # every term's copy trains its tail and keeps its head frozen
@@ -261,7 +305,9 @@ def test_weighted_sum_copy_is_the_weighted_sum_of_its_terms_copies(tmp_path):
     fresh = RewardCopyResidual(raw.trainable_copy(PROMPTS, 0.7))
     fresh.load_state_dict(res.state_dict())
     torch.testing.assert_close(fresh(s, images, c), res(s, images, c).detach())
-    assert not hasattr(make_reward("weighted_sum", terms={"jpeg_compressibility": {}, "quadratic": {}}), "trainable_copy")
+    assert not hasattr(
+        make_reward("weighted_sum", terms={"jpeg_compressibility": {}, "quadratic": {}}), "trainable_copy"
+    )
 
 
 def test_link_selection_keeps_two_value_nets_at_most():

@@ -6,7 +6,11 @@ from ..image import BASE_IMAGE
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def ctrl_optimize(
-    params: str, checkpoint: Input[Model], value: Input[Model], adapter: Output[Model], train_metrics: Output[Metrics]
+    params: str,
+    checkpoint: Input[Model],
+    value: Input[Model],
+    adapter: Output[Model],
+    train_metrics: Output[Metrics],
 ) -> str:
     """CTRL (or the DDPO baseline) from the checkpoint and the pretrained value net; outputs the LoRA adapter
     (peft format, under adapter/), the value net, per-iteration metrics and periodic checkpoints."""
@@ -24,7 +28,10 @@ def ctrl_optimize(
         reward = "skipped" if row.get("reward_mean") is None else f"{row['reward_mean']:+.4f}"
         kl = f" kl {row['kl']:.4f}" if row.get("kl") is not None else ""
         secs = sum(v for k, v in row.items() if k.endswith("_s") and isinstance(v, float))
-        print(f"[ctrl_optimize] iteration {row['iteration'] + 1}/{total} reward {reward}{kl} ({secs:.1f}s)", flush=True)
+        print(
+            f"[ctrl_optimize] iteration {row['iteration'] + 1}/{total} reward {reward}{kl} ({secs:.1f}s)",
+            flush=True,
+        )
 
     value_dir = value.path if p.optimize.algorithm == "ctrl" else None
     from ctrl_core.launch import num_processes, run_step_data_parallel

@@ -6,8 +6,12 @@ from ..image import BASE_IMAGE
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def evaluate(
-    params: str, checkpoint: Input[Model], adapter: Input[Model], eval_metrics: Output[Metrics],
-    report: Output[HTML], summary: Output[Markdown],
+    params: str,
+    checkpoint: Input[Model],
+    adapter: Input[Model],
+    eval_metrics: Output[Metrics],
+    report: Output[HTML],
+    summary: Output[Markdown],
 ) -> str:
     """Base vs tuned at every step count with each of evaluate.samplers (sde, ode, euler_maruyama, heun): reward with
     95% CI, gain, the exact KL of the discrete chain (stochastic samplers) beside Theorem 3.1's, robustness."""

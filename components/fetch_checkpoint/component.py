@@ -15,5 +15,7 @@ def fetch_checkpoint(params: str, checkpoint: Output[Model]) -> str:
 
     t0 = time.perf_counter()
     manifest = steps.fetch(from_json(params), checkpoint.path)
-    checkpoint.metadata.update({"source": manifest["source"], "sha256": manifest["sha256"], "size_bytes": manifest["size_bytes"]})
+    checkpoint.metadata.update(
+        {"source": manifest["source"], "sha256": manifest["sha256"], "size_bytes": manifest["size_bytes"]}
+    )
     return json.dumps({"manifest": manifest, "wall_s": round(time.perf_counter() - t0, 2)})

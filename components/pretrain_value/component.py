@@ -5,7 +5,9 @@ from ..image import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def pretrain_value(params: str, checkpoint: Input[Model], value: Output[Model], link_metrics: Output[Metrics]) -> str:
+def pretrain_value(
+    params: str, checkpoint: Input[Model], value: Output[Model], link_metrics: Output[Metrics]
+) -> str:
     """Train the value net for every candidate link function and keep the best by held-out MSE."""
     import json
     import time
@@ -17,7 +19,9 @@ def pretrain_value(params: str, checkpoint: Input[Model], value: Output[Model], 
     from ctrl_core.launch import num_processes, run_step_data_parallel
 
     p = from_json(params)
-    if num_processes() > 1 and p.optimize.algorithm != "qlearning":  # one process per GPU (CTRL_NUM_PROCESSES)
+    if (
+        num_processes() > 1 and p.optimize.algorithm != "qlearning"
+    ):  # one process per GPU (CTRL_NUM_PROCESSES)
         out = run_step_data_parallel("pretrain_value", params, checkpoint.path, value.path)
     else:
         out = steps.pretrain_value(p, checkpoint.path, value.path)

@@ -27,8 +27,10 @@ def resolve_params(**flat) -> str:
 def _signature() -> inspect.Signature:
     defaults = flatten(Params())
     return inspect.Signature(
-        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name], annotation=kind)
-         for name, kind in kfp_parameter_types().items()],
+        [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name], annotation=kind)
+            for name, kind in kfp_parameter_types().items()
+        ],
         return_annotation=str,
     )
 
@@ -39,8 +41,9 @@ resolve_params.__signature__ = _signature()
 #: kfp.local's SubprocessRunner accepts it (it names kfp.dsl.executor_main and does not start with it) and
 #: replaces python3 with its own interpreter
 COMMAND = [
-    "sh", "-c",
-    'python3 -m kfp.dsl.executor_main --component_module_path '
+    "sh",
+    "-c",
+    "python3 -m kfp.dsl.executor_main --component_module_path "
     '"$(python3 -c "import components.resolve_params.component as m; print(m.__file__)")" "$@"',
     "sh",
 ]
@@ -56,9 +59,16 @@ def component(image: str):
     spec = component_factory.extract_component_interface(resolve_params)
     for name, description in parameter_descriptions().items():
         spec.inputs[name].description = description
-    spec.implementation = structures.Implementation(container=structures.ContainerSpecImplementation(
-        image=image, command=COMMAND,
-        args=["--executor_input", dsl.PIPELINE_TASK_EXECUTOR_INPUT_PLACEHOLDER,
-              "--function_to_execute", resolve_params.__name__],
-    ))
+    spec.implementation = structures.Implementation(
+        container=structures.ContainerSpecImplementation(
+            image=image,
+            command=COMMAND,
+            args=[
+                "--executor_input",
+                dsl.PIPELINE_TASK_EXECUTOR_INPUT_PLACEHOLDER,
+                "--function_to_execute",
+                resolve_params.__name__,
+            ],
+        )
+    )
     return PythonComponent(component_spec=spec, python_func=resolve_params)

@@ -394,7 +394,9 @@ class ImageRewardCopy(nn.Module):
 
     def forward(self, images: Tensor, conditions: Tensor | None) -> Tensor:
         dev = self.input_ids.device
-        idx = prompt_rows(conditions, images.shape[0], len(self.input_ids), "the ImageReward value copy").to(dev)
+        idx = prompt_rows(conditions, images.shape[0], len(self.input_ids), "the ImageReward value copy").to(
+            dev
+        )
         pixels = preprocess_images(images.to(dev), self.model.image_size)
         return self.model(pixels, self.input_ids[idx], self.attention_mask[idx])
 
@@ -475,6 +477,8 @@ def imagereward(
         )
 
     unbound.bind_prompts = scorer.reward_for_prompts  # type: ignore[attr-defined]
-    unbound.trainable_copy = lambda prompts, frozen_fraction: ImageRewardCopy(scorer, prompts, frozen_fraction)  # type: ignore[attr-defined]
+    unbound.trainable_copy = lambda prompts, frozen_fraction: ImageRewardCopy(
+        scorer, prompts, frozen_fraction
+    )  # type: ignore[attr-defined]
     unbound.scorer = scorer  # type: ignore[attr-defined]
     return unbound
