@@ -20,11 +20,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup  ## the embedded default end to end: fetch -> value -> CTRL -> evaluate -> MLflow registry
 	$(VENV)/bin/ctrl run --summary-out outputs/summary.json
 
+# the code ruff formats and lints (format and lint are checked before the tests: CI fails on either)
+CODE := ctrl_core components pipelines bench tests tools
+
 test: setup
+	$(VENV)/bin/ruff format --check $(CODE)
+	$(VENV)/bin/ruff check $(CODE)
 	$(PY) -m pytest -q
 
-lint: setup
-	$(VENV)/bin/ruff check ctrl_core components pipelines bench tests
+lint: setup  ## format the code, then lint it
+	$(VENV)/bin/ruff format $(CODE)
+	$(VENV)/bin/ruff check $(CODE)
 
 weights: setup  ## rebuild the shipped embedded-default weights (about 20 min on 2 cores)
 	$(PY) -m ctrl_core.embedded
