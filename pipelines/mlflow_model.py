@@ -279,7 +279,7 @@ def model_card(
     algorithm = params.optimize.algorithm
     if algorithm == "qlearning":
         block = params.qlearning
-        keys = ("start", "iterations", "batch_size", "train_steps", "beta", "theta", "lr", "critic")
+        keys = ("start", "iterations", "batch_size", "train_steps", "reward_weight", "theta", "lr", "critic")
     else:
         block = params.optimize
         keys = ("iterations", "batch_size", "train_steps", "train_timesteps", "solver", "beta", "lr", "advantage",

@@ -29,3 +29,14 @@ def mlflow_server(tmp_path_factory):
     """URI of a real ``mlflow server`` (sqlite backend, proxied artifacts) shared by the session."""
     with _run_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
         yield uri
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that sets torch's thread count (tests comparing against 1-thread subprocesses do) gives it back,
+    so no test runs at a thread count another test left behind (tests fail one at a time)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

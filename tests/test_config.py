@@ -158,13 +158,6 @@ def test_importing_the_config_and_the_compile_path_does_not_import_torch():
     assert "torch" not in _fresh_modules("import components.resolve_params.component as m; m.resolve_params")
 
 
-# Depends on the rewards package (ctrl_core/rewards/__init__.py, another part of issue 17): validating reward.name
-# asks the registry for its names, which the single-module rewards.py can only answer by importing torch.
-@pytest.mark.xfail(
-    not (REPO / "ctrl_core" / "rewards" / "__init__.py").is_file(),
-    strict=True,
-    reason="the torch-free rewards package is not in this tree yet",
-)
 def test_validating_and_compiling_does_not_import_torch(tmp_path):
     loaded = _fresh_modules(
         "from ctrl_core.params import load\nfrom pipelines.pipeline import compile_pipeline\n"
