@@ -1,5 +1,6 @@
 """The ``ctrl`` command: run the DAG locally, compile, submit/schedule on Kubeflow Pipelines, promote models.
 
+\b
     ctrl run [--params params.yaml] [--set block.key=value ...] [--summary-out PATH]
     ctrl params [--markdown]          (every parameter: key, type, default, description)
     ctrl compile --out pipeline.yaml [--chart DIR] [-f values.yaml] [--image REF] [--no-placement]

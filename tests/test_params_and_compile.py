@@ -215,3 +215,16 @@ def test_submit_and_schedule_default_to_the_charts_values(command, tmp_path, mon
         stored = {v["display_name"]: v["pipeline_spec"] for v in kfp.versions.values()}
     assert _placed(stored["placed"]["pipeline_spec"], stored["placed"]["platform_spec"])
     assert "pipeline_spec" not in stored["generic"] and not _placed(stored["generic"], None)
+
+
+def test_ctrl_help_keeps_each_usage_line_as_a_line():
+    """click re-wraps a help paragraph unless it is marked with \\b: each `ctrl X` usage line stays whole."""
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    out = CliRunner().invoke(main, ["--help"], terminal_width=80).output
+    usage = [line.strip() for line in out.splitlines() if line.strip().startswith("ctrl ")]
+    for command in ("run", "params", "compile", "submit", "schedule", "promote", "step", "export"):
+        assert sum(line.startswith(f"ctrl {command} ") for line in usage) == 1, (command, usage)
+    assert all(line.count("ctrl ") == 1 for line in usage), usage
