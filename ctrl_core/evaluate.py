@@ -99,9 +99,8 @@ def evaluate(
                 base_r.append(reward_fn(base.sample, c).float())
                 tuned_r.append(reward_fn(tuned.sample, c).float())
                 kls.append(running_kl(pol.schedule, tuned).float())
-                if (
-                    tuned.stochastic.any()
-                ):  # a chain with no random step (ode, heun, one DDPM step) has no path KL
+                # a chain with no random step (ode, heun, one DDPM step) has no path KL
+                if tuned.stochastic.any():
                     exact_kls.append(exact_path_kl(pol, tuned).float())
                 if j == 0 and keep_samples:
                     kept["base"][f"{sampler}/{n}"] = base.sample[:keep_samples].clone()

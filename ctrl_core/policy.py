@@ -174,20 +174,30 @@ def kl_increment(schedule: VPSchedule, s: float, s_next: float, mu: Tensor, mu_r
     return 0.5 * float(schedule.g2(s)) * (s - s_next) * diff.pow(2).sum(1)
 
 
+def _sum_over_steps(traj: Trajectory, steps: list[int] | None, increment) -> Tensor:
+    """sum_k increment(k) over ``steps`` (default: every step with a recorded mu_pre), per path -> (B,). With
+    ``steps`` a uniform random subset of the steps, the sum is rescaled to an unbiased estimate of the whole sum."""
+    steps = sorted(traj.ref_means) if steps is None else steps
+    if not steps:
+        raise ValueError("no reference means were recorded: sample with reference_steps")
+    total = torch.zeros(traj.states.shape[1], dtype=torch.float64)
+    for k in steps:
+        total += increment(k)
+    return total * (traj.num_steps / len(steps))
+
+
 def running_kl(schedule: VPSchedule, traj: Trajectory, steps: list[int] | None = None) -> Tensor:
     """Theorem 3.1 / eq. 15-16: sum_k g^2(T - t_k)/2 ||mu_theta - mu_pre||^2 Delta_k, per path -> (B,).
 
     With ``steps`` a uniform random subset of the steps, the sum is rescaled to an unbiased estimate of the
     whole integral.
     """
-    steps = sorted(traj.ref_means) if steps is None else steps
-    if not steps:
-        raise ValueError("no reference means were recorded: sample with reference_steps")
-    total = torch.zeros(traj.states.shape[1], dtype=torch.float64)
-    for k in steps:
+
+    def increment(k: int) -> Tensor:
         s, s_next = float(traj.grid[k]), float(traj.grid[k + 1])
-        total += kl_increment(schedule, s, s_next, traj.means[k].double(), traj.ref_means[k].double())
-    return total * (traj.num_steps / len(steps))
+        return kl_increment(schedule, s, s_next, traj.means[k].double(), traj.ref_means[k].double())
+
+    return _sum_over_steps(traj, steps, increment)
 
 
 def exact_kl_increment(coef: StepCoefficients, mu: Tensor, mu_ref: Tensor) -> Tensor:
@@ -207,23 +217,19 @@ def exact_kl_increment(coef: StepCoefficients, mu: Tensor, mu_ref: Tensor) -> Te
 def exact_path_kl(policy: GaussianScorePolicy, traj: Trajectory, steps: list[int] | None = None) -> Tensor:
     """Exact KL between the tuned and the pretrained discrete chains on ``traj``'s grid, per path -> (B,):
     sum_k of ``exact_kl_increment`` along the sampled (tuned) paths. With ``steps`` a uniform random subset of
-    the steps, rescaled like ``running_kl``. A deterministic sampler (DDIM, Heun) has no path density, so it has
-    no finite path KL: that is a ValueError, not a number."""
-    if policy.solver == "heun" or not any(
-        policy.coefficients(float(traj.grid[k]), float(traj.grid[k + 1])).stochastic
-        for k in range(traj.num_steps)
-    ):
+    the steps, rescaled like ``running_kl``. A chain with no random step (DDIM, Heun, one DDPM step; the
+    sampler records which steps were random) has no path density, so it has no finite path KL: that is a
+    ValueError, not a number."""
+    if not bool(traj.stochastic.any()):
         raise ValueError(
             f"the {policy.solver!r} chain (eta={policy.eta}) is deterministic: it has no path KL"
         )
-    steps = sorted(traj.ref_means) if steps is None else steps
-    if not steps:
-        raise ValueError("no reference means were recorded: sample with reference_steps")
-    total = torch.zeros(traj.states.shape[1], dtype=torch.float64)
-    for k in steps:
+
+    def increment(k: int) -> Tensor:
         coef = policy.coefficients(float(traj.grid[k]), float(traj.grid[k + 1]))
-        total += exact_kl_increment(coef, traj.means[k], traj.ref_means[k])
-    return total * (traj.num_steps / len(steps))
+        return exact_kl_increment(coef, traj.means[k], traj.ref_means[k])
+
+    return _sum_over_steps(traj, steps, increment)
 
 
 @torch.no_grad()
