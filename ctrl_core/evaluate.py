@@ -88,9 +88,7 @@ def evaluate(
         for n in steps_list:
             grid = pol.schedule.time_grid(int(n))
             base_r, tuned_r, kls, exact_kls = [], [], [], []
-            for j in range(0, num_samples, batch_size):
-                g = torch.Generator().manual_seed(seed + j)
-                x0 = torch.randn((min(batch_size, num_samples - j), *x_shape), generator=g)
+            for j, g, x0 in seeded_batches(num_samples, batch_size, x_shape, seed):
                 c = None if conditions is None else conditions[j : j + len(x0)]
                 state = g.get_state()
                 base = sample(pol, x0, c, grid, g, use_pretrained=True)
@@ -110,6 +108,16 @@ def evaluate(
             kl_exact = float(torch.cat(exact_kls).mean()) if exact_kls else None
             results[sampler][str(n)] = Cell(bm, bci, tm, tci, gm, gci, float(kl.mean()), kl_exact)
     return results, kept
+
+
+def seeded_batches(n: int, batch_size: int, x_shape: tuple[int, ...], seed: int):
+    """Yield (first row j, generator, x0) for rows [j, j + len(x0)) of n samples: each batch's start noise and
+    step noise come from its own generator seeded with seed + j, so a sample depends on (seed, its row, the batch
+    size) only. The evaluation and the served model (serving.generate) draw through this one function, which is
+    why a served image equals the evaluation's for the same seed."""
+    for j in range(0, n, batch_size):
+        g = torch.Generator().manual_seed(seed + j)
+        yield j, g, torch.randn((min(batch_size, n - j), *x_shape), generator=g)
 
 
 def training_sampler(solver: str, eta: float | None = None) -> str | None:

@@ -149,6 +149,7 @@ def generate(
     """Images (N, C, H, W) float32 in [-1, 1] for N ``conditions`` (class labels, prompts, or anything, one per
     image, for an unconditional model). ``guidance``: classifier-free guidance of a text-to-image model (None:
     the trained ``model.guidance_scale``)."""
+    from .evaluate import seeded_batches
     from .policy import canonical_solver, sample
 
     steps, seed, batch_size = int(steps), int(seed), int(batch_size)
@@ -177,9 +178,7 @@ def generate(
     out = []
     n = len(conditions)
     with tm._lock, latent_call:
-        for j in range(0, n, batch_size):
-            g = torch.Generator().manual_seed(seed + j)
-            x0 = torch.randn((min(batch_size, n - j), *tm.problem.x_shape), generator=g)
+        for j, g, x0 in seeded_batches(n, batch_size, tm.problem.x_shape, seed):
             c = None if c_all is None else c_all[j : j + len(x0)]
             x = sample(policy, x0, c, grid, g).sample
             out.append((decode(x) if decode is not None else x).float().cpu())
