@@ -67,11 +67,13 @@ def evaluate(
     seed: int = 1234,
     batch_size: int = 256,
     keep_samples: int = 0,
+    on_cell: Callable[[str, str, Cell], None] | None = None,
 ) -> tuple[dict[str, dict[str, Cell]], dict[str, dict[str, Tensor]]]:
     """Returns ({sampler: {steps: Cell}}, {"base"/"tuned": {f"{sampler}/{steps}": first keep_samples images}}).
 
     ``samplers``: solver names of ``policy.sample`` (sde = ddpm, ode = ddim, euler_maruyama, heun), each at its
-    default eta; two names for one solver are refused (the same cells twice)."""
+    default eta; two names for one solver are refused (the same cells twice). ``on_cell(sampler, steps, cell)``
+    is called as each cell is finished (progress)."""
     canonical = [canonical_solver(smp) for smp in samplers]
     if len(set(canonical)) < len(canonical):
         raise ValueError(f"evaluate.samplers names a solver twice (sde = ddpm, ode = ddim): {samplers}")
@@ -107,6 +109,8 @@ def evaluate(
             (bm, bci), (tm, tci), (gm, gci) = mean_ci(b), mean_ci(t), mean_ci(t - b)
             kl_exact = float(torch.cat(exact_kls).mean()) if exact_kls else None
             results[sampler][str(n)] = Cell(bm, bci, tm, tci, gm, gci, float(kl.mean()), kl_exact)
+            if on_cell is not None:
+                on_cell(sampler, str(n), results[sampler][str(n)])
     return results, kept
 
 

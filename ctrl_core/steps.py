@@ -18,6 +18,7 @@ import torch
 
 from .io import atomic_folder, atomic_save_weights, atomic_write_json, load_weights
 from .params import Params
+from .progress import emit as emit_progress
 
 
 def _seed(params: Params) -> None:
@@ -192,6 +193,11 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
         if dist.is_main:  # every rank holds the same state; one writes it
             store.save(saves[0], new_state)
 
+    def on_batch(c: dict) -> None:
+        save({"collecting": c, "data": None, "fitted": {}})
+        if dist.is_main:
+            emit_progress("pretrain_value", "value paths", c["next"], vp.num_paths)
+
     if state["data"] is None:
         data = collect_value_data(
             problem,
@@ -202,7 +208,7 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
             seed,
             vp.batch_size,
             resume=state["collecting"],
-            on_batch=lambda c: save({"collecting": c, "data": None, "fitted": {}}),
+            on_batch=on_batch,
             dist=dist,
             value_reward_fn=value_reward,
         )
@@ -215,6 +221,9 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
         weights = {k: t.detach().to("cpu", copy=True) for k, t in value.residual.state_dict().items()}
         state["fitted"][name] = {"weights": weights, "mse": mse}
         save(state)
+        if dist.is_main:
+            emit_progress("pretrain_value", "fit links", len(state["fitted"]), len(vp.candidates),
+                          {f"mse/{name}": mse}, show=[f"mse/{name}"])  # fmt: skip
 
     done = {name: (f["weights"], f["mse"]) for name, f in state["fitted"].items()}
     sel = select_link(
@@ -364,6 +373,8 @@ def optimize(
                 store.save(
                     n, trainer.state_dict()
                 )  # after the snapshot: a checkpoint at n implies snapshot n
+            show = ("reward_mean", "kl", "value_loss", "clipfrac", "critic_loss")
+            emit_progress("ctrl_optimize", cfg.algorithm, n, iterations, row, show=show)
             if progress is not None:
                 progress(row)
 
@@ -473,6 +484,13 @@ def evaluate(
     reward = make_reward_fn(params, problem)
     ep = params.evaluate
     t0 = time.perf_counter()
+    cells_done, cells = [0], len(ep.samplers) * len(ep.steps)
+
+    def on_cell(sampler: str, steps: str, cell) -> None:
+        cells_done[0] += 1
+        emit_progress("evaluate", "cells", cells_done[0], cells,
+                      {f"gain/{sampler}/{steps}": cell.gain}, show=[f"gain/{sampler}/{steps}"])  # fmt: skip
+
     results, kept = run_eval(
         problem.policy,
         reward,
@@ -483,6 +501,7 @@ def evaluate(
         problem.eval_conditions,
         seed=ep.seed,
         keep_samples=20,
+        on_cell=on_cell,
     )
     evaluation = {smp: {n: c.as_dict() for n, c in cells.items()} for smp, cells in results.items()}
     train_sampler = training_sampler(params.optimize.solver, params.optimize.eta)

@@ -85,12 +85,14 @@ set_option = click.option(
     "--summary-out", type=click.Path(dir_okay=False), default=None, help="write the JSON summary here"
 )
 @click.option("--output-dir", type=click.Path(file_okay=False), default="outputs", show_default=True)
-def run(params_path, overrides, summary_out, output_dir) -> None:
+@click.option("--verbose", is_flag=True, help="print kfp.local's own stream instead of progress bars")
+def run(params_path, overrides, summary_out, output_dir, verbose) -> None:
     """Run the whole DAG locally through kfp.local (no cluster, no GPU, no network)."""
     params = _load_params(params_path, overrides)  # validated before anything is written
     tracking_uri = _default_tracking_uri()
     from kfp import local
 
+    from .console import RunConsole
     from .pipeline import build_pipeline
     from .register_step import git_sha
 
@@ -98,12 +100,18 @@ def run(params_path, overrides, summary_out, output_dir) -> None:
     root = Path(output_dir).resolve() / run_id
     root.mkdir(parents=True, exist_ok=True)
     click.echo(f"ctrl run {run_id}: outputs in {root}, MLflow at {tracking_uri}")
+    live = _open_live_run(params, run_id)  # the MLflow run the steps report to while they run
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp"), raise_on_error=True
     )
     pipeline = build_pipeline(params, git_sha())
     t0 = time.perf_counter()
-    task = pipeline(**flatten(params))
+    try:
+        with RunConsole(root / "run.log", verbose=verbose):
+            task = pipeline(**flatten(params))
+    except BaseException:
+        _close_live_run(live, "FAILED")
+        raise
     outs = {
         k: json.loads(task.outputs[k]) for k in ("fetch", "value", "optimize", "evaluation", "registered")
     }
@@ -149,6 +157,37 @@ def run(params_path, overrides, summary_out, output_dir) -> None:
         Path(summary_out).parent.mkdir(parents=True, exist_ok=True)
         Path(summary_out).write_text(text + "\n")
     _print_summary(summary)
+    click.echo(
+        f"\nnext: mlflow ui --backend-store-uri {tracking_uri}   (run {summary['mlflow']['run_id']}: curves, "
+        f"grids, model)\n      open {summary['report']}\n      log: {root / 'run.log'}"
+    )
+
+
+def _open_live_run(params, run_id: str) -> str | None:
+    """Open the pipeline's MLflow run now and name it to the steps ($CTRL_MLFLOW_RUN_ID); None when live
+    tracking is off (components/tracking.py)."""
+    from components import tracking
+
+    os.environ.pop(tracking.RUN_ID_ENV, None)  # a run of our own, not an outer one's
+    if not tracking.enabled():
+        return None
+    name = f"{params.register.model_name}-{run_id}"
+    live = tracking.create_run(tracking.client(), params, run_name=name, tags={"ctrl.local_run": run_id})
+    os.environ[tracking.RUN_ID_ENV] = live
+    return live
+
+
+def _close_live_run(live: str | None, status: str) -> None:
+    if live is None:
+        return
+    from components import tracking
+
+    try:
+        client = tracking.client()
+        if client.get_run(live).info.status == "RUNNING":
+            client.set_terminated(live, status=status)
+    except Exception as err:  # the pipeline's own error matters more
+        click.echo(f"(could not mark MLflow run {live} {status}: {err})", err=True)
 
 
 def _print_summary(s: dict) -> None:

@@ -29,6 +29,19 @@ def dvc_revision() -> str:
     return hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.is_file() else ""
 
 
+def _live_run(params: Params) -> str | None:
+    """The pipeline's live MLflow run, which the registration completes (components/tracking.py), if any."""
+    from components import tracking
+
+    if not tracking.enabled():
+        return None
+    try:
+        return tracking.find_run(tracking.client(), params)
+    except Exception as err:  # the registration does not depend on it: a new run holds it instead
+        print(f"live MLflow run not found ({type(err).__name__}: {err}); registering into a new run")
+        return None
+
+
 def run_key(params: Params, checkpoint_sha256: str) -> str:
     """Identical parameters on the identical checkpoint give the identical key: a retried or repeated run
     reuses its registration instead of adding a version."""
@@ -99,6 +112,7 @@ def register_from_outputs(
         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
         experiment=params.run.name,
         logged_model=model,
+        live_run_id=_live_run(params),
     )
     return {
         "name": result.name,

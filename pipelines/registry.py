@@ -528,12 +528,17 @@ def _create_run(
     lineage: dict[str, str],
     model_dir: str | None,
     logged_model: Callable[[str, Any], None] | None = None,
+    live_run_id: str | None = None,
 ) -> tuple[Any, str | None]:
     """Create and fully log a run, with its LoggedModel when ``logged_model`` builds one; returns (RunInfo, the
-    model's id or None). On failure the run (and model) are marked FAILED (never reused) and the error re-raised."""
+    model's id or None). With ``live_run_id`` (the pipeline's run, holding its training curves) that run is
+    completed instead of a new one being created, when it can be (``_adopt_live_run``). On failure the run (and
+    model) are marked FAILED (never reused) and the error re-raised."""
     tags = {TAG_RUN_KEY: run_key, TAG_MODEL_NAME: model_name}
     tags.update({_safe_key(f"lineage.{k}"): _truncate(str(v), _TAG_VALUE_LIMIT) for k, v in lineage.items()})
-    run = client.create_run(experiment_id, tags=tags, run_name=f"{model_name}-{run_key[:12]}")
+    run = _adopt_live_run(client, live_run_id, experiment_id, tags) if live_run_id else None
+    if run is None:
+        run = client.create_run(experiment_id, tags=tags, run_name=f"{model_name}-{run_key[:12]}")
     run_id = run.info.run_id
     try:
         _log_run(
@@ -556,6 +561,36 @@ def _create_run(
         raise
     client.set_terminated(run_id, status="FINISHED")
     return run.info, model_id
+
+
+def _adopt_live_run(client, run_id: str, experiment_id: str, tags: dict[str, str]):
+    """The live run (opened when the pipeline started; components/tracking.py), tagged as this registration's,
+    or None to create a new run: when it is not RUNNING in this experiment, or an earlier registration attempt
+    already tagged it (that attempt died mid-log: the run is marked FAILED, like any run of a failed attempt)."""
+    from mlflow.entities import RunTag
+
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:
+        if _error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    if run.info.status != "RUNNING" or run.info.experiment_id != experiment_id:
+        return None
+    if TAG_RUN_KEY in run.data.tags:
+        client.set_terminated(run_id, status="FAILED")
+        return None
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in sorted(tags.items())])
+    return run
+
+
+def _close_live_run(client, run_id: str, survivor_run_id: str) -> None:
+    """A live run that did not become the version's run (the parameters were registered before, or a racer
+    won) is finished, pointing at the run that holds the version."""
+    with contextlib.suppress(Exception):  # deleted by the race resolution, or already closed: nothing to do
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, TAG_DUPLICATE_OF, survivor_run_id)
+            client.set_terminated(run_id, status="FINISHED")
 
 
 def _log_model(
@@ -640,6 +675,7 @@ def register_run(
     experiment: str = "ctrl-pipeline",
     model_dir: str | None = None,
     logged_model: Callable[[str, Any], None] | None = None,
+    live_run_id: str | None = None,
 ) -> RegisterResult:
     """Log a pipeline run to MLflow, register it as a model version and apply the promotion gate.
 
@@ -662,6 +698,9 @@ def register_run(
             at ``path`` (e.g. ``pipelines.mlflow_model.build_model``); it becomes the run's LoggedModel and the
             version's model: source its artifact location, ``model_id`` its id, so
             ``mlflow.pyfunc.load_model("models:/NAME@champion")`` loads it.
+        live_run_id: the pipeline's live run (its training curves, components/tracking.py): the registration
+            is logged into it when it is still RUNNING and untouched by an earlier attempt, else into a new
+            run; a live run that does not become the version's run is finished with a ``duplicate_of`` tag.
 
     Returns:
         The surviving registration. Calling again with the same ``run_key`` returns the same version with
@@ -709,7 +748,7 @@ def register_run(
             run_info, model_id = _create_run(
                 client, experiment_id, model_name=model_name, run_key=run_key, params=params,
                 metrics=metrics, evaluation=evaluation, artifacts=artifacts, lineage=lineage,
-                model_dir=model_dir, logged_model=logged_model,
+                model_dir=model_dir, logged_model=logged_model, live_run_id=live_run_id,
             )  # fmt: skip
             own_run = run_info.run_id
             _fault_point("after_create_run")
@@ -749,6 +788,8 @@ def register_run(
                 if model_id is not None:
                     _safe_delete(client.delete_logged_model, model_id)
 
+    if live_run_id is not None and live_run_id != survivor.run_id:
+        _close_live_run(client, live_run_id, survivor.run_id)
     version = int(survivor.version)
     tags = survivor.tags or {}
     if tags.get(TAG_ALIASES_DONE) != "true":

@@ -78,10 +78,30 @@ def test_ctrl_run_end_to_end(tmp_path, monkeypatch, mlflow_server, tiny_params):
     assert list(Path(s1["outputs_dir"]).rglob("checkpoints/iter-00001/adapter_model.safetensors"))
 
     client = mlflow.MlflowClient(mlflow_server)
-    # a repeated identical run adds no version
+    # one MLflow run, opened by `ctrl run` before the first step: the curves arrived per iteration while the
+    # steps ran (each point is older than the registration's metrics), and the registration closed it
+    run = client.get_run(s1["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["ctrl.local_run"] == s1["run_id"]
+    rewards = client.get_metric_history(run.info.run_id, "ctrl_optimize/reward_mean")
+    assert [m.step for m in rewards] == [1, 2]
+    registered_at = client.get_metric_history(run.info.run_id, "train/final_reward")[0].timestamp
+    assert max(m.timestamp for m in rewards) < registered_at
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "ctrl_optimize/kl")} == {1, 2}
+    assert set(run.data.metrics) >= {"pretrain_value/mse/cos_sin", "pretrain_value/mse/rm_only"}
+    assert "evaluate/gain/sde/4" in run.data.metrics
+    grids = [a.path for a in client.list_artifacts(run.info.run_id, "evaluation")]
+    assert any(p.endswith(".png") for p in grids), grids
+
+    # a repeated identical run adds no version; its own run is closed as a duplicate of the first
     s2 = _run("--params", str(tiny_params), "--summary-out", "s2.json")
     assert s2["registered"]["version"] == 1 and s2["registered"]["created"] is False
     assert len(client.search_model_versions("name='ctrl-e2e'")) == 1
+    again = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.`ctrl.local_run` = '{s2['run_id']}'"
+    )
+    assert len(again) == 1 and again[0].info.status == "FINISHED"
+    assert again[0].data.tags["ctrl.duplicate_of"] == run.info.run_id
+    assert client.get_metric_history(again[0].info.run_id, "ctrl_optimize/reward_mean")
 
     # a run whose gate cannot pass is registered as challenger only; the champion does not move
     champion_before = client.get_registered_model("ctrl-e2e").aliases.get("champion")

@@ -22,24 +22,15 @@ def ctrl_optimize(
 
     t0 = time.perf_counter()
     p = from_json(params)
-    total = p.qlearning.iterations if p.optimize.algorithm == "qlearning" else p.optimize.iterations
-
-    def progress(row: dict) -> None:
-        reward = "skipped" if row.get("reward_mean") is None else f"{row['reward_mean']:+.4f}"
-        kl = f" kl {row['kl']:.4f}" if row.get("kl") is not None else ""
-        secs = sum(v for k, v in row.items() if k.endswith("_s") and isinstance(v, float))
-        print(
-            f"[ctrl_optimize] iteration {row['iteration'] + 1}/{total} reward {reward}{kl} ({secs:.1f}s)",
-            flush=True,
-        )
-
     value_dir = value.path if p.optimize.algorithm == "ctrl" else None
+    from components.tracking import LiveRun
     from ctrl_core.launch import num_processes, run_step_data_parallel
 
-    if num_processes() > 1:  # one process per GPU; gradients all-reduced
+    if num_processes() > 1:  # one process per GPU; gradients all-reduced (rank 0 reports to MLflow)
         out = run_step_data_parallel("optimize", params, checkpoint.path, adapter.path, value_dir)
     else:
-        out = steps.optimize(p, checkpoint.path, value_dir, adapter.path, progress=progress)
+        with LiveRun(p):  # each iteration's reward, KL and losses reach the MLflow run as they come
+            out = steps.optimize(p, checkpoint.path, value_dir, adapter.path)
     for key in ("final_reward", "first_reward", "final_kl", "approx_kl", "clipfrac"):
         if out.get(key) is not None:
             train_metrics.log_metric(f"train/{key}", out[key])

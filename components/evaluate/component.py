@@ -25,7 +25,12 @@ def evaluate(
 
     t0 = time.perf_counter()
     work = Path(report.path).parent / "evaluation"  # full outputs (JSON, plot, grids) beside the report
-    out = steps.evaluate(from_json(params), checkpoint.path, str(Path(adapter.path) / "adapter"), work)
+    from components.tracking import LiveRun
+
+    p = from_json(params)
+    with LiveRun(p) as live:  # each cell's gain as it is measured, then the grids and the report
+        out = steps.evaluate(p, checkpoint.path, str(Path(adapter.path) / "adapter"), work)
+        live.log_artifacts(str(work), "evaluation")
     for smp, cells in out["evaluation"].items():
         for n, c in cells.items():
             for key in ("base", "tuned", "gain", "kl", "kl_thm31", "kl_exact"):

@@ -24,7 +24,10 @@ def pretrain_value(
     ):  # one process per GPU (CTRL_NUM_PROCESSES)
         out = run_step_data_parallel("pretrain_value", params, checkpoint.path, value.path)
     else:
-        out = steps.pretrain_value(p, checkpoint.path, value.path)
+        from components.tracking import LiveRun
+
+        with LiveRun(p):  # each link's held-out MSE reaches the MLflow run as it is fitted
+            out = steps.pretrain_value(p, checkpoint.path, value.path)
     for link, mse in out["mse"].items():
         link_metrics.log_metric(f"value/mse/{link}", mse)
     value.metadata["link"] = out["chosen"]
