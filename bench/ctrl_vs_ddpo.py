@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ctrl_core import progress
 from ctrl_core.algorithms import OptimConfig
 from ctrl_core.evaluate import evaluate, robustness_ratio
 from ctrl_core.recipes import digits_problem, make_trainer, pretrain_value
@@ -55,13 +56,7 @@ def run_algorithm(algorithm: str, args) -> dict:
         seed=args.seed,
     )
     trainer = make_trainer(problem, reward, cfg, value)
-    history = trainer.train(
-        lambda st: print(
-            f"[{algorithm}] it {st.iteration:3d} reward {st.reward_mean:+.4f} kl {st.kl:.4f} "
-            f"({st.sample_s + st.value_s + st.policy_s:.1f}s)",
-            flush=True,
-        )
-    )
+    history = progress.train(trainer, f"bench.ctrl_vs_ddpo {algorithm}")
     t1 = time.perf_counter()
     results, _ = evaluate(
         trainer.policy,

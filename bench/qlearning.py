@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ctrl_core import progress
 from ctrl_core.qlearning import (
     EpsMLP,
     QLearningConfig,
@@ -89,7 +90,7 @@ def run_gmm1d(quick: bool, seed: int, png: Path | None, critic: str = "free") ->
         iterations=it0, reward_weight=0.0, critic_target="td", critic="free", **base_cfg
     )
     tr = QLearningTrainer(model, data, None, free_cfg)
-    tr.train()
+    progress.train(tr, "bench.qlearning gmm1d: pretrain")
     samples = {0.0: {s: tr.sample(2000, 100, s, seed=seed + 1)[:, 0] for s in ("sde", "ode")}}
     for beta in (1.0, 2.0, 4.0):
         tuned = QLearningScoreModel.from_pretrained(model)
@@ -102,7 +103,7 @@ def run_gmm1d(quick: bool, seed: int, png: Path | None, critic: str = "free") ->
             **base_cfg,
         )
         trb = QLearningTrainer(tuned, data, h, cfg)
-        trb.train()
+        progress.train(trb, f"bench.qlearning gmm1d: beta {beta}")
         samples[beta] = {s: trb.sample(2000, 100, s, seed=seed + 1)[:, 0] for s in ("sde", "ode")}
     x0 = samples[0.0]["sde"][:500]
     out = {
@@ -252,7 +253,7 @@ def run_swissroll(quick: bool, seed: int, png: Path | None, critic: str = "free"
         cfg = OptimConfig(iterations=it_c, batch_size=256, train_steps=40, train_timesteps=10, minibatch_size=256,
                           beta=1.0 / beta, lr=1e-3, advantage="temporal_difference", seed=seed)  # fmt: skip
         trainer = make_trainer(problem, h, cfg, sel.value)
-        trainer.train()
+        progress.train(trainer, f"bench.qlearning ctrl_{quality}")
         samples[f"ctrl_{quality}"] = sample_model(tuned, n_eval, (2,), eval_steps, "sde", seed=seed + 1)
         results[f"ctrl_{quality}"] = {
             **metrics(samples[f"ctrl_{quality}"]),
@@ -330,7 +331,7 @@ def run_digits(
     trainer = QLearningTrainer(model, data, reward, cfg, problem.x_shape, crit,
                                problem.condition_sampler, labels)  # fmt: skip
     t0 = time.perf_counter()
-    trainer.train()
+    progress.train(trainer, "bench.qlearning digits")
     train_s = time.perf_counter() - t0
     n_eval, steps = (32, [20]) if quick else (128, [20, 50])
     results, kept = evaluate(problem.policy, reward, problem.x_shape, steps, ["sde", "ode"], n_eval,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ctrl_core import progress
 from ctrl_core.algorithms import OptimConfig
 from ctrl_core.policy import sample
 from ctrl_core.recipes import gaussian_problem, make_trainer
@@ -71,7 +72,7 @@ def run(
     reward = make_reward("quadratic", target=m.tolist(), k=k)
     trainer = make_trainer(problem, reward, cfg, ValueFunction(reward, problem.make_residual(), "cos_sin"))
     t0 = time.perf_counter()
-    trainer.train()
+    progress.train(trainer, f"bench.tilted_gaussian seed {seed}")
     train_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

@@ -192,3 +192,12 @@ class Bar:
 
     def __exit__(self, *exc) -> None:
         self.renderer.close()
+
+
+def train(
+    trainer, label: str, show: Iterable[str] = ("reward_mean", "kl", "value_loss", "critic_loss")
+) -> list:
+    """``trainer.train()`` with a :class:`Bar` of its iterations (a benchmark's training run); returns its
+    history. ``label`` names the bar."""
+    with Bar(label, "iterations", trainer.cfg.iterations, show=show) as bar:
+        return trainer.train(lambda st: bar.update(st.iteration + 1, **vars(st)))

@@ -13,6 +13,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from champion_run import run_champion  # noqa: E402
 from mlflow_server import mlflow_server as _run_mlflow_server  # noqa: E402
 from s3_server import local_s3_server, patched_env  # noqa: E402
 
@@ -40,3 +41,10 @@ def _torch_threads_restored():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def champion(tmp_path_factory):
+    """A tiny pipeline run registered as the champion of champion_run.NAME (sqlite store in the returned folder);
+    shared by the MLflow-model and the KServe serving tests."""
+    return run_champion(tmp_path_factory.mktemp("mlflow-model"))

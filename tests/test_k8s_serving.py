@@ -33,8 +33,8 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 jsonschema = pytest.importorskip("jsonschema")
 
 sys.path.insert(0, str(Path(__file__).parent))
+from champion_run import NAME, _env  # noqa: E402 - conftest's champion fixture: the registered tiny model
 from mlflow_server import free_port  # noqa: E402
-from test_mlflow_model import NAME, _env, champion  # noqa: E402, F401 - champion: the registered tiny model
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "ctrl-pipeline"
