@@ -1,4 +1,4 @@
-"""CTRL policy optimisation (paper §3, eq. 16-22) and the DDPO baseline, in one loop.
+"""CTRL policy optimisation (paper §3, eq. 16-22) and the DDPO and GRPO baselines, in one loop.
 
 One iteration, top to bottom:
  1. Draw a time grid: a stratified *random* grid on [0, T] for CTRL (the time integral of eq. 21-22 is then
@@ -11,11 +11,21 @@ One iteration, top to bottom:
         where B a = x' - A x is the action's displacement over the step (x' = A x + B a, policy.py);
       temporal_difference (the authors' code):       q = [r Delta + V(t', x') - V(t, x)] / Delta.
     DDPO: the per-condition whitened terminal reward, the same at every step.
+    GRPO: G rollouts share each condition; A = (h - group mean) / (group std + 1e-4), the same at every step.
  5. Value net update on Monte-Carlo returns G_k = h + sum_{j >= k} r_j (eq. 17).
  6. PPO-clipped surrogate integrated over time (eq. 22):
       L = -sum_k min(rho_k q_k, clip(rho_k, 1 - eps, 1 + eps) q_k) Delta_k  +  beta KL_direct,
     rho_k = pi_theta(a_k) / pi_theta_old(a_k) from the exact Gaussian transition log-probs, gradient clipping,
     AdamW. KL_direct is the running reward's explicit dependence on theta (Thm 3.1 makes it differentiable).
+    DDPO and GRPO average the clipped surrogate over their steps instead, with the advantage clipped to
+    +-advantage_clip; GRPO adds grpo_kl * ||m_theta - m_ref||^2 / (2 std^2) averaged over dimensions per step,
+    m = A x + B mu the transition's mean (Flow-GRPO's KL loss).
+
+The baselines as their authors run them (``OptimizeConfig.resolved``: the keys at -1 / auto): DDPO is
+ddpo-pytorch's recipe (every stochastic step of the fixed grid, log-probs averaged over dimensions with clip
+range 1e-4, per-prompt reward statistics, advantages clipped at 5, four optimiser steps per iteration); GRPO is
+Flow-GRPO's (the same, with group-relative advantages instead of the statistics, two optimiser steps per
+iteration and the KL-to-reference loss) on this engine's DDPM-type solver.
 
 PPO's pi_theta_old: ``old_log_probs: sampler`` (default, as ddpo-pytorch) takes the log-probs recorded while
 sampling. Where the sampler computes differently from the update's forward (bf16 kernels chosen by batch shape
@@ -44,7 +54,15 @@ from torch import Tensor
 
 from .config import OptimizeConfig
 from .distributed import Dist
-from .policy import GaussianScorePolicy, Trajectory, gaussian_log_prob, kl_increment, sample, x_hat
+from .policy import (
+    GaussianScorePolicy,
+    Trajectory,
+    exact_kl_increment,
+    gaussian_log_prob,
+    kl_increment,
+    sample,
+    x_hat,
+)
 from .trainer_base import TrainerBase
 from .value import ValueDataset, ValueFunction, fit_value
 
@@ -88,7 +106,8 @@ class IterationStats:
 
 
 class Trainer(TrainerBase):
-    """CTRL / DDPO trainer over a ``GaussianScorePolicy`` (any score model with trainable parameters)."""
+    """CTRL / DDPO / GRPO trainer over a ``GaussianScorePolicy`` (any score model with trainable parameters).
+    ``config`` is run as ``config.resolved()`` (the algorithm's values for the keys left at -1 / auto)."""
 
     params_key = "policy"
     stats_type = IterationStats
@@ -103,7 +122,8 @@ class Trainer(TrainerBase):
         value: ValueFunction | None = None,
         dist: Dist | None = None,
     ):
-        super().__init__(config, dist, "optimize")
+        super().__init__(config.resolved(), dist, "optimize")
+        config = self.cfg
         if config.algorithm == "ctrl" and value is None:
             raise ValueError("CTRL needs a value function (pretrain one with select_link / fit_value)")
         self.policy, self.reward_fn, self.value = policy, reward_fn, value
@@ -124,6 +144,8 @@ class Trainer(TrainerBase):
             if value is not None
             else None
         )
+        # log_prob_reduce=mean: the log-ratio averaged over the x_shape dimensions (ddpo-pytorch, Flow-GRPO)
+        self.log_prob_dims = math.prod(self.x_shape) if config.log_prob_reduce == "mean" else None
         self.stat_tracker = (
             PromptStatTracker(config.stat_buffer, config.stat_min_count)
             if config.algorithm == "ddpo" and config.stat_buffer > 0
@@ -168,12 +190,16 @@ class Trainer(TrainerBase):
             raise ValueError(
                 f"solver {self.policy.solver!r} (eta={self.policy.eta}) has no random steps: use ddpm or eta > 0"
             )
-        K = min(cfg.train_timesteps, len(stochastic))
+        K = len(stochastic) if cfg.train_timesteps == 0 else min(cfg.train_timesteps, len(stochastic))
         pick = torch.randperm(len(stochastic), generator=self.generator)[:K]
         steps = sorted(stochastic[int(i)] for i in pick)
         # every rank draws the global batch's random numbers and keeps its own rows (distributed.py)
         rows = self.dist.shard(cfg.batch_size)
-        c = self.condition_sampler(cfg.batch_size, self.generator)
+        if cfg.algorithm == "grpo":  # batch_size / G conditions, each repeated for its group of G rows
+            c = self.condition_sampler(cfg.batch_size // cfg.group_size, self.generator)
+            c = None if c is None else c.repeat_interleave(cfg.group_size, dim=0)
+        else:
+            c = self.condition_sampler(cfg.batch_size, self.generator)
         c = None if c is None else c[rows]
         x0 = torch.randn((cfg.batch_size, *self.x_shape), generator=self.generator)[rows]
         ref_steps = steps if self.needs_reference_means() else []
@@ -198,9 +224,12 @@ class Trainer(TrainerBase):
         """mu_pre at the K training steps costs K extra (CFG) UNet calls per iteration. CTRL needs it for the KL
         running reward (beta > 0) and for x_hat from the pretrained score (value_xhat=pretrained); otherwise
         (DDPO; CTRL with beta = 0 and value_xhat=policy, the authors' ImageReward setting) only to log the KL,
-        which ``kl_monitor`` keeps on by default (reward hacking shows there first)."""
+        which ``kl_monitor`` keeps on by default (reward hacking shows there first). GRPO needs it for its KL loss
+        (grpo_kl > 0), as Flow-GRPO calls the reference model at every training step."""
         cfg = self.cfg
         if cfg.algorithm == "ctrl" and (cfg.beta > 0 or cfg.value_xhat == "pretrained"):
+            return True
+        if cfg.algorithm == "grpo" and cfg.grpo_kl > 0:
             return True
         return cfg.kl_monitor
 
@@ -243,6 +272,11 @@ class Trainer(TrainerBase):
                 adv = per_condition_whiten(rewards, conds)
             adv = adv[self.dist.shard(cfg.batch_size)]
             return {k: adv for k in ro.steps}
+        if cfg.algorithm == "grpo":  # rows [j G, (j + 1) G) are group j (rollout), over the global batch
+            rewards = self.dist.gather_rows(ro.reward)
+            groups = torch.arange(cfg.batch_size) // cfg.group_size
+            adv = group_relative_advantages(rewards, groups)[self.dist.shard(cfg.batch_size)]
+            return {k: adv for k in ro.steps}
         out, here = {}, {}
         for k in sorted(
             ro.steps, reverse=True
@@ -275,8 +309,13 @@ class Trainer(TrainerBase):
 
     def normalise(self, adv: dict[int, Tensor]) -> tuple[dict[int, Tensor], float]:
         """Returns (advantages, scale): the PPO loss is divided by ``scale`` (see the module docstring)."""
-        mode = self.cfg.advantage_norm
-        if self.cfg.algorithm == "ddpo" or mode == "none":
+        mode, clip = self.cfg.advantage_norm, self.cfg.advantage_clip
+        if self.cfg.algorithm in (
+            "ddpo",
+            "grpo",
+        ):  # already whitened; clipped as ddpo-pytorch and Flow-GRPO do
+            return ({k: a.clamp(-clip, clip) for k, a in adv.items()} if clip > 0 else adv), 1.0
+        if mode == "none":
             return adv, 1.0
         if self.dist.world > 1:  # batch statistics over the global batch, then back to this rank's rows
             rows = self.dist.shard(self.cfg.batch_size)
@@ -349,17 +388,34 @@ class Trainer(TrainerBase):
         cfg, traj, sch = self.cfg, ro.traj, self.policy.schedule
         s, s_next = float(traj.grid[k]), float(traj.grid[k + 1])
         logp, mu = self._log_prob(traj, k, idx)
-        ratio = torch.exp(logp - traj.log_probs[k][idx])
+        ratio = torch.exp(self.log_ratio(logp, traj.log_probs[k][idx]))
         a = adv[k][idx]
         surrogate = torch.minimum(ratio * a, torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range) * a)
         # CTRL: a Riemann sum of the time integral over the K random steps, rescaled to all steps;
-        # DDPO: the mean over its timesteps, as ddpo-pytorch does
+        # DDPO, GRPO: the mean over their timesteps, as ddpo-pytorch and Flow-GRPO do
         weight = ro.kl_scale if cfg.algorithm == "ctrl" else 1.0 / len(ro.steps)
         loss = -surrogate.sum() / denom * weight
         if cfg.algorithm == "ctrl" and cfg.beta > 0:
             kl_direct = kl_increment(sch, s, s_next, mu, traj.ref_means[k][idx])
             loss = loss + cfg.beta * kl_direct.sum() / denom * ro.kl_scale
+        if cfg.algorithm == "grpo" and cfg.grpo_kl > 0:
+            kl_ref = self.kl_to_reference(traj, k, mu, traj.ref_means[k][idx])
+            loss = loss + cfg.grpo_kl * kl_ref.sum().to(loss.dtype) / denom * weight
         return loss, logp, ratio
+
+    def log_ratio(self, logp: Tensor, logp_old: Tensor) -> Tensor:
+        """log(pi_theta / pi_old) per path from summed log-probs: as it is (log_prob_reduce=sum, the exact
+        likelihood ratio), or divided by the dimension (mean: the log-probs averaged over dimensions, whose ratio
+        ddpo-pytorch and Flow-GRPO clip at 1e-4)."""
+        diff = logp - logp_old
+        return diff if self.log_prob_dims is None else diff / self.log_prob_dims
+
+    def kl_to_reference(self, traj: Trajectory, k: int, mu: Tensor, mu_ref: Tensor) -> Tensor:
+        """GRPO's KL loss at step k (Flow-GRPO): ||m_theta - m_ref||^2 / (2 std^2) averaged over dimensions, with
+        m = A x + B mu the transition means, i.e. the exact KL of the step's two Gaussian kernels divided by the
+        dimension (``policy.exact_kl_increment``), per path -> (B,) float64."""
+        coef = self.policy.coefficients(float(traj.grid[k]), float(traj.grid[k + 1]))
+        return exact_kl_increment(coef, mu, mu_ref) / mu[0].numel()
 
     def policy_update(self, ro: Rollout, adv: dict[int, Tensor], scale: float) -> tuple[float, float]:
         """PPO epochs over minibatches of the global batch; each rank backpropagates its own paths of every
@@ -379,7 +435,7 @@ class Trainer(TrainerBase):
                     loss, logp, ratio = self.surrogate_loss(ro, adv, k, mine, denom=len(idx))
                     (loss / scale).backward()
                     with torch.no_grad():
-                        kl_sum += float(0.5 * (logp - traj.log_probs[k][mine]).pow(2).sum())
+                        kl_sum += float(0.5 * self.log_ratio(logp, traj.log_probs[k][mine]).pow(2).sum())
                         clip_sum += float(((ratio - 1).abs() > cfg.clip_range).float().sum())
                         count += len(mine)
                 self.clipped_step(
@@ -431,7 +487,7 @@ class Trainer(TrainerBase):
         traj = ro.traj
         idx = torch.arange(traj.states.shape[1]) if idx is None else idx
         recomputed = self.trainer_log_probs(ro, idx) if recomputed is None else recomputed
-        local = torch.stack([recomputed[k] - traj.log_probs[k][idx] for k in ro.steps], dim=1)  # (paths, K)
+        local = torch.stack([self.log_ratio(recomputed[k], traj.log_probs[k][idx]) for k in ro.steps], dim=1)
         r = self.dist.gather_rows(local.contiguous()).double().flatten()
         return {
             "approx_kl": float(0.5 * r.pow(2).mean()),
@@ -607,6 +663,18 @@ def _clone_state(x):
     if isinstance(x, list | tuple):
         return type(x)(_clone_state(v) for v in x)
     return x
+
+
+def group_relative_advantages(reward: Tensor, groups: Tensor) -> Tensor:
+    """GRPO's advantage (Flow-GRPO's per-prompt tracker, type grpo): A_i = (r_i - mean_g) / (std_g + 1e-4) over
+    the rewards of row i's group g, std the population one (numpy's), in float64; ``groups`` (B,) labels each
+    row's group, in any order -> (B,) in the reward's dtype. No critic: the group mean is the baseline."""
+    r = reward.double()
+    out = torch.empty_like(r)
+    for g in groups.unique():
+        m = groups == g
+        out[m] = (r[m] - r[m].mean()) / (r[m].std(unbiased=False) + 1e-4)
+    return out.to(reward.dtype)
 
 
 def per_condition_whiten(reward: Tensor, conditions: Tensor | None) -> Tensor:

@@ -31,8 +31,10 @@ LINK_NAMES = (
 ALGORITHMS = (
     "ctrl",
     "ddpo",
+    "grpo",
     "qlearning",
 )  # qlearning: settings in the qlearning block (ctrl_core/qlearning.py)
+LOG_PROB_REDUCTIONS = ("auto", "sum", "mean")
 ADVANTAGES = ("finite_difference", "temporal_difference")
 NORMALISATIONS = ("scale", "per_time", "center", "none")
 TIME_SAMPLING = ("random", "grid")
@@ -263,7 +265,9 @@ class OptimizeConfig(Block):
     BLOCK: ClassVar[str] = "optimize"
 
     algorithm: str = Field(
-        "ctrl", description="ctrl | ddpo | qlearning (trains from data; its settings: the qlearning block)"
+        "ctrl",
+        description="ctrl | ddpo (ddpo-pytorch's recipe) | grpo (Flow-GRPO's, on this solver) | qlearning "
+        "(trains from data; its settings: the qlearning block). Keys at -1 / auto take the algorithm's value",
     )
     iterations: int = Field(30, description="policy iterations")
     batch_size: int = Field(32, description="trajectories per iteration")
@@ -272,7 +276,9 @@ class OptimizeConfig(Block):
         "random", description="random: a stratified random grid every iteration | grid: fixed uniform grid"
     )
     train_timesteps: int = Field(
-        8, description="K: time points per trajectory in the loss (random subset of the steps)"
+        -1,
+        description="K: time points per trajectory in the loss, a random subset of the stochastic steps; "
+        "0: all of them; -1: the algorithm's (ctrl 8; ddpo and grpo all, as their authors train)",
     )
     solver: str = Field(
         "ddpm",
@@ -294,13 +300,26 @@ class OptimizeConfig(Block):
     fd_scale: float = Field(1.0, description="lam = sigma_bar / Delta of the finite-difference advantage")
     advantage_norm: str = Field("scale", description="scale | per_time | center | none")
     advantage_clip: float = Field(5.0, description="clip normalised advantages to +-this (0: no clipping)")
-    clip_range: float = Field(0.2, description="PPO ratio clip epsilon")
+    clip_range: float = Field(
+        -1.0,
+        description="PPO ratio clip epsilon; -1: 0.2 with summed log-probs, 1e-4 with averaged ones "
+        "(ddpo-pytorch's and Flow-GRPO's)",
+    )
+    log_prob_reduce: str = Field(
+        "auto",
+        description="the PPO ratio's log-probs: sum (the transition's exact log-density) | mean (over "
+        "dimensions, as ddpo-pytorch and Flow-GRPO) | auto (ctrl sum; ddpo and grpo mean)",
+    )
     ppo_epochs: int = Field(
         1,
         description="PPO passes over each iteration's paths (with 1 and minibatch_size = "
         "batch_size every update is at ratio 1: the clip never acts)",
     )
-    minibatch_size: int = Field(32, description="paths per optimiser step (of the global batch)")
+    minibatch_size: int = Field(
+        -1,
+        description="paths per optimiser step (of the global batch); -1: the algorithm's (ctrl 32; "
+        "ddpo batch_size/4, grpo batch_size/2: ddpo-pytorch's 4 and Flow-GRPO's 2 optimiser steps per iteration)",
+    )
     lr: float = Field(1e-3, description="policy (LoRA) learning rate")
     lr_decay: str = Field("cosine", description="cosine (to 10% of lr at the last iteration) | none")
     weight_decay: float = Field(0.0, description="AdamW weight decay of the adapter")
@@ -335,14 +354,42 @@ class OptimizeConfig(Block):
         "(recomputed by the update's forward: K forwards more, ratios exactly 1 at the start)",
     )
     stat_buffer: int = Field(
-        0,
+        16,
         description="DDPO: whiten by each condition's last N rewards across iterations "
-        "(ddpo-pytorch: 16); 0: within the batch",
+        "(ddpo-pytorch's 16); 0: within the batch",
     )
     stat_min_count: int = Field(
         16, description="DDPO with stat_buffer > 0: batch statistics until a condition has this many rewards"
     )
+    group_size: int = Field(
+        8,
+        description="GRPO: G rollouts per condition (batch_size / G conditions per iteration), advantage "
+        "(r - group mean) / (group std + 1e-4)",
+    )
+    grpo_kl: float = Field(
+        0.04,
+        description="GRPO: weight of the KL-to-reference loss, per step ||mean_theta - mean_ref||^2 / "
+        "(2 std^2) averaged over dimensions (Flow-GRPO's beta; not optimize.beta)",
+    )
     seed: int = Field(0, description="seed of the trainer's generator (rollouts, grids, minibatches)")
+
+    def resolved(self) -> "OptimizeConfig":
+        """The settings the trainer runs: every -1 / auto replaced by the algorithm's value. CTRL's are the values
+        these keys had before they could be -1 (so a CTRL run is unchanged); DDPO's and GRPO's are ddpo-pytorch's
+        and Flow-GRPO's: every stochastic step trained, log-probs averaged over dimensions with their clip range,
+        and several optimiser steps per iteration."""
+        ctrl = self.algorithm == "ctrl"
+        reduce = self.log_prob_reduce if self.log_prob_reduce != "auto" else ("sum" if ctrl else "mean")
+        per_iteration = {"ddpo": 4, "grpo": 2}.get(self.algorithm)
+        minibatch = 32 if per_iteration is None else max(1, -(-self.batch_size // per_iteration))
+        return self.model_copy(
+            update={
+                "log_prob_reduce": reduce,
+                "clip_range": self.clip_range if self.clip_range > 0 else (0.2 if reduce == "sum" else 1e-4),
+                "train_timesteps": self.train_timesteps if self.train_timesteps >= 0 else (8 if ctrl else 0),
+                "minibatch_size": self.minibatch_size if self.minibatch_size > 0 else minibatch,
+            }
+        )
 
     def _checks(self) -> list[tuple[str, bool, str]]:
         solvers = sorted(SOLVERS + tuple(SOLVER_ALIASES))
@@ -360,7 +407,7 @@ class OptimizeConfig(Block):
             ("iterations", self.iterations >= 0, ">= 0"),
             ("batch_size", self.batch_size >= 2, ">= 2"),
             ("train_steps", self.train_steps >= 2, ">= 2"),
-            ("train_timesteps", self.train_timesteps >= 1, ">= 1"),
+            ("train_timesteps", self.train_timesteps >= -1, ">= 0, or -1 (the algorithm's)"),
             ("beta", self.beta >= 0, ">= 0"),
             ("eta", self.eta == -1.0 or 0.0 <= self.eta <= 1.0, "in [0, 1] or -1"),
             # Theorem 3.1's KL rate g^2/2 ||dmu||^2 holds for the SDE (eta = 1); a DDIM-eta<1 rollout follows
@@ -371,9 +418,14 @@ class OptimizeConfig(Block):
                 "-1 or 1 for CTRL (SDE exploration)",
             ),
             ("fd_scale", self.fd_scale > 0, "> 0"),
-            ("clip_range", self.clip_range > 0, "> 0"),
+            ("clip_range", self.clip_range > 0 or self.clip_range == -1.0, "> 0, or -1 (the algorithm's)"),
+            ("log_prob_reduce", self.log_prob_reduce in LOG_PROB_REDUCTIONS, f"one of {LOG_PROB_REDUCTIONS}"),
             ("ppo_epochs", self.ppo_epochs >= 1, ">= 1"),
-            ("minibatch_size", self.minibatch_size >= 1, ">= 1"),
+            (
+                "minibatch_size",
+                self.minibatch_size >= 1 or self.minibatch_size == -1,
+                ">= 1, or -1 (the algorithm's)",
+            ),
             ("lr", self.lr > 0, "> 0"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("max_grad_norm", self.max_grad_norm > 0, "> 0"),  # a negative norm flips the gradient's sign
@@ -393,6 +445,14 @@ class OptimizeConfig(Block):
                 self.stat_buffer == 0 or self.stat_min_count <= self.stat_buffer,
                 "<= optimize.stat_buffer (otherwise the per-prompt statistics are never used)",
             ),
+            ("group_size", self.group_size >= 2, ">= 2 (a group's std needs two rewards)"),
+            (
+                "group_size",
+                self.algorithm != "grpo" or self.batch_size % self.group_size == 0,
+                f"a divisor of optimize.batch_size ({self.batch_size}) for GRPO: each iteration samples "
+                "batch_size / group_size conditions, group_size rollouts each",
+            ),
+            ("grpo_kl", self.grpo_kl >= 0, ">= 0"),
         ]
 
 

@@ -519,6 +519,7 @@ def test_old_log_probs_from_the_trainer_make_the_first_pass_ratios_one():
             minibatch_size=4,
             kl_monitor=False,
             old_log_probs=old_log_probs,
+            log_prob_reduce="sum",  # the gap in exact (summed) log-densities, not DDPO's per-dimension average
             lr=3e-4,
         )  # one update: all ratios before it
         stats = make_trainer(problem, reward, cfg, None).step()

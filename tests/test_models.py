@@ -143,7 +143,7 @@ def test_every_registered_reward_resolves_to_its_factory(monkeypatch):
         (lambda: get_link("cosine"), "link"),
         (lambda: OptimConfig(beta=-0.1), "optimize.beta"),
         (lambda: OptimConfig(train_steps=0), "optimize.train_steps"),
-        (lambda: OptimConfig(algorithm="grpo"), "optimize.algorithm"),
+        (lambda: OptimConfig(algorithm="reinforce"), "optimize.algorithm"),
         (lambda: canonical_solver("dpm++"), "solver"),
         (lambda: schedule().time_grid(0), "num_steps"),
     ],
