@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
         reward = problem.wrap_reward(make_reward("jpeg_compressibility"))
         cfg = OptimConfig(algorithm="ddpo", iterations=1, batch_size=args.batch, train_steps=args.steps,
                           train_timesteps=args.steps, minibatch_size=args.batch, kl_monitor=False,
-                          seed=args.seed, lr=3e-4)  # fmt: skip
+                          seed=args.seed, lr=3e-4, log_prob_reduce="sum", clip_range=0.2)  # fmt: skip
         trainer = make_trainer(problem, reward, cfg, None)
         first[name] = trainer.sampling_mismatch(trainer.rollout())
 

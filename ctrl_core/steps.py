@@ -145,8 +145,9 @@ def pretrain_value(params: Params, checkpoint_dir: str | Path, out_dir: str | Pa
     from .recipes import collect_value_data
     from .value import ValueDataset, ValueFunction, select_link
 
-    if params.optimize.algorithm == "qlearning":  # q-learning trains its own critic from the data
-        result = {"chosen": "none", "mse": {}, "seconds": 0.0, "skipped": "optimize.algorithm is qlearning"}
+    if params.optimize.algorithm != "ctrl":  # only CTRL has a value net (q-learning trains its own critic)
+        result = {"chosen": "none", "mse": {}, "seconds": 0.0,
+                  "skipped": f"optimize.algorithm is {params.optimize.algorithm}"}  # fmt: skip
         if _dist().is_main:
             with atomic_folder(out_dir) as tmp:
                 atomic_write_json(result, tmp / "link.json")

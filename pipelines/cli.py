@@ -584,10 +584,8 @@ def step(
 
     params = _load_params(params_path, overrides)  # validated before any process is started
     n = num_processes or int(os.environ.get("CTRL_NUM_PROCESSES", "1") or 1)
-    # q-learning has no value pretraining (the step only writes "skipped"): one process is enough there
-    data_parallel = name == "optimize" or (
-        name == "pretrain_value" and params.optimize.algorithm != "qlearning"
-    )
+    # only CTRL pretrains a value net (otherwise the step only writes "skipped"): one process is enough there
+    data_parallel = name == "optimize" or (name == "pretrain_value" and params.optimize.algorithm == "ctrl")
     if n > 1 and data_parallel and "WORLD_SIZE" not in os.environ:
         try:  # before any process starts
             check_split(params, name, n)

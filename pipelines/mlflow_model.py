@@ -281,7 +281,7 @@ def model_card(
         block = params.qlearning
         keys = ("start", "iterations", "batch_size", "train_steps", "reward_weight", "theta", "lr", "critic")
     else:
-        block = params.optimize
+        block = params.optimize.resolved()  # what the trainer ran (-1 / auto: the algorithm's values)
         keys = ("iterations", "batch_size", "train_steps", "train_timesteps", "solver", "beta", "lr", "advantage",
                 "clip_range", "ppo_epochs")  # fmt: skip
     method_rows = [f"| optimize.algorithm | {algorithm} |",

@@ -20,7 +20,7 @@ def pretrain_value(
 
     p = from_json(params)
     if (
-        num_processes() > 1 and p.optimize.algorithm != "qlearning"
+        num_processes() > 1 and p.optimize.algorithm == "ctrl"
     ):  # one process per GPU (CTRL_NUM_PROCESSES)
         out = run_step_data_parallel("pretrain_value", params, checkpoint.path, value.path)
     else:
