@@ -35,6 +35,8 @@ import traceback
 import uuid
 from pathlib import Path
 
+from ctrl_core import progress
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 
@@ -428,10 +430,15 @@ def run(quick: bool, seed: int) -> dict:
             "points": ("after_create_version", "after_challenger_alias")} if quick else \
         {"validate": 1500, "cli": 300, "s3": 80, "seq": 60, "racers": 3,
          "points": ("after_create_run", "after_create_version", "after_gate_tags", "after_challenger_alias")}  # fmt: skip
-    invalid = _guard("invalid", invalid_campaign, size["validate"], size["cli"], seed)
-    s3 = _guard("s3", s3_campaign, size["s3"], seed)
-    reg = _guard("registry", registry_campaign, size["seq"], size["points"], size["racers"], seed)
-    kills = _guard("kills", kill_campaign, quick, seed)
+    with progress.Bar("bench.faults", "campaigns", 4) as bar:
+        invalid = _guard("invalid", invalid_campaign, size["validate"], size["cli"], seed)
+        bar.update(1, invalid_rejected=invalid.get("rejected", 0))
+        s3 = _guard("s3", s3_campaign, size["s3"], seed)
+        bar.update(2, s3_survived=s3.get("survived", 0))
+        reg = _guard("registry", registry_campaign, size["seq"], size["points"], size["racers"], seed)
+        bar.update(3, worse_promotions=reg.get("worse_promotions", -1))
+        kills = _guard("kills", kill_campaign, quick, seed)
+        bar.update(4, kills_survived=kills.get("kills_survived", 0))
 
     def get(d: dict, key: str):
         return d.get(key) if "error" not in d else None

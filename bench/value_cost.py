@@ -45,6 +45,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.gpu import SD15_UNET, SD15_VAE
+from ctrl_core import progress
 from ctrl_core.algorithms import OptimConfig
 
 # ImageReward v1.0: BLIP ViT-L/16 at 224 (med_config's BERT-base text tower with cross-attention, 35 tokens)
@@ -266,12 +267,14 @@ def value_mse(
         links = ["cos_sin", "rm_only", "f_only"] if name == "conv" else ["cos_sin", "rm_only"]
         per: dict[str, list[float]] = {link: [] for link in links}
         t0 = time.perf_counter()
-        for k in range(fit_seeds):
-            sel = select_link(
-                lambda link: ValueFunction(vr, make(), link), d, links, epochs, lr=1e-3, seed=seed + k
-            )
-            for link in links:
-                per[link].append(sel.val_mse[link])
+        with progress.Bar("bench.value_cost", f"fit {name}", fit_seeds) as bar:
+            for k in range(fit_seeds):
+                sel = select_link(
+                    lambda link: ValueFunction(vr, make(), link), d, links, epochs, lr=1e-3, seed=seed + k
+                )
+                for link in links:
+                    per[link].append(sel.val_mse[link])
+                bar.update(k + 1, val_mse_cos_sin=sel.val_mse["cos_sin"])
         fit_s = (time.perf_counter() - t0) / fit_seeds
         results[name] = {
             **_spread(per["cos_sin"], var),
