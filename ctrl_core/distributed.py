@@ -52,13 +52,13 @@ class Dist:
                 torch.cuda.set_device(_node_gpu(local_rank))
                 backend = "cpu:gloo,cuda:nccl"
             tdist.init_process_group(backend=backend)
-            node, restart = (
-                os.environ.get("GROUP_RANK", "?"),
-                os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"),
-            )
+            env = (
+                os.environ
+            )  # GROUP_RANK: the node's index in the rendezvous (not necessarily its --node-rank)
             print(
                 f"ctrl: process {tdist.get_rank()} of {tdist.get_world_size()}: local rank {local_rank} of "
-                f"{local_world} on node {node}, {backend}, restart {restart}, pid {os.getpid()}",
+                f"{local_world} on node {env.get('GROUP_RANK', '?')}, {backend}, "
+                f"restart {env.get('TORCHELASTIC_RESTART_COUNT', '0')}, pid {os.getpid()}",
                 file=sys.stderr,
                 flush=True,
             )

@@ -198,11 +198,14 @@ def run_step_data_parallel(
     return json.loads((Path(out_dir) / "metrics.json").read_text())["summary"]
 
 
-def launcher_name(launcher: str | None = None) -> str:
-    """``launcher``, else $CTRL_LAUNCHER, else torchrun; one of ``LAUNCHERS``."""
+def launcher_name(launcher: str | None = None, rdzv: Rendezvous | None = None) -> str:
+    """``launcher``, else $CTRL_LAUNCHER, else torchrun; one of ``LAUNCHERS``, and torchrun for several nodes or
+    restarts (``rdzv``)."""
     name = launcher or os.environ.get(LAUNCHER_ENV, "") or "torchrun"
     if name not in LAUNCHERS:
         raise LaunchError(f"{LAUNCHER_ENV}={name!r}: choose one of {LAUNCHERS}")
+    if name == "accelerate" and rdzv not in (None, Rendezvous()):
+        raise LaunchError("several nodes and --max-restarts are torchrun's: use the torchrun launcher")
     return name
 
 
@@ -214,20 +217,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_data_parallel(
+def launch_command(
     n: int, step_argv: list[str], launcher: str | None = None, rdzv: Rendezvous | None = None
-) -> int:
-    """Re-run this ``ctrl step`` under torchrun or ``accelerate launch --multi_gpu`` with one process per GPU
-    (gloo on the CPU, NCCL on GPUs). Both set RANK / WORLD_SIZE / MASTER_ADDR for ``Dist.from_env``; ranks
-    synchronise gradients (ctrl_core/distributed.py) and rank 0 writes checkpoints and outputs. accelerate's
-    own mixed precision and dynamo are off: model.autocast and model.compile are the run's settings.
-    ``rdzv``: this node's agent joins the other nodes' (torchrun only). Returns the launcher's exit code."""
-    import subprocess
-
-    name, rdzv = launcher_name(launcher), rdzv or Rendezvous()
-    if name == "accelerate" and rdzv != Rendezvous():
-        raise LaunchError("several nodes and restarts are torchrun's: use the torchrun launcher")
-    if name == "accelerate":
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that start this node's ``n`` processes of ``ctrl step`` (see
+    :func:`launch_data_parallel`)."""
+    rdzv = rdzv or Rendezvous()
+    if launcher_name(launcher, rdzv) == "accelerate":
         cmd = [
             sys.executable,
             "-m",
@@ -253,8 +249,6 @@ def launch_data_parallel(
             STEP_MODULE,
             *step_argv,
         ]
-    nodes = f" on this node, one of {rdzv.nnodes}" if rdzv.nnodes > 1 else ""
-    print(f"launching {n} processes{nodes}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     # our options are the whole launch: torchrun would read a PET_<OPTION> left in the environment as its own
     env = {k: v for k, v in os.environ.items() if not k.startswith("PET_")} | {NUM_PROCESSES_ENV: "1"}
     if rdzv != Rendezvous():
@@ -262,4 +256,20 @@ def launch_data_parallel(
         # default) a group re-formed after a failure deadlocks when a replaced node joins it (the surviving rank-0
         # agent never republishes MASTER_ADDR for the new round; pytorch/pytorch#135712 for its other failures)
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    return cmd, env
+
+
+def launch_data_parallel(
+    n: int, step_argv: list[str], launcher: str | None = None, rdzv: Rendezvous | None = None
+) -> int:
+    """Re-run this ``ctrl step`` under torchrun or ``accelerate launch --multi_gpu`` with one process per GPU
+    (gloo on the CPU, NCCL on GPUs). Both set RANK / WORLD_SIZE / MASTER_ADDR for ``Dist.from_env``; ranks
+    synchronise gradients (ctrl_core/distributed.py) and rank 0 writes checkpoints and outputs. accelerate's
+    own mixed precision and dynamo are off: model.autocast and model.compile are the run's settings.
+    ``rdzv``: this node's agent joins the other nodes' (torchrun only). Returns the launcher's exit code."""
+    import subprocess
+
+    cmd, env = launch_command(n, step_argv, launcher, rdzv)
+    nodes = f" on this node, one of {rdzv.nnodes}" if rdzv and rdzv.nnodes > 1 else ""
+    print(f"launching {n} processes{nodes}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     return subprocess.call(cmd, env=env)

@@ -589,20 +589,18 @@ def step(
     data_parallel = name == "optimize" or (
         name == "pretrain_value" and params.optimize.algorithm != "qlearning"
     )
-    try:  # before any process starts
-        n = num_processes or launch.num_processes()
-        rdzv = launch.rendezvous(nnodes, rdzv_endpoint, rdzv_id, node_rank, max_restarts, f"ctrl-{name}")
-    except LaunchError as err:
-        raise click.UsageError(str(err)) from None
-    # started by an outer torchrun (WORLD_SIZE set): this process is one rank already
-    if (n > 1 or rdzv != launch.Rendezvous()) and data_parallel and "WORLD_SIZE" not in os.environ:
-        try:
-            check_split(params, name, n * rdzv.nnodes)
-            launcher = launcher_name(launcher)
-            if launcher == "accelerate" and rdzv != launch.Rendezvous():
-                raise LaunchError("several nodes and --max-restarts are torchrun's: use --launcher torchrun")
+    n, rdzv = 1, launch.Rendezvous()
+    # WORLD_SIZE set: this process is a rank that an outer torchrun started (Kubeflow Trainer's, or ours)
+    if data_parallel and "WORLD_SIZE" not in os.environ:
+        try:  # before any process starts
+            n = num_processes or launch.num_processes()
+            rdzv = launch.rendezvous(nnodes, rdzv_endpoint, rdzv_id, node_rank, max_restarts, f"ctrl-{name}")
+            if n > 1 or rdzv != launch.Rendezvous():
+                check_split(params, name, n * rdzv.nnodes)
+                launcher = launcher_name(launcher, rdzv)
         except LaunchError as err:
             raise click.UsageError(str(err)) from None
+    if n > 1 or rdzv != launch.Rendezvous():
         argv = [
             "step",
             name,

@@ -22,23 +22,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-PARAMS = {  # the sizes of test_distributed.py: the global batch of 8 splits over 4 processes
-    "value": {
-        "candidates": ["linear"],
-        "num_paths": 32,
-        "steps": 8,
-        "points_per_path": 2,
-        "epochs": 2,
-        "batch_size": 16,
-    },
+PARAMS = {  # test_distributed.py's sizes (the global batch of 8 splits over 4 processes); DDPO: no value net to fit
     "optimize": {
+        "algorithm": "ddpo",
         "iterations": 3,
         "batch_size": 8,
         "train_steps": 8,
         "train_timesteps": 3,
         "minibatch_size": 4,
         "checkpoint_every": 1,
-        "value_batch_size": 16,
         "lr": 3e-4,
     },
 }
@@ -58,13 +50,6 @@ def _env(work: Path, checkpoints: str) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "CTRL_CHECKPOINT_ROOT": str(work / checkpoints)}
 
 
-def _step(work: Path, *args: str, checkpoints: str = "ckpt-1") -> None:
-    cmd = [sys.executable, "-m", "pipelines.cli", "step", *args, "--params", str(work / "params.yaml"),
-           "--checkpoint", str(work / "checkpoint")]  # fmt: skip
-    res = subprocess.run(cmd, env=_env(work, checkpoints), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-
-
 class Node:
     """One node's pod: ``ctrl step optimize`` with two processes on two nodes, its output in files."""
 
@@ -73,7 +58,7 @@ class Node:
     ):
         self.log = work / f"{out}-node{rank}{tag}"
         cmd = [sys.executable, "-m", "pipelines.cli", "step", "optimize", "--params", str(work / "params.yaml"),
-               "--checkpoint", str(work / "checkpoint"), "--value", str(work / "value"),
+               "--checkpoint", str(work / "checkpoint"),
                "--optimize-dir", str(work / out), "--num-processes", "2", "--nnodes", "2",
                "--node-rank", str(rank), "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", out, *extra]  # fmt: skip
         with open(f"{self.log}.out", "w") as out_fh, open(f"{self.log}.err", "w") as err_fh:
@@ -136,12 +121,16 @@ def _rel_diff(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    """The inputs (checkpoint, one-process value net) and the one-process CTRL run to compare with."""
+    """The fetched checkpoint and the one-process run to compare with (run here, in this process)."""
+    from ctrl_core import params, steps
+
     work = tmp_path_factory.mktemp("multinode")
     (work / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    _step(work, "fetch")
-    _step(work, "pretrain_value", "--value", str(work / "value"))
-    _step(work, "optimize", "--value", str(work / "value"), "--optimize-dir", str(work / "one"))
+    run = params.load(work / "params.yaml")
+    steps.fetch(run, work / "checkpoint")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CTRL_CHECKPOINT_ROOT", str(work / "ckpt-1"))
+        steps.optimize(run, work / "checkpoint", None, work / "one")
     return work
 
 
@@ -226,3 +215,95 @@ def test_a_lost_node_restarts_the_group_which_resumes_to_the_uninterrupted_adapt
         json.loads((work / d / "metrics.json").read_text())["history"] for d in ("two-nodes", "elastic")
     )
     assert [r["reward_mean"] for r in he] == [r["reward_mean"] for r in h4]
+
+
+# --- the launch itself (no process started) -------------------------------------------------------------------
+def test_one_node_keeps_its_command_and_several_nodes_meet_at_node_0(monkeypatch):
+    from ctrl_core import launch
+
+    for name in [k for k in os.environ if k.startswith(("PET_", "CTRL_"))]:
+        monkeypatch.delenv(name)
+    argv = ["step", "optimize"]
+    cmd, env = launch.launch_command(4, argv)
+    # one node: the command of before, bitwise
+    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m",
+                   "pipelines.cli", *argv]  # fmt: skip
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in env and env["CTRL_NUM_PROCESSES"] == "1"
+    assert launch.rendezvous() == launch.Rendezvous()
+    # Kubeflow Trainer's torch runtime: PET_* on every pod; our own settings win, options over variables
+    monkeypatch.setenv("PET_NNODES", "3")
+    monkeypatch.setenv("PET_NODE_RANK", "2")
+    monkeypatch.setenv("PET_MASTER_ADDR", "job-node-0-0.job")
+    monkeypatch.setenv("PET_MASTER_PORT", "29400")
+    monkeypatch.setenv("PET_NPROC_PER_NODE", "2")
+    rdzv = launch.rendezvous(default_id="ctrl-optimize")
+    assert rdzv == launch.Rendezvous(3, "job-node-0-0.job:29400", "ctrl-optimize", 2, 0)
+    assert launch.num_processes() == 2
+    cmd, env = launch.launch_command(launch.num_processes(), argv, rdzv=rdzv)
+    assert cmd[3:10] == ["--nnodes=3", "--rdzv-backend=c10d", "--rdzv-endpoint=job-node-0-0.job:29400",
+                         "--rdzv-id=ctrl-optimize", "--rdzv-conf=is_host=0", "--nproc_per_node=2", "-m"]  # fmt: skip
+    assert not any(k.startswith("PET_") for k in env) and env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    monkeypatch.setenv("CTRL_NNODES", "2")
+    monkeypatch.setenv("CTRL_MAX_RESTARTS", "3")
+    monkeypatch.setenv("CTRL_NUM_PROCESSES", "1")
+    rdzv = launch.rendezvous(node_rank=0, rdzv_id="run-7")
+    assert (
+        rdzv == launch.Rendezvous(2, "job-node-0-0.job:29400", "run-7", 0, 3) and launch.num_processes() == 1
+    )
+    assert "--max-restarts=3" in rdzv.torchrun_args() and "--rdzv-conf=is_host=1" in rdzv.torchrun_args()
+    # one node with restarts: still --standalone
+    assert launch.rendezvous(nnodes=1).torchrun_args() == ["--standalone", "--max-restarts=3"]
+    with pytest.raises(launch.LaunchError, match="torchrun's"):
+        launch.launch_command(2, argv, "accelerate", rdzv)
+    for name in ("PET_MASTER_ADDR", "PET_MASTER_PORT"):
+        monkeypatch.delenv(name)
+    with pytest.raises(launch.LaunchError, match="2 nodes need the rendezvous endpoint HOST:PORT"):
+        launch.rendezvous()
+    with pytest.raises(launch.LaunchError, match="node rank 2 of 2 nodes"):
+        launch.rendezvous(endpoint="h:1", node_rank=2)
+    monkeypatch.setenv("PET_NPROC_PER_NODE", "cpu")
+    monkeypatch.delenv("CTRL_NUM_PROCESSES")
+    with pytest.raises(launch.LaunchError, match="PET_NPROC_PER_NODE='cpu'"):
+        launch.num_processes()
+
+
+def test_ctrl_step_refuses_a_bad_multi_node_launch_before_starting_anything(tmp_path):
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    def step(*args: str, **env: str):
+        return CliRunner().invoke(
+            main, ["step", "optimize", "--set", "optimize.batch_size=8", *args], env=env
+        )
+
+    res = step("--nnodes", "2")
+    assert res.exit_code == 2 and "need the rendezvous endpoint" in res.output
+    res = step("--nnodes", "3", "--rdzv-endpoint", "127.0.0.1:1")
+    assert (
+        res.exit_code == 2
+        and "optimize.batch_size = 8: must be a multiple of the number of processes (3)" in (res.output)
+    )
+    res = step("--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1", "--launcher", "accelerate")
+    assert res.exit_code == 2 and "torchrun's" in res.output
+    assert "launching" not in res.output
+
+
+def test_a_rank_of_an_outer_torchrun_runs_the_step_itself(work):
+    """Kubeflow Trainer may start ``ctrl step`` under its own torchrun: RANK / WORLD_SIZE are set, so the step runs
+    as that rank and launches nothing, whatever PET_* says (here the one rank of a world of one)."""
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    env = {
+        "WORLD_SIZE": "1",
+        "RANK": "0",
+        "PET_NNODES": "2",
+        "CTRL_CHECKPOINT_ROOT": str(work / "ckpt-outer"),
+    }
+    args = ["step", "optimize", "--params", str(work / "params.yaml"), "--set", "optimize.iterations=1",
+            "--checkpoint", str(work / "checkpoint"), "--optimize-dir", str(work / "outer"), "--num-processes", "2"]  # fmt: skip
+    res = CliRunner().invoke(main, args, env=env)
+    assert res.exit_code == 0, res.output
+    assert "launching" not in res.output and json.loads(res.output)["processes"] == 1
