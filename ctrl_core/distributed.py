@@ -52,16 +52,14 @@ class Dist:
                 torch.cuda.set_device(_node_gpu(local_rank))
                 backend = "cpu:gloo,cuda:nccl"
             tdist.init_process_group(backend=backend)
-            env = (
-                os.environ
-            )  # GROUP_RANK: the node's index in the rendezvous (not necessarily its --node-rank)
-            print(
+            # GROUP_RANK: the index the rendezvous gave this node (not necessarily its --node-rank)
+            env = os.environ
+            sys.stderr.write(  # one write, line and newline: the node's processes share its stderr
                 f"ctrl: process {tdist.get_rank()} of {tdist.get_world_size()}: local rank {local_rank} of "
                 f"{local_world} on node {env.get('GROUP_RANK', '?')}, {backend}, "
-                f"restart {env.get('TORCHELASTIC_RESTART_COUNT', '0')}, pid {os.getpid()}",
-                file=sys.stderr,
-                flush=True,
+                f"restart {env.get('TORCHELASTIC_RESTART_COUNT', '0')}, pid {os.getpid()}\n"
             )
+            sys.stderr.flush()
         return cls(tdist.get_rank(), tdist.get_world_size(), local_rank, local_world)
 
     @property
