@@ -8,13 +8,17 @@ order, and every rank holds bitwise the same weights after each step (the all-re
 bits everywhere). Batch statistics (advantage normalisation, DDPO's per-prompt whitening, logged rewards)
 are computed on rows gathered from all ranks, and so are the value net's training data.
 
-Launch with ``torchrun --nproc_per_node N`` or ``accelerate launch --multi_gpu --num_processes N``: both set
-RANK / WORLD_SIZE / MASTER_ADDR, which ``Dist.from_env`` reads (NCCL on GPUs, gloo on the CPU).
+Launch with ``torchrun --nproc_per_node N`` or ``accelerate launch --multi_gpu --num_processes N``, or on several
+nodes with one torchrun agent per node (launch.py): they set RANK / WORLD_SIZE (global: the rank picks the rows,
+rank 0 writes checkpoints and outputs to the shared folder), LOCAL_RANK / LOCAL_WORLD_SIZE (this node's: the local
+rank picks the GPU) and MASTER_ADDR, which ``Dist.from_env`` reads (NCCL on GPUs, gloo on the CPU). Nothing but
+the GPU choice depends on the node: the W processes of N nodes compute what W processes of one node would.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,26 +29,42 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Dist:
+    """This process's place in the data-parallel group: ``rank`` of ``world`` over all nodes, and ``local_rank`` of
+    ``local_world`` on its own node (the GPU it uses)."""
+
     rank: int = 0
     world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
 
     @classmethod
     def from_env(cls) -> Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
         if not tdist.is_initialized():
             # gloo for CPU tensors (counters, flags, fingerprints) and NCCL for CUDA tensors: a bare "nccl" group
             # has no backend for the CPU tensors the trainer also reduces
             backend = "gloo"
             if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(_node_gpu(local_rank))
                 backend = "cpu:gloo,cuda:nccl"
             tdist.init_process_group(backend=backend)
-        return cls(tdist.get_rank(), tdist.get_world_size())
+            # GROUP_RANK: the index the rendezvous gave this node (not necessarily its --node-rank)
+            env = os.environ
+            sys.stderr.write(  # one write, line and newline: the node's processes share its stderr
+                f"ctrl: process {tdist.get_rank()} of {tdist.get_world_size()}: local rank {local_rank} of "
+                f"{local_world} on node {env.get('GROUP_RANK', '?')}, {backend}, "
+                f"restart {env.get('TORCHELASTIC_RESTART_COUNT', '0')}, pid {os.getpid()}\n"
+            )
+            sys.stderr.flush()
+        return cls(tdist.get_rank(), tdist.get_world_size(), local_rank, local_world)
 
     @property
     def is_main(self) -> bool:
+        """Global rank 0: the one process of all nodes that writes checkpoints and outputs."""
         return self.rank == 0
 
     def shard(self, n: int) -> slice:
@@ -118,3 +138,14 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             tdist.barrier()
+
+
+def _node_gpu(local_rank: int) -> int:
+    """The GPU of the process with this node-local rank: a node runs one process per GPU it sees."""
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise RuntimeError(
+            f"LOCAL_RANK={local_rank}, but this node sees {count} GPU(s): run at most one process per GPU "
+            "(--num-processes / CTRL_NUM_PROCESSES, per node)"
+        )
+    return local_rank

@@ -576,22 +576,68 @@ def promote(name, version, force, reason, params_path, overrides) -> None:
     help="what starts the processes: torchrun or accelerate (accelerate launch --multi_gpu); "
     "default: $CTRL_LAUNCHER or torchrun",
 )
+@click.option(
+    "--nnodes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="nodes of a multi-node step, each running this command with --num-processes processes (torchrun's "
+    "c10d rendezvous); default: $CTRL_NNODES, else Kubeflow Trainer's $PET_NNODES, else 1",
+)
+@click.option(
+    "--node-rank",
+    type=click.IntRange(min=0),
+    default=None,
+    help="this node's index (node 0 hosts the rendezvous); default: $CTRL_NODE_RANK, else $PET_NODE_RANK",
+)
+@click.option(
+    "--rdzv-endpoint",
+    default=None,
+    help="HOST:PORT of node 0's rendezvous store; default: $CTRL_RDZV_ENDPOINT, "
+    "else $PET_MASTER_ADDR:$PET_MASTER_PORT",
+)
+@click.option("--rdzv-id", default=None, help="the rendezvous' name; default: $CTRL_RDZV_ID, else ctrl-NAME")
+@click.option(
+    "--max-restarts",
+    type=click.IntRange(min=0),
+    default=None,
+    help="restarts of the whole group after a failed process or lost node, each resuming from the newest "
+    "checkpoint (torchrun's elastic agent); default: $CTRL_MAX_RESTARTS or 0",
+)
 def step(
-    name, params_path, overrides, checkpoint, value_dir, optimize_dir, evaluate_dir, num_processes, launcher
+    name,
+    params_path,
+    overrides,
+    checkpoint,
+    value_dir,
+    optimize_dir,
+    evaluate_dir,
+    num_processes,
+    launcher,
+    nnodes,
+    node_rank,
+    rdzv_endpoint,
+    rdzv_id,
+    max_restarts,
 ) -> None:
-    """Run one pipeline step on folders (what dvc.yaml's stages and multi-GPU components call)."""
-    from ctrl_core import steps
+    """Run one pipeline step on folders (what dvc.yaml's stages and multi-GPU components call; on several nodes,
+    the command of every node)."""
+    from ctrl_core import launch, steps
 
     params = _load_params(params_path, overrides)  # validated before any process is started
-    n = num_processes or int(os.environ.get("CTRL_NUM_PROCESSES", "1") or 1)
     # only CTRL pretrains a value net (otherwise the step only writes "skipped"): one process is enough there
     data_parallel = name == "optimize" or (name == "pretrain_value" and params.optimize.algorithm == "ctrl")
-    if n > 1 and data_parallel and "WORLD_SIZE" not in os.environ:
+    n, rdzv = 1, launch.Rendezvous()
+    # WORLD_SIZE set: this process is a rank that an outer torchrun started (Kubeflow Trainer's, or ours)
+    if data_parallel and "WORLD_SIZE" not in os.environ:
         try:  # before any process starts
-            check_split(params, name, n)
-            launcher = launcher_name(launcher)
+            n = num_processes or launch.num_processes()
+            rdzv = launch.rendezvous(nnodes, rdzv_endpoint, rdzv_id, node_rank, max_restarts, f"ctrl-{name}")
+            if n > 1 or rdzv != launch.Rendezvous():
+                check_split(params, name, n * rdzv.nnodes)
+                launcher = launcher_name(launcher, rdzv)
         except LaunchError as err:
             raise click.UsageError(str(err)) from None
+    if n > 1 or rdzv != launch.Rendezvous():
         argv = [
             "step",
             name,
@@ -606,16 +652,24 @@ def step(
             "--evaluate-dir",
             evaluate_dir,
         ]
-        sys.exit(launch_data_parallel(n, argv, launcher))
+        sys.exit(launch_data_parallel(n, argv, launcher, rdzv))
+    from components.tracking import LiveRun
+
+    # with $MLFLOW_TRACKING_URI set, the step's events reach the pipeline's live run (rank 0 emits them)
+    live = LiveRun(params, active=name in ("pretrain_value", "optimize", "evaluate"))
     if name == "fetch":
         out = steps.fetch(params, checkpoint)
     elif name == "pretrain_value":
-        out = steps.pretrain_value(params, checkpoint, value_dir)
+        with live:
+            out = steps.pretrain_value(params, checkpoint, value_dir)
     elif name == "optimize":
         algo_ctrl = params.optimize.algorithm == "ctrl"
-        out = steps.optimize(params, checkpoint, value_dir if algo_ctrl else None, optimize_dir)
+        with live:
+            out = steps.optimize(params, checkpoint, value_dir if algo_ctrl else None, optimize_dir)
     elif name == "evaluate":
-        out = steps.evaluate(params, checkpoint, Path(optimize_dir) / "adapter", evaluate_dir)
+        with live:
+            out = steps.evaluate(params, checkpoint, Path(optimize_dir) / "adapter", evaluate_dir)
+            live.log_artifacts(str(evaluate_dir), "evaluation")
     else:
         _default_tracking_uri()
         from .register_step import register_from_outputs
