@@ -269,7 +269,16 @@ def check_schema(values: dict, schema: dict, source: str = "values") -> None:
     validator = jsonschema.Draft7Validator(schema)
     errors = sorted(validator.iter_errors(values), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}" for e in errors]
+        lines = [
+            f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}"
+            # a rule across keys (the schema's allOf) says why in its description
+            + (
+                f" ({e.schema['description']})"
+                if e.validator == "contains" and "description" in e.schema
+                else ""
+            )
+            for e in errors
+        ]
         raise PlacementError(f"values do not match the chart's schema ({source}):\n  " + "\n  ".join(lines))
 
 
