@@ -7,7 +7,8 @@ parameter with its default and help and nothing is declared twice. The first tas
 
 Cluster placement (image, node pools, GPUs, /dev/shm, cache PVC, Secrets) is compile-time configuration
 from the Helm chart's values, applied per step by ``pipelines.placement.apply``; without it (``ctrl run``,
-kfp.local) the pipeline carries no Kubernetes settings.
+kfp.local) the pipeline carries no Kubernetes settings. A data-parallel step placed on several nodes is
+the launcher of a Kubeflow Trainer TrainJob instead (components/trainjob_launcher: same name, inputs and outputs).
 """
 
 import inspect
@@ -17,6 +18,7 @@ from kfp import compiler, dsl
 
 from components import BASE_IMAGE, ctrl_optimize, evaluate, fetch_checkpoint, pretrain_value, register
 from components.resolve_params import component as resolve_params_component
+from components.trainjob_launcher import component as trainjob_launcher
 from ctrl_core.params import Params, flatten, kfp_parameter_types, parameter_descriptions
 
 from . import placement as placement_mod
@@ -57,16 +59,25 @@ def build_pipeline(
     replaces every step's image (default: the placement's, else ``components.BASE_IMAGE``)."""
     defaults = defaults or Params()
     flat, types = flatten(defaults), kfp_parameter_types()
+
+    def on_nodes(step: str, component):
+        """The step's component, or its TrainJob launcher when the placement puts it on several nodes."""
+        if placement is not None and placement.steps[step].nodes > 1:
+            return getattr(trainjob_launcher, step)  # named as the step's own component
+        return component
+
     names = list(flat)
 
     def ctrl_pipeline(*args) -> Outputs:
         resolved = resolve_params(**dict(zip(names, args, strict=True))).set_display_name("resolve_params")
         p = resolved.output
         fetch = fetch_checkpoint(params=p).set_display_name("fetch_checkpoint")
-        value = pretrain_value(params=p, checkpoint=fetch.outputs["checkpoint"]).set_display_name(
-            "pretrain_value"
+        value = on_nodes("pretrain_value", pretrain_value)(
+            params=p, checkpoint=fetch.outputs["checkpoint"]
+        ).set_display_name("pretrain_value")
+        optim = on_nodes("ctrl_optimize", ctrl_optimize)(
+            params=p, checkpoint=fetch.outputs["checkpoint"], value=value.outputs["value"]
         )
-        optim = ctrl_optimize(params=p, checkpoint=fetch.outputs["checkpoint"], value=value.outputs["value"])
         optim.set_display_name("ctrl_optimize")
         ev = evaluate(params=p, checkpoint=fetch.outputs["checkpoint"], adapter=optim.outputs["adapter"])
         ev.set_display_name("evaluate")

@@ -24,12 +24,21 @@ Per step, :func:`apply` sets on the KFP task
 * KFP's retry policy (``retry``: count, backoff, factor, maxDuration): a preempted or failed pod is started
   again and resumes from its step's checkpoints.
 
+A data-parallel step (pretrain_value, ctrl_optimize) placed on ``nodes`` > 1 runs as a Kubeflow Trainer TrainJob
+(components/trainjob.py): its KFP task becomes a light launcher (``pipeline.trainJob.launcherResources``, no GPU,
+the cache PVC) and everything above except the retry policy goes into the TrainJob, built here at compile time
+from the Trainer API's published models and handed to the task as ``$CTRL_TRAINJOB``: ``nodes`` nodes of the
+pool, each with ``gpus`` GPUs (one process per GPU), the step's resources, node selector, tolerations, /dev/shm,
+the cache PVC, environment and Secrets. The nodes share the step's folders through the cache PVC, so it must be
+ReadWriteMany.
+
 With no values (``ctrl run``, kfp.local, the plain ``ctrl compile``) only the caching rule applies.
 
 Errors (:class:`PlacementError`) name the offending key: values that fail the schema, a step placed on a
 pool the values do not define, zero GPUs for a step on a GPU pool (the CUDA image would otherwise see every
 GPU of the node without having requested one), more GPUs than a node of the pool has (the pod would never
-schedule), a Secret reference without a name, a cache mount without a PVC.
+schedule), a Secret reference without a name, a cache mount without a PVC; several nodes for a step that is not
+data-parallel, without the cache, or with a cache PVC that is not ReadWriteMany.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # CTRL_NUM_PROCESSES (a step's processes, one per GPU) and CTRL_LAUNCHER (what starts them), as the launcher reads them
+from components import trainjob
 from ctrl_core.launch import LAUNCHER_ENV, LAUNCHERS, NUM_PROCESSES_ENV
 
 #: the pipeline's steps in DAG order, with whether they read mutable state (caching off)
@@ -56,6 +66,8 @@ STEPS: dict[str, bool] = {
     "evaluate": False,
     "register": True,  # reads the registry's current champion: a cached result would be stale
 }
+#: the data-parallel steps, which may run on several nodes, and the ``ctrl step`` each is
+MULTI_NODE_STEPS = {"pretrain_value": "pretrain_value", "ctrl_optimize": "optimize"}
 
 #: the chart used when ``ctrl compile -f FILE`` names no ``--chart`` (the image sets it to its copy)
 CHART_ENV = "CTRL_CHART"
@@ -115,6 +127,7 @@ class Retry(_Model):
 class StepPlacement(_Model):
     pool: str
     gpus: int = 0
+    nodes: int = Field(default=1, ge=1)  # > 1: a TrainJob of `nodes` nodes with `gpus` GPUs each
     resources: Resources | None = None
     shmSize: str = ""
     cache: bool = False
@@ -146,8 +159,15 @@ class SecurityContext(_Model):
     runAsNonRoot: bool | None = None
 
 
+class TrainJobValues(_Model):
+    runtime: str = "torch-distributed"  # the ClusterTrainingRuntime of the multi-node steps
+    launcherResources: Resources = Field(default_factory=Resources)  # of the task that follows the TrainJob
+    pollSeconds: int = Field(default=10, ge=1)
+
+
 class PipelineValues(_Model):
     steps: dict[str, StepPlacement]
+    trainJob: TrainJobValues = Field(default_factory=TrainJobValues)
     env: dict[str, str] = Field(default_factory=dict)
     securityContext: SecurityContext | None = None
 
@@ -172,6 +192,11 @@ class StepSettings:
     secrets: list[SecretRef]
     env: dict[str, str]
     retry: Retry
+    nodes: int = 1
+    #: for nodes > 1: the TrainJob (without name and command) its launcher creates, and the launcher's resources
+    trainjob: dict | None = None
+    launcher_resources: Resources | None = None
+    poll_seconds: int = 10
 
 
 @dataclass(frozen=True)
@@ -244,7 +269,16 @@ def check_schema(values: dict, schema: dict, source: str = "values") -> None:
     validator = jsonschema.Draft7Validator(schema)
     errors = sorted(validator.iter_errors(values), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}" for e in errors]
+        lines = [
+            f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}"
+            # a rule across keys (the schema's allOf) says why in its description
+            + (
+                f" ({e.schema['description']})"
+                if e.validator == "contains" and "description" in e.schema
+                else ""
+            )
+            for e in errors
+        ]
         raise PlacementError(f"values do not match the chart's schema ({source}):\n  " + "\n  ".join(lines))
 
 
@@ -319,6 +353,21 @@ def _pool_settings(
         refs.append(s)
     if sp.cache and not cache.claimName.strip():
         raise PlacementError(f"modelCache.claimName: missing PVC name (step {name} mounts the model cache)")
+    if sp.nodes > 1:
+        if name not in MULTI_NODE_STEPS:
+            raise PlacementError(
+                f"{key}.nodes: {sp.nodes} nodes, but only the data-parallel steps "
+                f"{sorted(MULTI_NODE_STEPS)} run on several nodes"
+            )
+        if not sp.cache:
+            raise PlacementError(
+                f"{key}.cache: a step on {sp.nodes} nodes shares its folders through the cache PVC; set cache: true"
+            )
+        if "ReadWriteMany" not in cache.accessModes:
+            raise PlacementError(
+                f"modelCache.accessModes: {sp.nodes} nodes of step {name} ({key}.nodes) share its folders "
+                f"through the cache PVC, which must be ReadWriteMany (it is {cache.accessModes})"
+            )
     res = sp.resources or pool.resources
     step_env = dict(env)
     step_env[NUM_PROCESSES_ENV] = str(max(sp.gpus, 1))
@@ -350,6 +399,7 @@ def _pool_settings(
         secrets=refs,
         env=step_env,
         retry=sp.retry,
+        nodes=sp.nodes,
     )
 
 
@@ -378,12 +428,48 @@ def from_values(values: dict, image: str | None = None) -> Placement:
             f"http://{mlflow.get('name', 'ctrl-mlflow')}:{(mlflow.get('service') or {}).get('port', 5000)}"
         )
     steps = {name: _pool_settings(name, pipe.steps[name], pools, secrets, cache, env) for name in STEPS}
+    image = image or image_reference(values)
+    for name, s in steps.items():
+        if s.nodes > 1:
+            steps[name] = _with_trainjob(s, image, pipe)
     sa = (values.get("serviceAccount") or {}).get("name", "")
     return Placement(
-        image=image or image_reference(values),
+        image=image,
         service_account=sa,
         steps=steps,
         security_context=pipe.securityContext,
+    )
+
+
+def _with_trainjob(s: StepSettings, image: str, pipe: PipelineValues) -> StepSettings:
+    """``s`` with the TrainJob that runs it on ``s.nodes`` nodes (validated by the Trainer API's models)."""
+    import dataclasses
+
+    sc = pipe.securityContext
+    doc = trainjob.template(
+        step=MULTI_NODE_STEPS[s.step],
+        image=image,
+        runtime=pipe.trainJob.runtime,
+        nodes=s.nodes,
+        gpus=s.gpus,
+        accelerator=s.accelerator_type,
+        requests={"cpu": s.cpu_request, "memory": s.memory_request},
+        limits={"cpu": s.cpu_limit, "memory": s.memory_limit},
+        node_selector=s.node_selector,
+        tolerations=s.tolerations,
+        shm_size=s.shm_size,
+        cache_claim=s.cache_claim,
+        cache_mount=s.cache_mount,
+        # under torchrun each process is one rank: `ctrl step` runs the step itself, launching nothing
+        env={**s.env, NUM_PROCESSES_ENV: "1"},
+        secret_env=[(var, ref.name, key, ref.optional) for ref in s.secrets for var, key in ref.env.items()],
+        security_context=sc.model_dump(exclude_none=True) if sc is not None else None,
+    )
+    return dataclasses.replace(
+        s,
+        trainjob=doc,
+        launcher_resources=pipe.trainJob.launcherResources,
+        poll_seconds=pipe.trainJob.pollSeconds,
     )
 
 
@@ -413,6 +499,8 @@ def apply(task, step: str, placement: Placement | None = None, image: str | None
     from kfp import kubernetes
 
     s = placement.steps[step]
+    if s.nodes > 1:
+        return _apply_launcher(task, s, placement)
     if s.cpu_request:
         task.set_cpu_request(s.cpu_request)
     if s.cpu_limit:
@@ -450,16 +538,51 @@ def apply(task, step: str, placement: Placement | None = None, image: str | None
         )
     for name, value in s.env.items():
         task.set_env_variable(name, value)
-    if s.retry.count:
+    _set_retry_and_security_context(task, s.retry, placement.security_context)
+    return task
+
+
+def _apply_launcher(task, s: StepSettings, placement: Placement):
+    """A multi-node step's task: the launcher of its TrainJob (components/trainjob.py). It needs no GPU and no
+    Secret, only the cache PVC (it copies the step's inputs and outputs through it), its pod's identity (the
+    TrainJob's namespace and owner) and the TrainJob's template."""
+    from kfp import kubernetes
+
+    res = s.launcher_resources or Resources()
+    for setter, amount in (
+        (task.set_cpu_request, res.requests.cpu),
+        (task.set_cpu_limit, res.limits.cpu),
+        (task.set_memory_request, res.requests.memory),
+        (task.set_memory_limit, res.limits.memory),
+    ):
+        if amount:
+            setter(amount)
+    kubernetes.mount_pvc(task, pvc_name=s.cache_claim, mount_path=s.cache_mount)
+    for env, field_path in (
+        (trainjob.NAMESPACE_ENV, "metadata.namespace"),
+        (trainjob.POD_NAME_ENV, "metadata.name"),
+        (trainjob.POD_UID_ENV, "metadata.uid"),
+    ):
+        kubernetes.use_field_path_as_env(task, env_name=env, field_path=field_path)
+    task.set_env_variable(trainjob.TRAINJOB_ENV, json.dumps(s.trainjob, sort_keys=True))
+    task.set_env_variable(trainjob.WORKDIR_ENV, f"{s.cache_mount.rstrip('/')}/trainjobs")
+    task.set_env_variable(trainjob.POLL_ENV, str(s.poll_seconds))
+    # a retried launcher starts a new TrainJob, which resumes from the step's checkpoints
+    _set_retry_and_security_context(task, s.retry, placement.security_context)
+    return task
+
+
+def _set_retry_and_security_context(task, retry: Retry, sc: SecurityContext | None) -> None:
+    from kfp import kubernetes
+
+    if retry.count:
         task.set_retry(
-            num_retries=s.retry.count,
-            backoff_duration=s.retry.backoff,
-            backoff_factor=s.retry.factor,
-            backoff_max_duration=s.retry.maxDuration,
+            num_retries=retry.count,
+            backoff_duration=retry.backoff,
+            backoff_factor=retry.factor,
+            backoff_max_duration=retry.maxDuration,
         )
-    sc = placement.security_context
     if sc is not None and any(v is not None for v in (sc.runAsUser, sc.runAsGroup, sc.runAsNonRoot)):
         kubernetes.set_security_context(
             task, run_as_user=sc.runAsUser, run_as_group=sc.runAsGroup, run_as_non_root=sc.runAsNonRoot
         )
-    return task
