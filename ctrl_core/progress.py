@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -143,7 +144,7 @@ class Renderer:
         now = time.monotonic()
         if self.tty:
             if finished or now - self.last_draw >= self.min_interval:
-                cols = 160
+                cols = shutil.get_terminal_size((160, 24)).columns - 1  # one line: \r redraws only that
                 self.stream.write("\r\033[K" + self._line(ev)[:cols])
                 self.stream.flush()
                 self.line_open, self.last_draw = True, now
