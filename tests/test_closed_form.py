@@ -170,7 +170,7 @@ def test_finite_difference_advantage_reaches_the_tilted_gaussian_optimum():
     """The engine's default advantage (finite_difference, q = [V(t, x + B a) - V(t, x)] / Delta) on the problem of
     tests/test_training.py (which runs the bench's temporal_difference): data N(0, 1), RM = -0.5 (x - 2)^2,
     beta = 2, p* = N(2/3, 2/3), 80 iterations of the bench's settings. Measured: mean 2.0%, std 3.7% off
-    (~60 s on one idle core). Cheaper settings did not get there honestly: 2k/beta = 1 with batch 256, 20 steps
+    (167 s on a shared 2-core machine at load ~7, hence slow). Cheaper settings did not get there honestly: 2k/beta = 1 with batch 256, 20 steps
     and lr 5e-3 was 5%/14% off after 40 iterations and 21%/19% after 100."""
     out = tilted_gaussian.run(
         dim=1,
