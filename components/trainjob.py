@@ -91,7 +91,7 @@ def template(
     *,
     step: str,
     image: str,
-    runtime: str,
+    runtime: str | tuple[str, str],
     nodes: int,
     gpus: int,
     accelerator: str,
@@ -114,6 +114,10 @@ def template(
 
     if step not in MULTI_NODE_STEPS:
         raise ValueError(f"{step}: only {sorted(MULTI_NODE_STEPS)} run on several nodes")
+    # runtime: a ClusterTrainingRuntime's name, or (kind, name): the chart's restarting TrainingRuntime
+    runtime_kind, runtime_name = (
+        runtime if isinstance(runtime, tuple) else ("ClusterTrainingRuntime", runtime)
+    )
     reserved = sorted(set(env) & set(TORCHRUN_RESERVED))
     if reserved:
         raise ValueError(f"{reserved}: set by the Trainer's torch runtime for torchrun; not a step's env")
@@ -185,9 +189,7 @@ def template(
             labels={"app.kubernetes.io/part-of": "ctrl-pipeline", STEP_LABEL: step.replace("_", "-")}
         ),
         spec=m.TrainerV1alpha1TrainJobSpec(
-            runtime_ref=m.TrainerV1alpha1RuntimeRef(
-                api_group=GROUP, kind="ClusterTrainingRuntime", name=runtime
-            ),
+            runtime_ref=m.TrainerV1alpha1RuntimeRef(api_group=GROUP, kind=runtime_kind, name=runtime_name),
             trainer=m.TrainerV1alpha1Trainer(
                 image=image,
                 num_nodes=nodes,

@@ -163,6 +163,15 @@ class TrainJobValues(_Model):
     runtime: str = "torch-distributed"  # the ClusterTrainingRuntime of the multi-node steps
     launcherResources: Resources = Field(default_factory=Resources)  # of the task that follows the TrainJob
     pollSeconds: int = Field(default=10, ge=1)
+    maxRestarts: int = Field(default=0, ge=0, le=100)  # > 0: the chart's TrainingRuntime elasticRuntime
+    elasticRuntime: str = "ctrl-torch-elastic"
+
+    def runtime_ref(self) -> tuple[str, str]:
+        """(kind, name) of the runtime the TrainJobs reference: the chart's restarting TrainingRuntime when
+        ``maxRestarts`` > 0 (templates/trainingruntime.yaml), else the ClusterTrainingRuntime ``runtime``."""
+        if self.maxRestarts > 0:
+            return "TrainingRuntime", self.elasticRuntime
+        return "ClusterTrainingRuntime", self.runtime
 
 
 class PipelineValues(_Model):
@@ -449,7 +458,7 @@ def _with_trainjob(s: StepSettings, image: str, pipe: PipelineValues) -> StepSet
     doc = trainjob.template(
         step=MULTI_NODE_STEPS[s.step],
         image=image,
-        runtime=pipe.trainJob.runtime,
+        runtime=pipe.trainJob.runtime_ref(),
         nodes=s.nodes,
         gpus=s.gpus,
         accelerator=s.accelerator_type,

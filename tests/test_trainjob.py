@@ -282,6 +282,39 @@ def test_the_example_values_file_places_ctrl_optimize_on_two_nodes(chart):
     chart.validate_schema(yaml.safe_load(EXAMPLE.read_text()))
 
 
+def test_restarts_come_from_the_charts_training_runtime_which_the_api_models_accept(chart, tmp_path):
+    """maxRestarts > 0: the chart installs a namespaced TrainingRuntime whose JobSet restarts the whole group (the
+    TrainJob cannot patch a failure policy), read back unchanged through the Trainer API's models, and the
+    compiled TrainJob references it; with 0 (the default) nothing is rendered and torch-distributed is used."""
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainingRuntime
+
+    example = yaml.safe_load(EXAMPLE.read_text())
+    assert not [d for d in _render(chart, example) if d["kind"] == "TrainingRuntime"]
+    values = copy.deepcopy(example)
+    values["pipeline"]["trainJob"]["maxRestarts"] = 3
+    chart.validate_schema(values)
+    (rt,) = [d for d in _render(chart, values) if d["kind"] == "TrainingRuntime"]
+    assert TrainerV1alpha1TrainingRuntime.from_dict(rt).to_dict() == rt  # no field the API does not have
+    spec = rt["spec"]["template"]["spec"]
+    assert rt["metadata"] == {**rt["metadata"], "name": "ctrl-torch-elastic", "namespace": "ml"}
+    assert spec["failurePolicy"]["maxRestarts"] == 3 and rt["spec"]["mlPolicy"] == {
+        "numNodes": 1,
+        "torch": {},
+    }
+    (node,) = spec["replicatedJobs"]
+    assert node["name"] == T.NODE and node["template"]["spec"]["backoffLimit"] == 0
+    assert node["template"]["spec"]["template"]["spec"]["containers"][0]["name"] == T.NODE
+    assert node["template"]["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]
+    # the compiled TrainJob references it
+    s = P.load(CHART, [_write(tmp_path, values)]).steps["ctrl_optimize"]
+    assert s.trainjob["spec"]["runtimeRef"] == {**s.trainjob["spec"]["runtimeRef"], "kind": "TrainingRuntime",
+                                                "name": "ctrl-torch-elastic"}  # fmt: skip
+    default = P.load(CHART, [str(EXAMPLE)]).steps["ctrl_optimize"]
+    assert default.trainjob["spec"]["runtimeRef"]["kind"] == "ClusterTrainingRuntime"
+    with pytest.raises(helm.HelmError, match="maxRestarts"):
+        chart.validate_schema({"pipeline": {"trainJob": {"maxRestarts": -1}}})
+
+
 # --- the launcher against the local Kubernetes API -----------------------------------------------------
 
 
