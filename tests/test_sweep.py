@@ -222,14 +222,23 @@ def test_a_local_2x2_sweep_writes_one_front_and_registers_only_the_best_child(
     assert len(doc["settings"]) == 2 and all(r["seeds"] == [0, 1] for r in doc["settings"])
     best = doc["sweep"]["best"]
     mean_gain = {r["value"]: r["gain"] for r in doc["settings"]}
-    assert doc["points"][best]["value"] == max(mean_gain, key=mean_gain.get)
+    assert mean_gain[doc["points"][best]["value"]] == max(mean_gain.values())
 
     client = mlflow.MlflowClient(uri)
     versions = client.search_model_versions("name='ctrl-sweep'")
     assert len(versions) == 1 and s["registered"]["version"] == 1
     run = client.get_run(versions[0].run_id)
-    assert float(run.data.params["optimize.beta"]) == doc["points"][best]["swept"]["optimize.beta"]
-    assert int(run.data.params["run.seed"]) == doc["points"][best]["swept"]["run.seed"]
+    assert float(run.data.params["optimize__beta"]) == doc["points"][best]["swept"]["optimize.beta"]
+    assert int(run.data.params["run__seed"]) == doc["points"][best]["swept"]["run.seed"]
+    assert {"evaluation/front.json", "evaluation/front.png"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "evaluation")
+    }
+    # the shared steps' and the other children's live runs are finished; the best child's became the version's
+    runs = client.search_runs([client.get_experiment_by_name("ctrl-digits").experiment_id])
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert [r.info.run_id for r in runs if r.data.tags.get("ctrl.sweep") != "not registered"] == [
+        run.info.run_id
+    ]
     assert "registered ctrl-sweep v1" in r.output and "optimize.beta" in r.output
 
 
