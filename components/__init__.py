@@ -15,6 +15,7 @@ _COMPONENTS = {
     "ctrl_optimize": ".ctrl_optimize.component",
     "evaluate": ".evaluate.component",
     "register": ".register.component",
+    "collect_front": ".collect_front.component",
     "BASE_IMAGE": ".image",
 }
 

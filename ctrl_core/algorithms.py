@@ -5,7 +5,9 @@ One iteration, top to bottom:
     estimated at random times, not at one discretisation), the fixed uniform grid for DDPO.
  2. Roll out B paths with the current policy; at K random steps also record mu_pre (adapter off).
  3. Terminal reward h = RM(X_T, c); KL running reward r_k = -beta/2 g^2 ||mu_theta - mu_pre||^2 Delta_k
-    (Theorem 3.1, eq. 16) at those K steps, rescaled by N/K to an unbiased estimate of the integral.
+    (Theorem 3.1, eq. 16) at those K steps, rescaled by N/K to an unbiased estimate of the integral. With
+    ``kl_form: exact`` r_k = -beta KL_k instead, KL_k = B^2 ||mu_theta - mu_pre||^2 / (2 std^2) the exact KL of
+    the discrete step's two Gaussian kernels (``policy.exact_kl_increment``; the two agree as Delta -> 0).
  4. Advantage rate at the K steps (CTRL):
       finite_difference (the paper, after eq. 21):  q = [V(t, x + lam B a) - V(t, x)] / (lam Delta)
         where B a = x' - A x is the action's displacement over the step (x' = A x + B a, policy.py);
@@ -76,7 +78,7 @@ class Rollout:
     traj: Trajectory
     steps: list[int]  # the K step indices (all stochastic)
     reward: Tensor  # (B,) terminal reward h
-    kl_terms: dict[int, Tensor]  # per step: 1/2 g^2 ||mu - mu_pre||^2 Delta (unscaled), (B,)
+    kl_terms: dict[int, Tensor]  # per step: the KL increment of kl_form (Trainer.kl_term), unscaled, (B,)
     kl_scale: float  # N_stochastic / K: rescales subset sums to the whole integral
     rm_xhat: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # k -> (x_hat, RM(x_hat)), shared
 
@@ -213,12 +215,22 @@ class Trainer(TrainerBase):
         for k in steps:
             s, s_next = float(grid[k]), float(grid[k + 1])
             if ref_steps:
-                kl_terms[k] = kl_increment(
-                    sch, s, s_next, traj.means[k].double(), traj.ref_means[k].double()
+                kl_terms[k] = self.kl_term(
+                    s, s_next, traj.means[k].double(), traj.ref_means[k].double()
                 ).float()
             else:  # not measured; with beta = 0 it enters nothing
                 kl_terms[k] = torch.zeros(traj.states.shape[1])
         return Rollout(traj, steps, reward, kl_terms, len(stochastic) / K)
+
+    def kl_term(self, s: float, s_next: float, mu: Tensor, mu_ref: Tensor) -> Tensor:
+        """The KL increment of the step s -> s_next per path, (B,) in mu's dtype: -beta times it is the running
+        reward r_k (eq. 16). ``kl_form`` continuous: Theorem 3.1's g^2/2 ||mu - mu_pre||^2 Delta; exact: the
+        discrete step's Gaussian KL B^2 ||mu - mu_pre||^2 / (2 std^2), whose sum along a path is the exact KL
+        of the two discrete chains (what the evaluation's kl_exact measures)."""
+        if self.cfg.kl_form == "exact":
+            coef = self.policy.coefficients(s, s_next)
+            return exact_kl_increment(coef, mu, mu_ref).to(mu.dtype)
+        return kl_increment(self.policy.schedule, s, s_next, mu, mu_ref)
 
     def needs_reference_means(self) -> bool:
         """mu_pre at the K training steps costs K extra (CFG) UNet calls per iteration. CTRL needs it for the KL
@@ -385,7 +397,7 @@ class Trainer(TrainerBase):
         """eq. 22 at step k for the paths ``idx``: (loss, new log-prob, ratio). ``loss`` is to be minimised; it
         averages over ``denom`` paths (default len(idx); data-parallel ranks pass the global minibatch size)."""
         denom = len(idx) if denom is None else denom
-        cfg, traj, sch = self.cfg, ro.traj, self.policy.schedule
+        cfg, traj = self.cfg, ro.traj
         s, s_next = float(traj.grid[k]), float(traj.grid[k + 1])
         logp, mu = self._log_prob(traj, k, idx)
         ratio = torch.exp(self.log_ratio(logp, traj.log_probs[k][idx]))
@@ -396,7 +408,7 @@ class Trainer(TrainerBase):
         weight = ro.kl_scale if cfg.algorithm == "ctrl" else 1.0 / len(ro.steps)
         loss = -surrogate.sum() / denom * weight
         if cfg.algorithm == "ctrl" and cfg.beta > 0:
-            kl_direct = kl_increment(sch, s, s_next, mu, traj.ref_means[k][idx])
+            kl_direct = self.kl_term(s, s_next, mu, traj.ref_means[k][idx])
             loss = loss + cfg.beta * kl_direct.sum() / denom * ro.kl_scale
         if cfg.algorithm == "grpo" and cfg.grpo_kl > 0:
             kl_ref = self.kl_to_reference(traj, k, mu, traj.ref_means[k][idx])

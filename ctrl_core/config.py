@@ -36,6 +36,7 @@ ALGORITHMS = (
 )  # qlearning: settings in the qlearning block (ctrl_core/qlearning.py)
 LOG_PROB_REDUCTIONS = ("auto", "sum", "mean")
 ADVANTAGES = ("finite_difference", "temporal_difference")
+KL_FORMS = ("continuous", "exact")  # the KL running reward: Theorem 3.1's rate | the discrete chain's
 NORMALISATIONS = ("scale", "per_time", "center", "none")
 TIME_SAMPLING = ("random", "grid")
 ROLLOUT_SOLVERS = ("ddpm", "euler_maruyama", "ddim")  # q-learning's rollout dynamics
@@ -293,6 +294,12 @@ class OptimizeConfig(Block):
     beta: float = Field(
         0.01, description="KL weight β (Theorem 3.1 running reward); not qlearning.reward_weight"
     )
+    kl_form: str = Field(
+        "continuous",
+        description="the KL running reward (and its direct term in the loss): continuous (Theorem 3.1's "
+        "g^2/2 ||mu_theta - mu_pre||^2 Delta) | exact (the discrete chain's per-step Gaussian KL, "
+        "B^2 ||mu_theta - mu_pre||^2 / (2 std^2): the KL the evaluation's kl_exact sums)",
+    )
     advantage: str = Field(
         "finite_difference",
         description="finite_difference (the paper) | temporal_difference (the authors' code)",
@@ -396,6 +403,7 @@ class OptimizeConfig(Block):
         return [
             ("algorithm", self.algorithm in ALGORITHMS, f"one of {ALGORITHMS}"),
             ("advantage", self.advantage in ADVANTAGES, f"one of {ADVANTAGES}"),
+            ("kl_form", self.kl_form in KL_FORMS, f"one of {KL_FORMS}"),
             ("advantage_norm", self.advantage_norm in NORMALISATIONS, f"one of {NORMALISATIONS}"),
             ("time_sampling", self.time_sampling in TIME_SAMPLING, f"one of {TIME_SAMPLING}"),
             ("solver", self.solver in solvers, f"one of {solvers}"),

@@ -6,6 +6,7 @@
     ctrl compile --out pipeline.yaml [--chart DIR] [-f values.yaml] [--image REF] [--no-placement]
     ctrl submit --host URL [-f values.yaml]     (upload as a version named by the git SHA, then start a run)
     ctrl schedule --host URL --cron "0 3 * * 1" (a KFP recurring run: max concurrency 1, no catch-up)
+    ctrl sweep --set optimize.beta=[0.003,0.01] --set run.seed=[0,1] (--local | --out FILE | --host URL)
     ctrl promote NAME VERSION [--force --reason TEXT]
     ctrl step NAME ...                (one step, for dvc.yaml)
     ctrl export --fused OUT [--checkpoint DIR --adapter DIR | --run outputs/RUN_ID]  (LoRA merged, for diffusers)
@@ -31,12 +32,12 @@ from ctrl_core.params import ParamsError, flatten, load
 DEFAULT_PARAMS = "params.yaml"
 
 
+def _default_params_path() -> str | None:
+    return DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None
+
+
 def _load_params(params_path: str | None, overrides: tuple[str, ...]):
-    path = (
-        params_path
-        if params_path is not None
-        else (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
-    )
+    path = params_path if params_path is not None else _default_params_path()
     try:
         return load(path, overrides)
     except ParamsError as err:
@@ -333,6 +334,12 @@ def _kfp_options(f):
     return f
 
 
+def _kfp_options_but_host(f):  # ctrl sweep: --host is one of its modes, not required
+    for opt in reversed(kfp_options[1:]):
+        f = opt(f)
+    return f
+
+
 def _client(host: str, token: str | None = None, namespace: str | None = None):
     import kfp
 
@@ -358,7 +365,9 @@ def _name_filter(name: str) -> str:
     return json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
 
 
-def _upload(client, package: str, name: str, version: str, sha: str) -> tuple[str, str, str]:
+def _upload(
+    client, package: str, name: str, version: str, sha: str, description: str | None = None
+) -> tuple[str, str, str]:
     """Upload the compiled package as pipeline ``name`` / version ``version``; returns (pipeline id, version id,
     version name). Idempotent: a version of that name holding the same package (its sha256 is in the version's
     description) is reused; a different package under the same git SHA (other values, --set defaults or a
@@ -371,7 +380,7 @@ def _upload(client, package: str, name: str, version: str, sha: str) -> tuple[st
     pid = client.get_pipeline_id(name)
     if pid is None:
         pid = client.upload_pipeline(
-            package, pipeline_name=name, description=PIPELINE_DESCRIPTION
+            package, pipeline_name=name, description=description or PIPELINE_DESCRIPTION
         ).pipeline_id
     for candidate in (version, f"{version}-{digest[:12]}"):
         found = (
@@ -394,12 +403,19 @@ def _upload(client, package: str, name: str, version: str, sha: str) -> tuple[st
     )
 
 
-def _compile_and_upload(params, opts: dict, chart_dir, value_files, image, no_placement: bool):
+def _compile_and_upload(
+    params, opts: dict, chart_dir, value_files, image, no_placement: bool, compile_fn=None, pipeline=None
+):
     """Compile with these parameters as defaults (and the chart's placement) and upload it as the pipeline
-    version named by the git SHA. Returns (client, pipeline id, version id, version name, service account)."""
+    version named by the git SHA. Returns (client, pipeline id, version id, version name, service account).
+    ``compile_fn(path, placement, sha)`` and ``pipeline`` (name, description) compile and name another pipeline
+    than the DAG (``ctrl sweep``)."""
     import tempfile
 
-    from .pipeline import PIPELINE_NAME
+    from .pipeline import PIPELINE_DESCRIPTION, PIPELINE_NAME
+
+    name, description = pipeline or (PIPELINE_NAME, PIPELINE_DESCRIPTION)
+    compile_fn = compile_fn or (lambda path, placement, sha: _compile(path, params, placement, image, sha))
 
     sha = _source_sha()
     version = opts["version_name"] or sha
@@ -411,9 +427,9 @@ def _compile_and_upload(params, opts: dict, chart_dir, value_files, image, no_pl
     placement = _placement(chart_dir, value_files, image, no_placement)
     service_account = opts["service_account"] or (placement.service_account if placement else None) or None
     with tempfile.TemporaryDirectory() as d:
-        package = _compile(str(Path(d) / "pipeline.yaml"), params, placement, image, sha)
+        package = compile_fn(str(Path(d) / "pipeline.yaml"), placement, sha)
         client = _client(opts["host"], opts["token"], opts["namespace"])
-        pid, vid, vname = _upload(client, package, PIPELINE_NAME, version, sha)
+        pid, vid, vname = _upload(client, package, name, version, sha, description)
     return client, pid, vid, vname, service_account
 
 
@@ -525,6 +541,230 @@ def schedule(
             }
         )
     )
+
+
+# --- sweeps: one pipeline, one front, one registration -------------------------------------------------
+
+
+def _sweep_parallelism(parallelism, chart_dir, value_files, no_placement: bool) -> int:
+    """--parallelism, else the chart values' sweep.parallelism; 1 (sequential) without placement."""
+    if parallelism is not None or no_placement:
+        return parallelism or 1
+    from .placement import CHART_ENV, PlacementError, load_values
+    from .sweep import parallelism_from_values
+
+    try:
+        return parallelism_from_values(
+            load_values(chart_dir or os.environ.get(CHART_ENV) or REPO_CHART, value_files)
+        )
+    except PlacementError as err:
+        raise click.UsageError(str(err)) from None
+
+
+@main.command("sweep")
+@params_option
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="BLOCK.KEY=VALUE",
+    help="a parameter of every child, or a sweep: a list for a scalar key, a list of lists for a list-typed key "
+    "(repeatable; the children are the cartesian product)",
+)
+@chart_option
+@values_option
+@no_placement_option
+@image_option
+@click.option("--local", is_flag=True, help="run the sweep here through kfp.local, one child at a time")
+@click.option(
+    "--out", "out_file", type=click.Path(dir_okay=False), default=None, help="compile to KFP IR YAML"
+)
+@click.option(
+    "--host",
+    default=None,
+    help="KFP API endpoint: upload the sweep as a version of pipeline ctrl-sweep and start a run",
+)
+@_kfp_options_but_host
+@click.option("--run-name", default=None)
+@click.option(
+    "--parallelism",
+    type=click.IntRange(min=1),
+    default=None,
+    help="children run at once on the cluster (default: the chart values' sweep.parallelism; 1 with "
+    "--no-placement or --local)",
+)
+@click.option(
+    "--max-kl",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="register the best child among the settings whose mean exact KL is at most this (default: no limit)",
+)
+@click.option(
+    "--summary-out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="--local: write the JSON summary here",
+)
+@click.option("--output-dir", type=click.Path(file_okay=False), default="outputs", show_default=True)
+@click.option(
+    "--verbose", is_flag=True, help="--local: print kfp.local's own stream instead of progress bars"
+)
+def sweep_cmd(
+    params_path,
+    overrides,
+    chart_dir,
+    value_files,
+    no_placement,
+    image,
+    local,
+    out_file,
+    host,
+    run_name,
+    parallelism,
+    max_kl,
+    summary_out,
+    output_dir,
+    verbose,
+    **opts,
+) -> None:
+    """Sweep parameters as one pipeline: fetch and pretrain once, optimise and evaluate every child (a KFP
+    ParallelFor), collect one reward-KL front (front.json, front.png) and register the best child through the
+    gate. --local runs it here; --out compiles it; --host submits it (see pipelines/sweep.py)."""
+    from .sweep import SweepError, plan
+
+    if sum(map(bool, (local, out_file, host))) != 1:
+        raise click.UsageError(
+            "choose one of --local (run here), --out FILE (compile) or --host URL (submit)"
+        )
+    try:
+        sweep = plan(params_path if params_path is not None else _default_params_path(), overrides)
+    except SweepError as err:
+        raise click.UsageError(str(err)) from None
+    if local:
+        if chart_dir or value_files or image or no_placement or (parallelism or 1) > 1:
+            raise click.UsageError(
+                "--local runs the children one at a time without placement: drop --chart, -f, --image, "
+                "--no-placement and --parallelism"
+            )
+        _sweep_local(sweep, max_kl, summary_out, output_dir, verbose)
+        return
+    from .register_step import git_sha
+    from .sweep import SWEEP_DESCRIPTION, SWEEP_NAME, compile_sweep
+
+    n = _sweep_parallelism(parallelism, chart_dir, value_files, no_placement)
+
+    def compile_fn(path: str, placement, sha: str) -> str:
+        return compile_sweep(path, sweep, sha, placement=placement, image=image, parallelism=n, max_kl=max_kl)
+
+    if out_file:
+        compile_fn(out_file, _placement(chart_dir, value_files, image, no_placement), git_sha())
+        click.echo(f"{out_file}: {len(sweep.children)} children, parallelism {n}")
+        return
+    opts["host"] = host
+    client, pid, vid, vname, sa = _compile_and_upload(
+        sweep.base,
+        opts,
+        chart_dir,
+        value_files,
+        image,
+        no_placement,
+        compile_fn=compile_fn,
+        pipeline=(SWEEP_NAME, SWEEP_DESCRIPTION),
+    )
+    exp = client.create_experiment(opts["experiment"], namespace=opts["namespace"])
+    run = client.run_pipeline(
+        experiment_id=exp.experiment_id,
+        job_name=run_name or f"{SWEEP_NAME}-{vname[:12]}",
+        pipeline_id=pid,
+        version_id=vid,
+        params=flatten(sweep.base),
+        service_account=sa,
+    )
+    click.echo(json.dumps({"pipeline_id": pid, "version_id": vid, "version": vname, "run_id": run.run_id,
+                           "children": len(sweep.children), "parallelism": n}))  # fmt: skip
+
+
+def _sweep_local(sweep, max_kl, summary_out, output_dir, verbose: bool) -> None:
+    """``ctrl sweep --local``: the compiled sweep through kfp.local (as ``ctrl run``), then the front's table."""
+    import shutil
+
+    from kfp import local
+
+    from components import tracking
+
+    from .console import RunConsole
+    from .register_step import git_sha
+    from .sweep import build_sweep_pipeline
+
+    tracking_uri = _default_tracking_uri()
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    root = Path(output_dir).resolve() / run_id
+    root.mkdir(parents=True, exist_ok=True)
+    click.echo(
+        f"ctrl sweep {run_id}: {len(sweep.children)} children ({' x '.join(sweep.keys)}), outputs in {root}, "
+        f"MLflow at {tracking_uri}"
+    )
+    os.environ.pop(tracking.RUN_ID_ENV, None)  # each child reports to a live run of its own parameters
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp"), raise_on_error=True
+    )
+    pipeline = build_sweep_pipeline(sweep, git_sha(), parallelism=1, max_kl=max_kl)
+    t0 = time.perf_counter()
+    with RunConsole(root / "run.log", verbose=verbose):
+        task = pipeline(**flatten(sweep.base))
+    front = json.loads(task.outputs["front"])
+    registered = json.loads(task.outputs["registered"])
+    for name in ("front_json", "front_png"):
+        if front.get(name):
+            shutil.copyfile(front[name], root / Path(front[name]).name)
+    summary = {
+        "run_id": run_id,
+        "outputs_dir": str(root),
+        "mlflow": {"tracking_uri": tracking_uri, "run_id": registered["run_id"]},
+        "keys": sweep.keys,
+        "children": front["points"],
+        "best": front["best"],
+        "max_kl": front["max_kl"],
+        "front": str(root / "front.json"),
+        "plot": str(root / "front.png") if front.get("front_png") else None,
+        "registered": {
+            k: registered[k]
+            for k in ("name", "version", "aliases", "promoted", "gate_passed", "gate_reason", "created")
+        },
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    text = json.dumps(summary, indent=2)
+    (root / "summary.json").write_text(text + "\n")
+    if summary_out:
+        Path(summary_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(summary_out).write_text(text + "\n")
+    _print_front(sweep, summary)
+
+
+def _print_front(sweep, s: dict) -> None:
+    widths = [max(len(k), 8) for k in sweep.keys]
+    click.echo("\n      " + "  ".join(f"{k:>{w}}" for k, w in zip(sweep.keys, widths, strict=True))
+               + "      gain (95% CI)   KL exact  KL Thm3.1")  # fmt: skip
+    for row in s["children"]:
+        mark = "*" if row["child"] == s["best"] else " "
+        values = "  ".join(
+            f"{_value_text(row['swept'][k]):>{w}}" for k, w in zip(sweep.keys, widths, strict=True)
+        )
+        gain = "—" if row["gain_sde"] is None else f"{row['gain_sde']:+9.4f} ± {row['gain_ci']:.4f}"
+        exact = "—" if row["kl_exact"] is None else f"{row['kl_exact']:.4f}"
+        thm = "—" if row["kl_thm31"] is None else f"{row['kl_thm31']:.4f}"
+        click.echo(f"{mark} {row['child']:>3} {values}  {gain:>18} {exact:>10} {thm:>10}")
+    limit = "no KL limit" if s["max_kl"] is None else f"mean exact KL <= {s['max_kl']:g}"
+    click.echo(f"gain and KL: the training sampler at the training step count; * the registered child: the best "
+               f"mean gain over seeds ({limit}), its best seed")  # fmt: skip
+    r = s["registered"]
+    click.echo(f"registered {r['name']} v{r['version']} aliases={r['aliases']} ({r['gate_reason']})")
+    click.echo(f"front: {s['front']}" + (f"\nplot: {s['plot']}" if s["plot"] else ""))
+    click.echo(f"wall time: {s['wall_s']:.0f}s")
+
+
+def _value_text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 @main.command()
