@@ -101,14 +101,15 @@ def run(params_path, overrides, summary_out, output_dir, verbose) -> None:
     root = Path(output_dir).resolve() / run_id
     root.mkdir(parents=True, exist_ok=True)
     click.echo(f"ctrl run {run_id}: outputs in {root}, MLflow at {tracking_uri}")
-    live = _open_live_run(params, run_id)  # the MLflow run the steps report to while they run
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp"), raise_on_error=True
     )
     pipeline = build_pipeline(params, git_sha())
     t0 = time.perf_counter()
+    live = None
     try:
-        with RunConsole(root / "run.log", verbose=verbose):
+        with RunConsole(root / "run.log", verbose=verbose):  # (MLflow's own log lines go to run.log too)
+            live = _open_live_run(params, run_id)  # the MLflow run the steps report to while they run
             task = pipeline(**flatten(params))
     except BaseException:
         _close_live_run(live, "FAILED")
