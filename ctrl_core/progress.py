@@ -1,9 +1,10 @@
-"""Progress of a running step, as events: one line each on stdout, and in-process sinks.
+"""Progress of a running step, as events: one line each on stderr, and in-process sinks.
 
 A step reports ``emit(step, phase, done, total, metrics)`` as it goes (an iteration, a batch of value paths, an
 evaluation cell). The event is printed as one line, ``ctrl-progress {json}``, so it leaves the step's process the
-way its logs do: kfp.local streams a task's stdout line by line to ``ctrl run``, which draws it as a bar
-(:class:`Renderer`); torchrun passes rank 0's stdout through; on a cluster the line is in the pod's log. In the
+way its logs do: kfp.local streams a task's output (stderr with stdout) line by line to ``ctrl run``, which draws
+it as a bar (:class:`Renderer`); torchrun passes rank 0's stderr through; on a cluster the line is in the pod's
+log. stdout stays the program's own output (``ctrl step`` prints its result there as JSON). In the
 same process, sinks (``add_sink``) receive the event as a dict: the KFP shells log its metrics to the MLflow run
 as they come (components/tracking.py).
 
@@ -74,9 +75,9 @@ def emit(
     stream: TextIO | None = None,
 ) -> dict:
     """Report that ``done`` of ``total`` units of ``step``'s ``phase`` are finished, with their ``metrics``.
-    Printed as one line on ``stream`` (default stdout, flushed) and passed to every sink."""
+    Printed as one line on ``stream`` (default stderr, flushed) and passed to every sink."""
     ev = event(step, phase, done, total, metrics, show)
-    out = stream if stream is not None else sys.stdout
+    out = stream if stream is not None else sys.stderr
     print(PREFIX + json.dumps(ev, separators=(",", ":")), file=out, flush=True)
     for sink in list(_sinks):
         sink(ev)

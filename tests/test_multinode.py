@@ -306,4 +306,4 @@ def test_a_rank_of_an_outer_torchrun_runs_the_step_itself(work):
             "--checkpoint", str(work / "checkpoint"), "--optimize-dir", str(work / "outer"), "--num-processes", "2"]  # fmt: skip
     res = CliRunner().invoke(main, args, env=env)
     assert res.exit_code == 0, res.output
-    assert "launching" not in res.output and json.loads(res.output)["processes"] == 1
+    assert "launching" not in res.output and json.loads(res.stdout)["processes"] == 1  # (events: stderr)
