@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ctrl_core import progress
 from ctrl_core.algorithms import OptimConfig
 from ctrl_core.latent import latent_problem
 from ctrl_core.models import compute_device
@@ -578,13 +579,15 @@ def run(args: argparse.Namespace, emit=None) -> dict:
         )
         trainer = make_trainer(problem, reward, cfg, value)
         totals, stats = [], []
-        for i in range(1 + args.iterations):
-            t0 = clock.now()
-            st = trainer.step()
-            dt = clock.now() - t0
-            if i > 0:  # the first iteration is the warm-up
-                totals.append(dt)
-                stats.append(st)
+        with progress.Bar("bench.gpu", f"{alg} {design}".strip(), 1 + args.iterations) as bar:
+            for i in range(1 + args.iterations):
+                t0 = clock.now()
+                st = trainer.step()
+                dt = clock.now() - t0
+                if i > 0:  # the first iteration is the warm-up
+                    totals.append(dt)
+                    stats.append(st)
+                bar.update(i + 1, seconds=dt)
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         out = {
             "total": mean(totals),
