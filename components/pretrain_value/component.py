@@ -19,9 +19,7 @@ def pretrain_value(
     from ctrl_core.launch import num_processes, run_step_data_parallel
 
     p = from_json(params)
-    if (
-        num_processes() > 1 and p.optimize.algorithm == "ctrl"
-    ):  # one process per GPU (CTRL_NUM_PROCESSES)
+    if num_processes() > 1 and p.optimize.algorithm == "ctrl":  # one process per GPU (CTRL_NUM_PROCESSES)
         out = run_step_data_parallel("pretrain_value", params, checkpoint.path, value.path)
     else:
         from components.tracking import LiveRun
