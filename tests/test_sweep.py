@@ -251,3 +251,34 @@ def test_the_sweep_compiles_without_torch():
         "components.child_params.component",
     ]
     assert not imported_in_fresh_interpreter(modules, ("torch",))
+
+
+def test_ctrl_sweep_host_uploads_the_sweep_and_starts_one_run(monkeypatch, tmp_path):
+    """``ctrl sweep --host``: the compiled sweep (its ParallelFor with the chart's parallelism) is uploaded as a
+    version of pipeline ctrl-sweep and run once with the shared base parameters, against a local server that
+    answers as the KFP v2beta1 API does (tests/kfp_api_server.py)."""
+    from click.testing import CliRunner
+    from kfp_api_server import KfpApiServer
+
+    from pipelines.cli import main
+    from pipelines.sweep import SWEEP_NAME
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("KF_PIPELINES_SA_TOKEN_PATH", raising=False)
+    with KfpApiServer() as kfp:
+        result = CliRunner().invoke(main, ["sweep", "--set", "optimize.beta=[0.003,0.01]", "--set", "run.seed=[0,1]",
+                                           "--host", kfp.url, "--version-name", "0" * 40])  # fmt: skip
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        out = json.loads(result.stdout.strip().splitlines()[-1])
+        (upload,) = kfp.calls("POST", "/pipelines/upload")
+        assert upload.query["name"] == SWEEP_NAME
+        stored = kfp.versions[out["version_id"]]["pipeline_spec"]["pipeline_spec"]
+        loops = [t for t in stored["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+        assert len(loops) == 1 and len(json.loads(loops[0]["parameterIterator"]["items"]["raw"])) == 4
+        assert (
+            loops[0]["iteratorPolicy"]["parallelismLimit"] == out["parallelism"] == 2
+        )  # the chart's default
+        (run,) = kfp.runs.values()
+        assert run["pipeline_version_reference"]["pipeline_version_id"] == out["version_id"]
+        assert out["children"] == 4
