@@ -34,7 +34,7 @@ from pathlib import Path
 #: knob per base algorithm: (params key, values), spanning each method's front from low to high exact KL
 #: (ranges from a seed-0 pilot of DDPO and the exact KL's growth with the update size; the seed-0 pass checks them)
 KNOBS: dict[str, tuple[str, list[float]]] = {
-    "ctrl": ("optimize.beta", [3.0, 1.0, 0.5, 0.2]),
+    "ctrl": ("optimize.beta", [5.0, 2.0, 0.7, 0.3]),
     # the exact running reward penalises the near-final DDPM step ~100x more than Theorem 3.1's rate: smaller beta
     "ctrl:optimize.kl_form=exact": ("optimize.beta", [0.1, 0.03, 0.01, 0.003]),
     "ddpo": ("optimize.lr", [2e-4, 3e-4, 6e-4, 1.2e-3]),
