@@ -38,7 +38,7 @@ KNOBS: dict[str, tuple[str, list[float]]] = {
     # the exact running reward penalises the near-final DDPM step ~100x more than Theorem 3.1's rate: smaller beta
     "ctrl:optimize.kl_form=exact": ("optimize.beta", [0.1, 0.03, 0.01, 0.003]),
     "ddpo": ("optimize.lr", [2e-4, 3e-4, 6e-4, 1.2e-3]),
-    "grpo": ("optimize.grpo_kl", [0.1, 0.03, 0.01, 0.003]),
+    "grpo": ("optimize.grpo_kl", [1.0, 0.3, 0.1, 0.05]),
 }
 #: settings a method runs at besides its knob (GRPO's learning rate: high enough that grpo_kl = 0 passes the
 #: largest KL level)
