@@ -135,6 +135,11 @@ def test_the_frontier_smoke_writes_its_points_and_a_rerun_skips_them(tmp_path):
     again = main(argv)
     assert again["ran"] == 0 and again["skipped"] == 4 and time.perf_counter() - t0 < 10
     assert json.loads(out.read_text())["points"] == on_disk["points"]
+    # a grid without beta 0.01 leaves its point out of the summary (kept aside, back when the grid has it again)
+    narrower = main([*argv, "--knob", "ctrl=optimize.beta:0.1"])
+    assert narrower["ran"] == 0 and [p["value"] for p in narrower["off_grid_points"]] == [0.01]
+    assert {r["value"] for r in narrower["settings"] if r["alg"] == "ctrl"} == {0.1}
+    assert main(argv)["ran"] == 0 and len(json.loads(out.read_text())["points"]) == 4
     # a changed setup does not mix with the old points: they are set aside and the new ones run
     changed = main([*argv[:-4], "--knob", "ctrl=optimize.beta:0.1", "--algorithms", "ctrl", "--set",
                     "optimize.lr=0.002", "--json", str(out)])  # fmt: skip
