@@ -42,10 +42,27 @@ class Outputs(NamedTuple):
 resolve_params = resolve_params_component.component(BASE_IMAGE)
 
 
-def _docstring(names: list[str], descriptions: dict[str, str]) -> str:
+def _docstring(
+    names: list[str], descriptions: dict[str, str], description: str = PIPELINE_DESCRIPTION
+) -> str:
     """Google-style docstring: KFP reads its Args section into the parameters' descriptions."""
     args = "\n".join(f"    {n}: {descriptions[n]}" for n in names)
-    return f"{PIPELINE_DESCRIPTION}\n\nArgs:\n{args}\n"
+    return f"{description}\n\nArgs:\n{args}\n"
+
+
+def as_pipeline(fn, flat: dict, outputs: type, name: str, description: str):
+    """``fn(*args)`` as a KFP pipeline whose parameters are ``flat``'s keys (the config's ``block__key`` fields)
+    with ``flat``'s values as defaults, their KFP types and their descriptions, returning ``outputs``."""
+    types = kfp_parameter_types()
+    names = list(flat)
+    params_sig = [
+        inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=flat[n], annotation=types[n])
+        for n in names
+    ]
+    fn.__signature__ = inspect.Signature(params_sig, return_annotation=outputs)
+    fn.__annotations__ = {**{n: types[n] for n in names}, "return": outputs}
+    fn.__doc__ = _docstring(names, parameter_descriptions(), description)
+    return dsl.pipeline(name=name, description=description)(fn)
 
 
 def build_pipeline(
@@ -58,7 +75,7 @@ def build_pipeline(
     settings from the chart's values) puts each step on its node pool, or nothing when None; ``image``
     replaces every step's image (default: the placement's, else ``components.BASE_IMAGE``)."""
     defaults = defaults or Params()
-    flat, types = flatten(defaults), kfp_parameter_types()
+    flat = flatten(defaults)
 
     def on_nodes(step: str, component):
         """The step's component, or its TrainJob launcher when the placement puts it on several nodes."""
@@ -109,14 +126,7 @@ def build_pipeline(
             reg.outputs["Output"],
         )
 
-    params_sig = [
-        inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=flat[n], annotation=types[n])
-        for n in names
-    ]
-    ctrl_pipeline.__signature__ = inspect.Signature(params_sig, return_annotation=Outputs)
-    ctrl_pipeline.__annotations__ = {**{n: types[n] for n in names}, "return": Outputs}
-    ctrl_pipeline.__doc__ = _docstring(names, parameter_descriptions())
-    return dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)(ctrl_pipeline)
+    return as_pipeline(ctrl_pipeline, flat, Outputs, PIPELINE_NAME, PIPELINE_DESCRIPTION)
 
 
 def compile_pipeline(

@@ -32,7 +32,6 @@ The two new light tasks take existing placements: ``child_params`` resolve_param
 ``collect_front`` register's (CPU, the MLflow Secret, never cached: it finishes live MLflow runs).
 """
 
-import inspect
 import itertools
 import json
 from dataclasses import dataclass
@@ -62,12 +61,11 @@ from ctrl_core.params import (
     flatten,
     kfp_parameter_types,
     load,
-    parameter_descriptions,
     parse_override,
 )
 
 from . import placement as placement_mod
-from .pipeline import PIPELINE_DESCRIPTION, _docstring, resolve_params
+from .pipeline import as_pipeline, resolve_params
 from .placement import Placement
 
 SWEEP_NAME = "ctrl-sweep"
@@ -203,7 +201,7 @@ def build_sweep_pipeline(
         raise SweepError(f"parallelism: must be >= 1, got {parallelism}")
     if max_kl is not None and not max_kl >= 0:
         raise SweepError(f"max_kl: must be >= 0, got {max_kl}")
-    flat, types = flatten(sweep.base), kfp_parameter_types()
+    flat = flatten(sweep.base)
     names = list(flat)
     items = [json.dumps(child) for child in sweep.children]
 
@@ -253,16 +251,7 @@ def build_sweep_pipeline(
             reg.outputs["Output"],
         )
 
-    params_sig = [
-        inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=flat[n], annotation=types[n])
-        for n in names
-    ]
-    ctrl_sweep.__signature__ = inspect.Signature(params_sig, return_annotation=SweepOutputs)
-    ctrl_sweep.__annotations__ = {**{n: types[n] for n in names}, "return": SweepOutputs}
-    ctrl_sweep.__doc__ = _docstring(names, parameter_descriptions()).replace(
-        PIPELINE_DESCRIPTION, SWEEP_DESCRIPTION, 1
-    )
-    return dsl.pipeline(name=SWEEP_NAME, description=SWEEP_DESCRIPTION)(ctrl_sweep)
+    return as_pipeline(ctrl_sweep, flat, SweepOutputs, SWEEP_NAME, SWEEP_DESCRIPTION)
 
 
 def compile_sweep(out_file: str, sweep: Sweep, git_sha: str = "", **kwargs) -> str:

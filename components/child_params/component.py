@@ -13,6 +13,7 @@ import inspect
 import json
 
 from components.resolve_params.component import _signature as _base_signature
+from components.resolve_params.component import executor_command, schema_component
 from ctrl_core.params import parameter_descriptions
 
 
@@ -34,36 +35,14 @@ def _signature() -> inspect.Signature:
 child_params.__signature__ = _signature()
 
 #: KFP's executor on this very file (see components/resolve_params/component.py)
-COMMAND = [
-    "sh",
-    "-c",
-    "python3 -m kfp.dsl.executor_main --component_module_path "
-    '"$(python3 -c "import components.child_params.component as m; print(m.__file__)")" "$@"',
-    "sh",
-]
+COMMAND = executor_command("components.child_params.component")
 
 
 def component(image: str):
     """The KFP component: the interface from ``child_params``' signature, each base input described by its
     config field, run by KFP's executor on this file in ``image``."""
-    from kfp import dsl
-    from kfp.dsl import component_factory, structures
-    from kfp.dsl.python_component import PythonComponent
-
-    spec = component_factory.extract_component_interface(child_params)
-    spec.inputs["overrides"].description = "the child's swept values: {block.key: value} as JSON"
-    for name, description in parameter_descriptions().items():
-        spec.inputs[name].description = description
-    spec.implementation = structures.Implementation(
-        container=structures.ContainerSpecImplementation(
-            image=image,
-            command=COMMAND,
-            args=[
-                "--executor_input",
-                dsl.PIPELINE_TASK_EXECUTOR_INPUT_PLACEHOLDER,
-                "--function_to_execute",
-                child_params.__name__,
-            ],
-        )
-    )
-    return PythonComponent(component_spec=spec, python_func=child_params)
+    descriptions = {
+        "overrides": "the child's swept values: {block.key: value} as JSON",
+        **parameter_descriptions(),
+    }
+    return schema_component(child_params, COMMAND, image, descriptions)

@@ -37,38 +37,50 @@ def _signature() -> inspect.Signature:
 
 resolve_params.__signature__ = _signature()
 
-#: KFP's executor on this very file (found through the installed package, wherever it lives in the image);
-#: kfp.local's SubprocessRunner accepts it (it names kfp.dsl.executor_main and does not start with it) and
-#: replaces python3 with its own interpreter
-COMMAND = [
-    "sh",
-    "-c",
-    "python3 -m kfp.dsl.executor_main --component_module_path "
-    '"$(python3 -c "import components.resolve_params.component as m; print(m.__file__)")" "$@"',
-    "sh",
-]
+
+def executor_command(module: str) -> list[str]:
+    """KFP's executor on ``module``'s own file (found through the installed package, wherever it lives in the
+    image); kfp.local's SubprocessRunner accepts it (it names kfp.dsl.executor_main and does not start with it)
+    and replaces python3 with its own interpreter."""
+    return [
+        "sh",
+        "-c",
+        "python3 -m kfp.dsl.executor_main --component_module_path "
+        f'"$(python3 -c "import {module} as m; print(m.__file__)")" "$@"',
+        "sh",
+    ]
+
+
+COMMAND = executor_command("components.resolve_params.component")
+
+
+def schema_component(func, command: list[str], image: str, descriptions: dict[str, str]):
+    """The KFP component of ``func`` (whose ``__signature__`` is built from the config): its interface from that
+    signature, each input described by ``descriptions``, run by ``command`` (KFP's executor on its file) in
+    ``image``. What resolve_params and the sweep's child_params share."""
+    from kfp import dsl
+    from kfp.dsl import component_factory, structures
+    from kfp.dsl.python_component import PythonComponent
+
+    spec = component_factory.extract_component_interface(func)
+    for name, description in descriptions.items():
+        spec.inputs[name].description = description
+    spec.implementation = structures.Implementation(
+        container=structures.ContainerSpecImplementation(
+            image=image,
+            command=command,
+            args=[
+                "--executor_input",
+                dsl.PIPELINE_TASK_EXECUTOR_INPUT_PLACEHOLDER,
+                "--function_to_execute",
+                func.__name__,
+            ],
+        )
+    )
+    return PythonComponent(component_spec=spec, python_func=func)
 
 
 def component(image: str):
     """The KFP component: the interface from ``resolve_params``' signature, each input described by its
     config field, run by KFP's executor on this file in ``image``."""
-    from kfp import dsl
-    from kfp.dsl import component_factory, structures
-    from kfp.dsl.python_component import PythonComponent
-
-    spec = component_factory.extract_component_interface(resolve_params)
-    for name, description in parameter_descriptions().items():
-        spec.inputs[name].description = description
-    spec.implementation = structures.Implementation(
-        container=structures.ContainerSpecImplementation(
-            image=image,
-            command=COMMAND,
-            args=[
-                "--executor_input",
-                dsl.PIPELINE_TASK_EXECUTOR_INPUT_PLACEHOLDER,
-                "--function_to_execute",
-                resolve_params.__name__,
-            ],
-        )
-    )
-    return PythonComponent(component_spec=spec, python_func=resolve_params)
+    return schema_component(resolve_params, COMMAND, image, parameter_descriptions())
