@@ -4,10 +4,15 @@ session (conftest.py's ``champion`` fixture)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,3 +55,37 @@ def run_champion(root: Path) -> Path:
     registered = json.loads((root / "registered.json").read_text())
     assert registered["promoted"] and registered["version"] == 1, registered
     return root
+
+
+@contextlib.contextmanager
+def served(argv: list[str], *, cwd: Path, env: dict, log_path: Path, url: str, ready_path: str = "/ping"):
+    """A scoring server started from ``argv`` (its own process group, output to ``log_path``), once ``url +
+    ready_path`` answers 200 (within 240 s, failing with the log's end if it dies or never answers); stopped with
+    its workers on exit (SIGTERM, then SIGKILL)."""
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, log_path.read_text()[-4000:]
+            assert time.monotonic() < deadline, f"no {ready_path} answer:\n" + log_path.read_text()[-4000:]
+            try:
+                with urllib.request.urlopen(url + ready_path, timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        yield server
+    finally:  # the server and its uvicorn worker: its own process group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=20)
+        log.close()

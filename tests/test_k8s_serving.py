@@ -10,17 +10,13 @@ that docs/deploy.md shows."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import gzip
 import hashlib
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -33,7 +29,7 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 jsonschema = pytest.importorskip("jsonschema")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from champion_run import NAME, _env  # noqa: E402 - conftest's champion fixture: the registered tiny model
+from champion_run import NAME, _env, served  # noqa: E402 - conftest's champion fixture: the registered tiny model
 from mlflow_server import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -323,23 +319,9 @@ def test_the_rendered_predictor_command_serves_the_champion(chart, champion, tmp
     cli = Path(sys.executable).with_name(c["command"][0])  # the image has `mlflow` on PATH; here: this venv's
     env = {**_env(champion), **{e["name"]: e["value"] for e in c["env"]}, "HOME": str(tmp_path)}
     env["PATH"] = f"{cli.parent}{os.pathsep}{env.get('PATH', '')}"
-    log_path = tmp_path / "serve.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen([str(cli), *c["command"][1:], *args], cwd=tmp_path, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, log_path.read_text()[-4000:]
-            assert time.monotonic() < deadline, "no readiness:\n" + log_path.read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(url + c["readinessProbe"]["httpGet"]["path"], timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
+    with served([str(cli), *c["command"][1:], *args], cwd=tmp_path, env=env, log_path=tmp_path / "serve.log",
+                url=url, ready_path=c["readinessProbe"]["httpGet"]["path"]):  # fmt: skip
         body = _docs_request()
         req = urllib.request.Request(f"{url}/invocations", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})  # fmt: skip
@@ -350,13 +332,3 @@ def test_the_rendered_predictor_command_serves_the_champion(chart, champion, tmp
         for row in rows:
             assert row["shape"] == [1, 8, 8]
             assert base64.b64decode(row["image"])[:8] == b"\x89PNG\r\n\x1a\n"
-    finally:  # the server and its uvicorn worker: its own process group
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=20)
-        log.close()

@@ -13,14 +13,11 @@ REST JSON exactly (each prints as a float64 that parses back to itself).
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -32,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mlflow_server import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-from champion_run import LABELS, NAME, SEED, TINY, _env  # noqa: E402, F401
+from champion_run import LABELS, NAME, SEED, TINY, _env, served  # noqa: E402, F401
 
 _PREDICT = r"""
 import json, sys
@@ -111,27 +108,10 @@ def test_mlflow_models_serve_answers_rest_with_the_images(champion, reference):
     env["PATH"] = (
         f"{cli.parent}{os.pathsep}{env.get('PATH', '')}"  # the scoring server runs this venv's uvicorn
     )
-    log = open(champion / "serve.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [str(cli), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=champion, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, (champion / "serve.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, (
-                "no /ping answer:\n" + (champion / "serve.log").read_text()[-4000:]
-            )
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
+    argv = [str(cli), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    with served(argv, cwd=champion, env=env, log_path=champion / "serve.log", url=url):
         status, body = _post(f"{url}/invocations", {"dataframe_records": [{"label": v} for v in LABELS],
                                                     "params": {"steps": 4, "sampler": "sde", "seed": SEED,
                                                                "pixels": True}})  # fmt: skip
@@ -144,16 +124,6 @@ def test_mlflow_models_serve_answers_rest_with_the_images(champion, reference):
         assert status == 200 and set(body["predictions"][0]) == {"image", "shape"}  # no pixels unless asked
         status, body = _post(f"{url}/invocations", {"dataframe_records": [{"label": 12}]})
         assert status >= 400 and "0..9" in json.dumps(body)  # a bad label is the client's error, named
-    finally:  # the server and its uvicorn worker: its own process group
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=20)
-        log.close()
 
 
 def test_the_version_is_a_logged_model_with_a_model_card(champion):
